@@ -1,0 +1,1 @@
+"""Data sources, augmentation and input pipelines."""

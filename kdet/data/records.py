@@ -1,0 +1,51 @@
+"""The record: one image and its objects, as every data source yields it."""
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import numpy as np
+
+
+@dataclass
+class Record:
+    """One annotated image. Boxes are pixel ``xyxy`` (docs/CONVENTIONS.md).
+
+    ``classes`` are 0-based ids into the recipe's class names. ``difficult``
+    (VOC) and ``iscrowd`` (COCO) mark objects that evaluation ignores and
+    training does not use as targets. ``area`` is COCO's annotation area when
+    the source has one (it decides COCO's small/medium/large ranges).
+    """
+
+    image_id: Union[int, str]
+    image_path: Optional[str]
+    width: int
+    height: int
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    classes: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int32))
+    difficult: np.ndarray = field(default_factory=lambda: np.zeros((0,), bool))
+    iscrowd: np.ndarray = field(default_factory=lambda: np.zeros((0,), bool))
+    area: Optional[np.ndarray] = None
+    image: Optional[np.ndarray] = None  # decoded HxWx3 uint8, for in-memory sources
+
+    def __post_init__(self):
+        self.boxes = np.asarray(self.boxes, np.float32).reshape(-1, 4)
+        n = len(self.boxes)
+        self.classes = np.asarray(self.classes, np.int32).reshape(n)
+        self.difficult = _flags(self.difficult, n)
+        self.iscrowd = _flags(self.iscrowd, n)
+        if self.area is not None:
+            self.area = np.asarray(self.area, np.float32).reshape(n)
+
+    @property
+    def ignore(self):
+        """Objects that are neither positives nor negatives."""
+        return self.difficult | self.iscrowd
+
+    def __len__(self):
+        return len(self.boxes)
+
+
+def _flags(values, n):
+    if values is None or (np.size(values) == 0 and n > 0):
+        return np.zeros((n,), bool)
+    return np.asarray(values, bool).reshape(n)

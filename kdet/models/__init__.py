@@ -1,0 +1,1 @@
+"""Detection models: anchors, backbones, heads, SSD."""

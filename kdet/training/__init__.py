@@ -1,0 +1,1 @@
+"""Training controls: optimizers, schedules, freezing, strategies."""
