@@ -25,7 +25,7 @@ class Record:
     difficult: np.ndarray = field(default_factory=lambda: np.zeros((0,), bool))
     iscrowd: np.ndarray = field(default_factory=lambda: np.zeros((0,), bool))
     area: Optional[np.ndarray] = None
-    image: Optional[np.ndarray] = None  # decoded HxWx3 uint8, for in-memory sources
+    image: Optional[Union[np.ndarray, bytes]] = None  # uint8 HxWx3 or encoded bytes, for sources without files
 
     def __post_init__(self):
         self.boxes = np.asarray(self.boxes, np.float32).reshape(-1, 4)
@@ -49,3 +49,23 @@ def _flags(values, n):
     if values is None or (np.size(values) == 0 and n > 0):
         return np.zeros((n,), bool)
     return np.asarray(values, bool).reshape(n)
+
+
+def load_image(record):
+    """The record's image as uint8 ``HxWx3`` RGB, from memory or from its file."""
+    from PIL import Image  # local: only host-side readers need it
+    import io
+
+    if isinstance(record.image, np.ndarray):
+        return record.image
+    if record.image is not None:
+        source = io.BytesIO(record.image)
+    elif record.image_path:
+        source = record.image_path
+    else:
+        raise ValueError(f"record {record.image_id!r} has neither an image nor an image_path")
+    try:
+        with Image.open(source) as img:
+            return np.asarray(img.convert("RGB"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read image {record.image_path or record.image_id!r}: {err}") from err
