@@ -6,7 +6,6 @@ convert at the data edges; the ``keras.ops`` helpers serve model-side code.
 """
 
 import numpy as np
-from keras import ops
 
 
 # ---------------------------------------------------------------- numpy edges
@@ -70,8 +69,12 @@ def iou_matrix_np(boxes_a, boxes_b):
 
 
 # ------------------------------------------------------------ keras.ops (model)
+# keras is imported inside the functions so host-side users (metrics, audits,
+# the eval tool) do not pay the backend import.
 def box_area(boxes):
     """Area of corner boxes ``[..., 4]`` (0 for inverted boxes)."""
+    from keras import ops
+
     w = ops.maximum(boxes[..., 2] - boxes[..., 0], 0.0)
     h = ops.maximum(boxes[..., 3] - boxes[..., 1], 0.0)
     return w * h
@@ -79,6 +82,8 @@ def box_area(boxes):
 
 def iou_matrix(boxes_a, boxes_b):
     """Pairwise IoU of ``[..., N, 4]`` and ``[..., M, 4]`` -> ``[..., N, M]``."""
+    from keras import ops
+
     a = ops.expand_dims(boxes_a, -2)
     b = ops.expand_dims(boxes_b, -3)
     lt = ops.maximum(a[..., :2], b[..., :2])
@@ -90,10 +95,14 @@ def iou_matrix(boxes_a, boxes_b):
 
 
 def xyxy_to_cxcywh(boxes):
+    from keras import ops
+
     x1, y1, x2, y2 = (boxes[..., i] for i in range(4))
     return ops.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], axis=-1)
 
 
 def cxcywh_to_xyxy(boxes):
+    from keras import ops
+
     cx, cy, w, h = (boxes[..., i] for i in range(4))
     return ops.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=-1)
