@@ -1,0 +1,150 @@
+"""TensorFlow Datasets detection sets (``voc/2007``, ``voc/2012``, ``coco/2017``) as records.
+
+Images are kept as their encoded JPEG bytes in ``record.image`` (read with
+``tfds.decode.SkipDecoding``; decoded arrays are re-encoded at quality 95).
+All of the split is held in memory: fine for VOC (~0.5 GB for 07 trainval),
+not for COCO train2017 (~19 GB); use ``coco()`` on the json and image folder
+there, or ``max_examples``.
+
+Boxes: TFDS stores normalised ``(ymin, xmin, ymax, xmax)``. COCO's are exact
+(``y / height``...). TFDS's VOC builder divides the XML's *1-based* corners by
+the image size without the ``- 1`` shift, so for ``voc/*`` the pixel values are
+rounded back to the XML integers and converted with ``voc_to_xyxy``.
+
+Class names come from the TFDS feature info. When that info holds only
+placeholders (``'0'``, ``'1'``, ... e.g. ``coco/2017`` without its generated
+metadata) the known COCO names are used.
+"""
+
+import io
+
+import numpy as np
+
+from kdet.boxes import voc_to_xyxy
+from kdet.data.records import Record
+from kdet.data.sources import DatasetError, Source
+
+
+class TFDSSource(Source):
+    """Records of a TFDS object-detection dataset.
+
+    Args:
+        name: TFDS name, e.g. ``"voc/2007"``, ``"coco/2017"``.
+        split: TFDS split expression (``"train+validation"``, ``"test[:100]"``).
+        data_dir: TFDS data folder (None: TFDS default, ``~/tensorflow_datasets``).
+        download: let TFDS download and prepare the dataset when it is missing
+            (TFDS's own default; pass False to fail fast when it is not prepared).
+        max_examples: keep only the first ones (smoke tests).
+        class_names: override the TFDS label names (same length).
+    """
+
+    def __init__(self, name, split, data_dir=None, download=True, max_examples=None, class_names=None):
+        super().__init__(class_names)
+        self.tfds_name = name
+        self.split = split
+        self.data_dir = data_dir
+        self.download = download
+        self.max_examples = max_examples
+        self.name = f"tfds:{name}[{split}]"
+        self.is_voc = name.split("/")[0].split(":")[0] == "voc"
+
+    def _load(self):
+        dataset, info = self._tfds_load()
+        class_names = self._class_names or _label_names(info)
+        records = []
+        for index, example in enumerate(dataset):
+            if self.max_examples is not None and index >= self.max_examples:
+                break
+            records.append(self._to_record(example, index))
+        return records, class_names
+
+    def _tfds_load(self):
+        try:
+            import tensorflow_datasets as tfds
+        except ImportError:
+            raise DatasetError(f"{self.name}: tensorflow_datasets is not installed") from None
+        try:
+            dataset, info = tfds.load(
+                self.tfds_name, split=self.split, data_dir=self.data_dir, download=self.download,
+                with_info=True, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()},
+            )
+        except Exception as err:  # TFDS raises many kinds; one clear message instead
+            action = "download and prepare" if self.download else "load (download=False)"
+            raise DatasetError(
+                f"{self.name}: cannot {action} the TFDS dataset in data_dir={self.data_dir or '~/tensorflow_datasets'}: "
+                f"{type(err).__name__}: {_first_line(err)}\n"
+                f"If this machine is offline, prepare it on one with internet access "
+                f"(`tfds build {self.tfds_name} --data_dir DIR`), copy DIR here and pass data_dir=DIR."
+            ) from None
+        return tfds.as_numpy(dataset), info
+
+    def _to_record(self, example, index):
+        image_bytes, width, height = _encoded_image(example["image"], f"{self.name} example {index}")
+        objects = example["objects"]
+        yxyx = np.asarray(objects["bbox"], np.float64).reshape(-1, 4)
+        pixels = yxyx[:, [1, 0, 3, 2]] * [width, height, width, height]
+        boxes = voc_to_xyxy(np.round(pixels)) if self.is_voc else pixels
+        n = len(boxes)
+        labels = np.asarray(objects["label"]).reshape(-1)
+        difficult = np.asarray(objects.get("is_difficult", np.zeros(n, bool)), bool).reshape(-1)
+        iscrowd = np.asarray(objects.get("is_crowd", np.zeros(n, bool)), bool).reshape(-1)
+        area = np.asarray(objects["area"], np.float32).reshape(-1) if "area" in objects else None
+        lengths = {len(labels), len(difficult), len(iscrowd)} | ({len(area)} if area is not None else set())
+        if lengths != {n}:
+            raise DatasetError(f"{self.name} example {index}: object fields have different lengths")
+        return Record(
+            image_id=_image_id(example, index),
+            image_path=None,
+            width=width,
+            height=height,
+            boxes=boxes,
+            classes=labels,
+            difficult=difficult,
+            iscrowd=iscrowd,
+            area=area,
+            image=image_bytes,
+        )
+
+
+def _encoded_image(image, where):
+    """``(jpeg_bytes, width, height)`` from encoded bytes or a decoded array."""
+    from PIL import Image
+
+    try:
+        if isinstance(image, (bytes, np.bytes_)):
+            with Image.open(io.BytesIO(image)) as img:
+                return bytes(image), img.size[0], img.size[1]
+        array = np.asarray(image, np.uint8)
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        buffer = io.BytesIO()
+        Image.fromarray(array).convert("RGB").save(buffer, format="JPEG", quality=95)
+        return buffer.getvalue(), array.shape[1], array.shape[0]
+    except (OSError, ValueError, TypeError) as err:
+        raise DatasetError(f"{where}: cannot read the image ({err})") from None
+
+
+def _image_id(example, index):
+    """COCO's int ``image/id``, VOC's file stem, else the example index."""
+    if "image/id" in example:
+        return int(example["image/id"])
+    if "image/filename" in example:
+        name = example["image/filename"]
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        return name.rsplit(".", 1)[0]
+    return index
+
+
+def _label_names(info):
+    from kdet.data.coco import COCO_CLASSES
+
+    names = list(info.features["objects"]["label"].names)
+    if names and all(n.isdigit() for n in names):
+        if len(names) == len(COCO_CLASSES):
+            return list(COCO_CLASSES)
+    return names
+
+
+def _first_line(err):
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
