@@ -1,0 +1,257 @@
+"""Feature extractors for SSD: the paper's VGG16 base and FPN on keras.applications.
+
+Each builder takes the model's image input (``[B, H, W, 3]`` RGB 0..255,
+docs/CONVENTIONS.md), applies the matching ImageNet preprocessing as a layer,
+and returns ``BackboneFeatures``: the source feature maps for the SSD heads
+(input side first), the backbone ``stages`` (lists of layer names, input side
+first, for freezing / gradual unfreezing) and ``pretrained`` (the layers that
+ImageNet weights fill). Every other layer with weights is "new".
+"""
+
+import re
+from dataclasses import dataclass, field
+
+import keras
+
+from kdet.models.layers import ImagePreprocessing, L2Normalization
+
+BACKBONES = ("vgg16", "resnet50_fpn", "mobilenetv2_fpn")
+MOBILENETV2_IMAGENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
+
+
+class WeightsDownloadError(RuntimeError):
+    """ImageNet weights could not be fetched (usually: no internet)."""
+
+
+@dataclass
+class BackboneFeatures:
+    sources: list                                  # feature-map tensors, input side first
+    stages: list                                   # list of lists of layer names, input side first
+    pretrained: list = field(default_factory=list)  # layer names that ImageNet weights fill
+
+
+def scaled_filters(filters, width_multiplier):
+    """Filters of a conv scaled by the width multiplier, at least 8."""
+    return max(8, int(round(filters * width_multiplier)))
+
+
+def _pair(size):
+    if isinstance(size, int):
+        return size, size
+    height, width = size
+    return int(height), int(width)
+
+
+# ------------------------------------------------------------ ImageNet weights
+def _imagenet_layer_weights(application, label, **kwargs):
+    """``{layer name: weights}`` of a keras.applications model with ImageNet weights."""
+    try:
+        model = application(include_top=False, weights="imagenet", **kwargs)
+    except Exception as err:  # download / file errors come in many types
+        raise WeightsDownloadError(
+            f"could not download ImageNet weights for {label} (no internet?): {err}; "
+            "use backbone_weights=None to train from scratch") from err
+    return {layer.name: layer.get_weights() for layer in model.layers if layer.weights}
+
+
+def _load_pretrained(layers_by_name, weights_by_name, label):
+    for name, layer in layers_by_name.items():
+        if name not in weights_by_name:
+            raise ValueError(f"{label}: ImageNet weights have no layer named {name!r}")
+        layer.set_weights(weights_by_name[name])
+
+
+def _check_weights(weights, label):
+    if weights not in (None, "imagenet"):
+        raise ValueError(f"{label}: backbone_weights must be None or 'imagenet', got {weights!r}")
+
+
+# -------------------------------------------------------------- SSD VGG16 base
+def vgg16_feature_map_sizes(image_size):
+    """``[(h, w)] * 6`` source sizes of the SSD VGG16 base; 38,19,10,5,3,1 at 300.
+
+    Raises ``ValueError`` when the input is too small for every map to be >= 1.
+    """
+
+    def sizes_1d(n):
+        n = n // 2                      # pool1 (2x2 valid)
+        n = n // 2                      # pool2
+        conv4_3 = -(-n // 2)            # pool3, ceil mode ('same')
+        fc7 = conv4_3 // 2              # pool4; pool5 and fc6/fc7 keep the size
+        conv8 = -(-fc7 // 2)            # pad 1, 3x3 stride 2
+        conv9 = -(-conv8 // 2)
+        conv10 = max(conv9 - 2, 1)      # 3x3 valid, kernel shrinks to the map below 3
+        conv11 = max(conv10 - 2, 1)
+        return [conv4_3, fc7, conv8, conv9, conv10, conv11]
+
+    height, width = _pair(image_size)
+    sizes = list(zip(sizes_1d(height), sizes_1d(width)))
+    if min(min(s) for s in sizes) < 1:
+        raise ValueError(
+            f"image_size {image_size!r} is too small for the SSD VGG16 base "
+            f"(feature maps {sizes}); use at least 12x12 (300 in the paper)")
+    return sizes
+
+
+def vgg16_ssd(images, width_multiplier=1.0, weights=None):
+    """The SSD300 VGG16 base + extra layers (Liu et al. 2016, Fig. 2).
+
+    VGG16 conv1_1..conv5_3 (pool3 in ceil mode), conv4_3 -> L2Normalization(20)
+    as the first source; pool5 3x3 stride 1; fc6 3x3 dilation 6 (1024); fc7 1x1
+    (1024) the second source; extras conv8..conv11 (1x1 then 3x3: stride 2 with
+    padding 1 for conv8/9, valid for conv10/11). Layer names for conv1..conv5
+    are keras.applications' (``block4_conv3`` is conv4_3) so ImageNet weights
+    copy by name; they need ``width_multiplier == 1``. When a map entering
+    conv10_2 / conv11_2 is smaller than 3, their kernel shrinks to the map size
+    so the output stays 1x1 instead of vanishing.
+    """
+    label = "VGG16"
+    _check_weights(weights, label)
+    if weights == "imagenet" and width_multiplier != 1.0:
+        raise ValueError(f"{label}: ImageNet weights need width_multiplier=1.0, got {width_multiplier}")
+    vgg16_feature_map_sizes(tuple(images.shape[1:3]))  # raises clearly on small inputs
+
+    convs = {}
+
+    def conv(filters, kernel, name, **kwargs):
+        convs[name] = keras.layers.Conv2D(scaled_filters(filters, width_multiplier), kernel,
+                                          activation="relu", name=name, **kwargs)
+        return convs[name]
+
+    x = ImagePreprocessing("caffe", name="vgg16_preprocess")(images)
+    stages, pretrained, sources = [], [], []
+    blocks = [(64, 2), (128, 2), (256, 3), (512, 3), (512, 3)]
+    for block, (filters, num_convs) in enumerate(blocks, start=1):
+        names = [f"block{block}_conv{i}" for i in range(1, num_convs + 1)]
+        for name in names:
+            x = conv(filters, 3, name, padding="same")(x)
+        pretrained += names
+        if block == 4:
+            sources.append(L2Normalization(20.0, name="conv4_3_norm")(x))
+        if block < 5:
+            pool_name = f"block{block}_pool"
+            padding = "same" if block == 3 else "valid"  # pool3 ceil mode: 75 -> 38
+            x = keras.layers.MaxPooling2D(2, 2, padding=padding, name=pool_name)(x)
+        else:
+            pool_name = "pool5"
+            x = keras.layers.MaxPooling2D(3, 1, padding="same", name=pool_name)(x)
+        stages.append(names + [pool_name])
+
+    x = conv(1024, 3, "fc6", padding="same", dilation_rate=6)(x)
+    x = conv(1024, 1, "fc7")(x)
+    stages.append(["fc6", "fc7"])
+    sources.append(x)
+
+    for index, (squeeze, filters, strided) in enumerate(
+            [(256, 512, True), (128, 256, True), (128, 256, False), (128, 256, False)], start=8):
+        x = conv(squeeze, 1, f"conv{index}_1")(x)
+        if strided:
+            x = keras.layers.ZeroPadding2D(1, name=f"conv{index}_2_pad")(x)
+            x = conv(filters, 3, f"conv{index}_2", strides=2)(x)
+        else:
+            kernel = (min(3, x.shape[1]), min(3, x.shape[2]))
+            x = conv(filters, kernel, f"conv{index}_2")(x)
+        sources.append(x)
+
+    if weights == "imagenet":
+        _load_pretrained({name: convs[name] for name in pretrained},
+                         _imagenet_layer_weights(keras.applications.VGG16, label), label)
+    return BackboneFeatures(sources=sources, stages=stages, pretrained=pretrained)
+
+
+# ------------------------------------------------------------------------ FPN
+def _resnet50_stage(name):
+    prefix = name.split("_")[0]
+    if prefix in ("conv1", "pool1"):
+        return 0
+    match = re.fullmatch(r"conv([2-5])", prefix)
+    return int(match.group(1)) - 1 if match else None
+
+
+def _mobilenetv2_stage(name):
+    """Stages by output stride: stem (2), blocks 1-2 (4), 3-5 (8), 6-12 (16), 13-16 + head (32)."""
+    match = re.match(r"block_(\d+)_", name)
+    if match is None:
+        return 4 if name in ("Conv_1", "Conv_1_bn", "out_relu") else 0
+    block = int(match.group(1))
+    return 1 if block <= 2 else 2 if block <= 5 else 3 if block <= 12 else 4
+
+
+_FPN_TRUNKS = {
+    # name: (keras.applications builder, preprocessing, C3..C5 layer names, stage rule)
+    "resnet50": ("ResNet50", "caffe",
+                 ("conv3_block4_out", "conv4_block6_out", "conv5_block3_out"), _resnet50_stage),
+    "mobilenetv2": ("MobileNetV2", "tf",
+                    ("block_6_expand_relu", "block_13_expand_relu", "out_relu"), _mobilenetv2_stage),
+}
+
+
+def _upsample_like(x, target, name):
+    """Nearest 2x upsampling of ``x``, cropped to ``target``'s size (odd sizes)."""
+    x = keras.layers.UpSampling2D(2, interpolation="nearest", name=f"{name}_upsample")(x)
+    extra_h = x.shape[1] - target.shape[1]
+    extra_w = x.shape[2] - target.shape[2]
+    if extra_h or extra_w:
+        x = keras.layers.Cropping2D(((0, extra_h), (0, extra_w)), name=f"{name}_crop")(x)
+    return x
+
+
+def fpn(images, trunk="resnet50", fpn_channels=256, width_multiplier=1.0, weights=None):
+    """FPN (Lin et al. 2017) on a keras.applications trunk: sources P3..P7.
+
+    C3..C5 (strides 8, 16, 32) get 1x1 laterals, a top-down pathway of nearest
+    2x upsampling + addition, and 3x3 smoothing; P6 is a 3x3 stride-2 conv on
+    P5 and P7 a 3x3 stride-2 conv on ReLU(P6) (torchvision ``LastLevelP6P7``).
+    ``width_multiplier`` scales ``fpn_channels`` (min 8) and, for MobileNetV2,
+    is its ``alpha``; ResNet50's trunk has no width option and stays full.
+    """
+    if trunk not in _FPN_TRUNKS:
+        raise ValueError(f"unknown FPN trunk {trunk!r}; expected one of {sorted(_FPN_TRUNKS)}")
+    label, mode, taps, stage_of = _FPN_TRUNKS[trunk]
+    _check_weights(weights, label)
+    builder = getattr(keras.applications, label)
+    kwargs = {}
+    if trunk == "mobilenetv2":
+        kwargs["alpha"] = width_multiplier
+        if weights == "imagenet" and width_multiplier not in MOBILENETV2_IMAGENET_ALPHAS:
+            raise ValueError(f"{label}: ImageNet weights need width_multiplier in "
+                             f"{MOBILENETV2_IMAGENET_ALPHAS}, got {width_multiplier}")
+
+    x = ImagePreprocessing(mode, name=f"{trunk}_preprocess")(images)
+    trunk_model = builder(include_top=False, weights=None, input_tensor=x, **kwargs)
+    trunk_layers = [layer for layer in trunk_model.layers
+                    if not isinstance(layer, (keras.layers.InputLayer, ImagePreprocessing))]
+    stages = [[] for _ in range(5)]
+    for layer in trunk_layers:
+        stage = stage_of(layer.name)
+        if stage is None:
+            raise ValueError(f"{label}: layer {layer.name!r} fits no backbone stage")
+        stages[stage].append(layer.name)
+    if weights == "imagenet":
+        with_weights = {layer.name: layer for layer in trunk_layers if layer.weights}
+        _load_pretrained(with_weights, _imagenet_layer_weights(builder, label, **kwargs), label)
+
+    channels = scaled_filters(fpn_channels, width_multiplier)
+    c3, c4, c5 = (trunk_model.get_layer(name).output for name in taps)
+    laterals = [keras.layers.Conv2D(channels, 1, name=f"fpn_lateral_c{i}")(c)
+                for i, c in zip((3, 4, 5), (c3, c4, c5))]
+    p5 = laterals[2]
+    p4 = keras.layers.Add(name="fpn_p4_add")([laterals[1], _upsample_like(p5, laterals[1], "fpn_p5")])
+    p3 = keras.layers.Add(name="fpn_p3_add")([laterals[0], _upsample_like(p4, laterals[0], "fpn_p4")])
+    outputs = [keras.layers.Conv2D(channels, 3, padding="same", name=f"fpn_output_p{i}")(p)
+               for i, p in zip((3, 4, 5), (p3, p4, p5))]
+    p6 = keras.layers.Conv2D(channels, 3, strides=2, padding="same", name="fpn_p6")(outputs[2])
+    p7 = keras.layers.ReLU(name="fpn_p6_relu")(p6)
+    p7 = keras.layers.Conv2D(channels, 3, strides=2, padding="same", name="fpn_p7")(p7)
+    pretrained = [layer.name for layer in trunk_layers if layer.weights]
+    return BackboneFeatures(sources=outputs + [p6, p7], stages=stages, pretrained=pretrained)
+
+
+def build_backbone(images, backbone="vgg16", width_multiplier=1.0, weights=None, fpn_channels=256):
+    """Dispatch on the backbone name: ``vgg16``, ``resnet50_fpn`` or ``mobilenetv2_fpn``."""
+    if backbone == "vgg16":
+        return vgg16_ssd(images, width_multiplier=width_multiplier, weights=weights)
+    if backbone.endswith("_fpn") and backbone in BACKBONES:
+        return fpn(images, trunk=backbone[: -len("_fpn")], fpn_channels=fpn_channels,
+                   width_multiplier=width_multiplier, weights=weights)
+    raise ValueError(f"unknown backbone {backbone!r}; expected one of {BACKBONES}")

@@ -1,0 +1,150 @@
+"""The SSD detector (Liu et al. 2016) as a functional Keras model.
+
+``SSD`` builds backbone -> per-map 3x3 conv heads -> one output tensor
+``[B, A, 4 + (1 + num_classes) + 4]``: encoded box offsets, class logits
+(background first) and the anchors (normalised ``xyxy``), see
+docs/CONVENTIONS.md "Raw predictions". Decoding and the loss live elsewhere.
+"""
+
+import keras
+
+from kdet.models.anchors import (SSD300_ASPECT_RATIOS, AnchorBoxes, boxes_per_location,
+                                 ssd_scales)
+from kdet.models.backbones import build_backbone
+
+
+def default_aspect_ratios(num_maps):
+    """The paper's pattern: [2] on the first and last two maps, [2, 3] between.
+
+    Six maps give exactly the paper's ``[[2], [2, 3], [2, 3], [2, 3], [2], [2]]``.
+    """
+    if num_maps == 6:
+        return [list(r) for r in SSD300_ASPECT_RATIOS]
+    if num_maps <= 3:
+        return [[2] for _ in range(num_maps)]
+    return [[2]] + [[2, 3] for _ in range(num_maps - 3)] + [[2], [2]]
+
+
+def _image_hw(image_size):
+    if isinstance(image_size, int):
+        return image_size, image_size
+    if len(image_size) != 2:
+        raise ValueError(f"SSD: image_size must be an int or (height, width), got {image_size!r}")
+    return int(image_size[0]), int(image_size[1])
+
+
+def _head(sources, boxes_per_map, channels_per_box, name):
+    """3x3 conv per map, reshaped to ``[B, H*W*boxes, channels]`` and concatenated.
+
+    The reshape runs over cells row-major (y, x) then the boxes of a cell,
+    the order of ``default_boxes``.
+    """
+    outputs = []
+    for k, (source, boxes) in enumerate(zip(sources, boxes_per_map)):
+        x = keras.layers.Conv2D(boxes * channels_per_box, 3, padding="same", name=f"{name}_{k}")(source)
+        outputs.append(keras.layers.Reshape((-1, channels_per_box), name=f"{name}_{k}_reshape")(x))
+    if len(outputs) == 1:
+        return outputs[0]
+    return keras.layers.Concatenate(axis=1, name=f"{name}_concat")(outputs)
+
+
+@keras.saving.register_keras_serializable(package="kdet")
+class SSD(keras.Model):
+    """Single Shot MultiBox Detector.
+
+    Args:
+        num_classes: foreground classes C (logits have 1 + C channels).
+        image_size: int or ``(height, width)``; the input is
+            ``[B, H, W, 3]`` RGB float 0..255 and the model normalises it.
+        backbone: ``"vgg16"`` (the paper's SSD base, 6 maps),
+            ``"resnet50_fpn"`` or ``"mobilenetv2_fpn"`` (P3..P7, 5 maps).
+        width_multiplier: scales the backbone's convs (see ``backbones``).
+        backbone_weights: ``None`` (from scratch) or ``"imagenet"``.
+        anchor_scales: ``num_maps + 1`` scales; default ``ssd_scales(num_maps)``.
+        aspect_ratios: per map ratio lists; default ``default_aspect_ratios``.
+        clip_anchors: clip anchors to the image.
+        anchor_steps: optional per-map centre spacing (see ``default_boxes``).
+        fpn_channels: channels of the FPN maps (FPN backbones only).
+
+    Attributes: ``num_classes``, ``anchors`` (numpy ``[A, 4]``),
+    ``feature_map_sizes``, ``backbone_stages`` (lists of layer names, input
+    side first), ``backbone_layer_names`` (layers ImageNet weights fill) and
+    ``new_layer_names`` (every other layer with weights).
+    """
+
+    def __init__(self, num_classes, image_size=300, backbone="vgg16", width_multiplier=1.0,
+                 backbone_weights=None, anchor_scales=None, aspect_ratios=None,
+                 clip_anchors=True, anchor_steps=None, fpn_channels=256, **kwargs):
+        if int(num_classes) < 1:
+            raise ValueError(f"SSD: num_classes must be >= 1, got {num_classes}")
+        height, width = _image_hw(image_size)
+
+        # === Functional graph ===
+        images = keras.Input((height, width, 3), name="images")
+        features = build_backbone(images, backbone, width_multiplier=width_multiplier,
+                                  weights=backbone_weights, fpn_channels=fpn_channels)
+        sources = features.sources
+        num_maps = len(sources)
+        ratios = default_aspect_ratios(num_maps) if aspect_ratios is None else aspect_ratios
+        scales = ssd_scales(num_maps) if anchor_scales is None else anchor_scales
+        if len(ratios) != num_maps:
+            raise ValueError(f"SSD: backbone {backbone!r} has {num_maps} feature maps "
+                             f"but aspect_ratios has {len(ratios)} entries")
+        if len(scales) != num_maps + 1:
+            raise ValueError(f"SSD: backbone {backbone!r} has {num_maps} feature maps, so "
+                             f"anchor_scales needs {num_maps + 1} values, got {len(scales)}")
+
+        boxes_per_map = boxes_per_location(ratios)
+        offsets = _head(sources, boxes_per_map, 4, "box_head")
+        logits = _head(sources, boxes_per_map, 1 + int(num_classes), "class_head")
+        anchor_layer = AnchorBoxes(scales, ratios, clip=clip_anchors, steps=anchor_steps,
+                                   name="anchors")
+        anchors = anchor_layer(sources)
+        predictions = keras.layers.Concatenate(axis=-1, dtype="float32", name="predictions")(
+            [offsets, logits, anchors])
+        super().__init__(inputs=images, outputs=predictions, **kwargs)
+
+        # === Config ===
+        self.num_classes = int(num_classes)
+        self.image_size = list(image_size) if not isinstance(image_size, int) else image_size
+        self.backbone = backbone
+        self.width_multiplier = width_multiplier
+        self.backbone_weights = backbone_weights
+        self.anchor_scales = anchor_scales
+        self.aspect_ratios = aspect_ratios
+        self.clip_anchors = clip_anchors
+        self.anchor_steps = anchor_steps
+        self.fpn_channels = fpn_channels
+
+        # === Derived attributes ===
+        self.feature_map_sizes = [tuple(s.shape[1:3]) for s in sources]
+        self.anchors = anchor_layer.boxes_for(self.feature_map_sizes)
+        self.backbone_stages = [list(stage) for stage in features.stages]
+        self.backbone_layer_names = list(features.pretrained)
+        pretrained = set(features.pretrained)
+        self.new_layer_names = [layer.name for layer in self.layers
+                                if layer.weights and layer.name not in pretrained]
+
+    # === Inference and training hooks ===
+    # detect(images) -> detections dict (decode + NMS), and compile() with the
+    # default SSD loss, are added here by the lead (kdet decoding / loss modules).
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "num_classes": self.num_classes,
+            "image_size": self.image_size,
+            "backbone": self.backbone,
+            "width_multiplier": self.width_multiplier,
+            "backbone_weights": None,  # reloading restores saved weights, never downloads
+            "anchor_scales": self.anchor_scales,
+            "aspect_ratios": self.aspect_ratios,
+            "clip_anchors": self.clip_anchors,
+            "anchor_steps": self.anchor_steps,
+            "fpn_channels": self.fpn_channels,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
