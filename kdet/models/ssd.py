@@ -3,7 +3,8 @@
 ``SSD`` builds backbone -> per-map 3x3 conv heads -> one output tensor
 ``[B, A, 4 + (1 + num_classes) + 4]``: encoded box offsets, class logits
 (background first) and the anchors (normalised ``xyxy``), see
-docs/CONVENTIONS.md "Raw predictions". Decoding and the loss live elsewhere.
+docs/CONVENTIONS.md "Raw predictions". ``detect`` decodes them (kdet.postprocess) and
+``compile`` defaults to the MultiBox loss (kdet.losses).
 """
 
 import keras
@@ -126,8 +127,24 @@ class SSD(keras.Model):
                                 if layer.weights and layer.name not in pretrained]
 
     # === Inference and training hooks ===
-    # detect(images) -> detections dict (decode + NMS), and compile() with the
-    # default SSD loss, are added here by the lead (kdet decoding / loss modules).
+    def detect(self, images, score_threshold=0.01, iou_threshold=0.45, max_detections=200, **nms):
+        """Decoded, NMS-ed detections for RGB 0..255 images at the model's input size.
+
+        Returns docs/CONVENTIONS.md "Detections": ``boxes`` (normalised xyxy),
+        ``scores``, ``classes`` (0-based, -1 padding), ``num_detections``.
+        """
+        from kdet.postprocess import decode_detections
+
+        return decode_detections(self(images, training=False), score_threshold=score_threshold,
+                                 iou_threshold=iou_threshold, max_detections=max_detections, **nms)
+
+    def compile(self, optimizer="adam", loss=None, **kwargs):
+        """``keras.Model.compile`` whose ``loss`` defaults to the SSD MultiBox loss."""
+        if loss is None:
+            from kdet.losses import MultiBoxLoss
+
+            loss = MultiBoxLoss(num_classes=self.num_classes)
+        super().compile(optimizer=optimizer, loss=loss, **kwargs)
 
     def get_config(self):
         return {
