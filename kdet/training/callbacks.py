@@ -1,0 +1,168 @@
+"""Training callbacks: a non-finite loss guard and a TensorBoard image logger."""
+
+import math
+
+import keras
+import numpy as np
+
+NON_FINITE_CAUSES = (
+    "learning rate too high (lower it or add warm-up)",
+    "unnormalised inputs (images must be float32 0..255 RGB; the model normalises itself)",
+    "degenerate boxes with zero width/height (log(w) of the box encoding becomes -inf)",
+    "float16 overflow under mixed_float16 (check the loss-scale optimizer; make the output layer float32)",
+)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised by :class:`StopOnNonFiniteLoss` when ``raise_error=True``."""
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stop training at the first batch whose loss is NaN or infinite.
+
+    Keras reports at batch end the running mean loss of the epoch, so it turns
+    non-finite exactly at the first bad batch. The callback then sets
+    ``model.stop_training = True`` (the current epoch's remaining batches are
+    skipped and ``fit`` returns normally, History and earlier checkpoints
+    intact), prints a message naming epoch and batch with the likely causes,
+    and keeps it in ``self.message`` / ``self.stopped_at = (epoch, batch)``.
+    With ``raise_error=True`` it raises :class:`NonFiniteLossError` instead,
+    which aborts ``fit`` (use in scripts that must fail loudly).
+
+    Note: the weights have already received the bad update when the loss of
+    that batch is seen.
+    """
+
+    def __init__(self, raise_error=False, monitor="loss", verbose=1):
+        super().__init__()
+        self.raise_error = raise_error
+        self.monitor = monitor
+        self.verbose = verbose
+        self.stopped_at = None
+        self.message = None
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            return
+        value = float(np.asarray(value))
+        if math.isfinite(value):
+            return
+        self.stopped_at = (self._epoch, batch)
+        causes = "".join(f"\n  - {cause}" for cause in NON_FINITE_CAUSES)
+        self.message = (
+            f"Non-finite {self.monitor} ({value}) at epoch {self._epoch + 1}, batch {batch}: "
+            f"training stopped. Likely causes:{causes}"
+        )
+        self.model.stop_training = True
+        if self.raise_error:
+            raise NonFiniteLossError(self.message)
+        if self.verbose:
+            print("\n" + self.message)
+
+
+# ---------------------------------------------------------------- image logger
+def draw_boxes(image, boxes, color=(255, 0, 0), thickness=2):
+    """Draw normalised ``xyxy`` boxes on a uint8 ``[H, W, 3]`` image (numpy copy)."""
+    canvas = np.array(image, dtype=np.uint8, copy=True)
+    height, width = canvas.shape[:2]
+    for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float32).reshape(-1, 4):
+        left = int(np.clip(np.floor(x0 * width), 0, width - 1))
+        right = int(np.clip(np.ceil(x1 * width) - 1, 0, width - 1))
+        top = int(np.clip(np.floor(y0 * height), 0, height - 1))
+        bottom = int(np.clip(np.ceil(y1 * height) - 1, 0, height - 1))
+        if right < left or bottom < top:
+            continue
+        t = max(1, int(thickness))
+        canvas[top : min(top + t, bottom + 1), left : right + 1] = color
+        canvas[max(bottom - t + 1, top) : bottom + 1, left : right + 1] = color
+        canvas[top : bottom + 1, left : min(left + t, right + 1)] = color
+        canvas[top : bottom + 1, max(right - t + 1, left) : right + 1] = color
+    return canvas
+
+
+def draw_detections(images, detections, score_threshold=0.3, color=(255, 0, 0)):
+    """Images ``[B, H, W, 3]`` (0..255) + CONVENTIONS detection dict -> uint8 images with boxes."""
+    boxes = np.asarray(detections["boxes"])
+    scores = np.asarray(detections["scores"])
+    counts = np.asarray(detections["num_detections"])
+    drawn = []
+    for i, image in enumerate(np.asarray(images)):
+        keep = np.arange(boxes.shape[1]) < counts[i]
+        keep &= scores[i] >= score_threshold
+        drawn.append(draw_boxes(np.clip(image, 0, 255), boxes[i][keep], color=color))
+    return np.stack(drawn)
+
+
+def write_image_summary(name, images, step):
+    """``tf.summary.image``; without the tensorboard package, the same summary written by hand.
+
+    TensorBoard's image plugin stores a string tensor ``[width, height, png, ...]``
+    tagged with plugin name "images"; we write exactly that with ``tf.summary.write``.
+    """
+    import tensorflow as tf
+
+    try:
+        return tf.summary.image(name, images, step=step, max_outputs=len(images))
+    except Exception as error:  # tensorboard not installed: TBNotInstalledError
+        if type(error).__name__ != "TBNotInstalledError":
+            raise
+    from tensorflow.core.framework import summary_pb2
+
+    height, width = images.shape[1:3]
+    encoded = [tf.io.encode_png(image) for image in images]
+    tensor = tf.stack([tf.constant(str(width)), tf.constant(str(height))] + encoded)
+    metadata = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="images")
+    )
+    return tf.summary.write(name, tensor, step=step, metadata=metadata)
+
+
+class ImageLogger(keras.callbacks.Callback):
+    """Write a few images with predicted boxes to TensorBoard every ``every_n_epochs``.
+
+    Args:
+        log_dir: TensorBoard directory (a ``images`` sub-writer is used).
+        images: small batch ``[B, H, W, 3]`` float 0..255 RGB.
+        detect_fn: ``detect_fn(images) -> detection dict`` (docs/CONVENTIONS.md).
+        score_threshold: draw detections scoring at least this.
+    """
+
+    def __init__(self, log_dir, images, detect_fn, score_threshold=0.3, every_n_epochs=1, max_images=4, name="detections"):
+        super().__init__()
+        self.log_dir = str(log_dir)
+        self.images = np.asarray(images, dtype=np.float32)[:max_images]
+        self.detect_fn = detect_fn
+        self.score_threshold = score_threshold
+        self.every_n_epochs = max(1, int(every_n_epochs))
+        self.name = name
+        self._writer = None
+
+    def _get_writer(self):
+        import tensorflow as tf
+
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.log_dir.rstrip("/") + "/images")
+        return self._writer
+
+    def log_images(self, step):
+        import tensorflow as tf
+
+        detections = {k: keras.ops.convert_to_numpy(v) for k, v in self.detect_fn(self.images).items()}
+        drawn = draw_detections(self.images, detections, self.score_threshold)
+        with self._get_writer().as_default():
+            write_image_summary(self.name, drawn, step)
+        self._writer.flush()
+        return drawn
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every_n_epochs == 0:
+            self.log_images(epoch)
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
