@@ -1,0 +1,193 @@
+"""kdet.metrics.coco against pycocotools (the reference) and hand-computed values."""
+
+import contextlib
+import copy
+import io
+import json
+
+import numpy as np
+import pytest
+
+from kdet.metrics.coco import STAT_NAMES, coco_evaluate
+
+pycoco = pytest.importorskip("pycocotools.cocoeval")
+from pycocotools.coco import COCO  # noqa: E402
+
+
+# ------------------------------------------------------------------ helpers
+ONE = pytest.approx(1.0, abs=1e-12)
+
+
+def pycocotools_eval(gt, dets):
+    """pycocotools' 12 numbers and precision array (inputs are copied: it writes into them)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = copy.deepcopy(gt)
+        coco_gt.createIndex()
+        ev = pycoco.COCOeval(coco_gt, coco_gt.loadRes(copy.deepcopy(dets)), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return dict(zip(STAT_NAMES, ev.stats)), ev.eval["precision"]
+
+
+def assert_matches_pycocotools(gt, dets, tol=1e-9):
+    ref, ref_precision = pycocotools_eval(gt, dets)
+    got = coco_evaluate(gt, dets, return_arrays=True)
+    for name in STAT_NAMES:
+        assert got[name] == pytest.approx(ref[name], abs=tol), name
+    np.testing.assert_allclose(got["precision"], ref_precision, atol=tol, rtol=0)
+    return got
+
+
+def ground_truth(anns, n_images=2, n_classes=2):
+    images = [{"id": i + 1, "width": 640, "height": 480} for i in range(n_images)]
+    cats = [{"id": c + 1, "name": f"c{c + 1}"} for c in range(n_classes)]
+    anns = [dict(a, id=a.get("id", k + 1), iscrowd=a.get("iscrowd", 0),
+                 area=a.get("area", a["bbox"][2] * a["bbox"][3])) for k, a in enumerate(anns)]
+    return {"images": images, "categories": cats, "annotations": anns}
+
+
+def det(image_id, category_id, bbox, score):
+    return {"image_id": image_id, "category_id": category_id, "bbox": list(bbox), "score": score}
+
+
+def random_workload(seed, n_images=25, n_classes=4, max_gt=6, max_random_dets=30, crowd=0.1, size=200):
+    """Random boxes on a coarse grid (so exact ties and equal IoUs occur), jittered detections."""
+    rng = np.random.default_rng(seed)
+    images = [{"id": int(i) * 3 + 1, "width": size, "height": size} for i in rng.permutation(n_images)]
+    cats = [{"id": c * 2 + 1, "name": f"c{c}"} for c in range(n_classes)]
+    anns, dets = [], []
+
+    def box():
+        x, y = rng.uniform(0, size * 0.8, 2).round(0)
+        w, h = rng.uniform(2, size * 0.5, 2).round(0)
+        return [float(x), float(y), float(w), float(h)]
+
+    for im in images:
+        for _ in range(rng.integers(0, max_gt + 1)):
+            b, c = box(), int(rng.integers(n_classes)) * 2 + 1
+            anns.append({"id": len(anns) + 1, "image_id": im["id"], "category_id": c, "bbox": b,
+                         "area": float(b[2] * b[3] * rng.uniform(0.5, 1.2)), "iscrowd": int(rng.random() < crowd)})
+            for _ in range(rng.integers(0, 4)):
+                j = rng.normal(0, 0.15, 4) * np.array(b[2:] * 2)
+                d = np.maximum(np.array(b) + j.round(1), [0, 0, 1, 1])
+                cls = c if rng.random() < 0.85 else int(rng.integers(n_classes)) * 2 + 1
+                dets.append(det(im["id"], cls, d.tolist(), float(np.round(rng.random(), 2))))
+        for _ in range(rng.integers(0, max_random_dets)):
+            dets.append(det(im["id"], int(rng.integers(n_classes)) * 2 + 1, box(), float(np.round(rng.random(), 2))))
+    rng.shuffle(dets)
+    return {"images": images, "categories": cats, "annotations": anns}, dets
+
+
+# ------------------------------------------------------------------ random workloads
+@pytest.mark.parametrize("seed", range(6))
+def test_random_workloads_equal_pycocotools(seed):
+    many = seed % 2 == 1  # odd seeds: >100 detections in an image and category
+    gt, dets = random_workload(seed, n_classes=1 if many else 4, max_random_dets=160 if many else 30)
+    assert_matches_pycocotools(gt, dets, tol=1e-12)
+
+
+# ------------------------------------------------------------------ hand-made cases
+def test_perfect_detection_is_ap_one():
+    gt = ground_truth([{"image_id": 1, "category_id": 1, "bbox": [10, 10, 50, 50]}], n_classes=1)
+    got = assert_matches_pycocotools(gt, [det(1, 1, [10, 10, 50, 50], 0.9)])
+    # precision is tp / (tp + fp + eps), as in pycocotools: 1 - 2e-16
+    assert got["AP"] == ONE and got["AR100"] == 1.0 and got["AP_medium"] == ONE
+    assert got["AP_small"] == -1.0 and got["AP_large"] == -1.0  # no ground truth in those ranges
+    assert got["per_class"] == {"c1": {"AP": ONE, "AP50": ONE}}
+
+
+def test_iou_exactly_one_half_matches_at_050_only():
+    # IoU = 100 / 200 = 0.5 exactly: a hit at t=0.50, a miss at 0.55..0.95
+    gt = ground_truth([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10]}], n_classes=1)
+    got = assert_matches_pycocotools(gt, [det(1, 1, [0, 0, 10, 20], 0.5)])
+    assert got["AP50"] == ONE and got["AP75"] == 0.0
+    assert got["AP"] == pytest.approx(0.1, abs=1e-12)
+
+
+def test_no_detections_gives_zeros():
+    # pycocotools raises IndexError on an empty result list; kdet: AP and AR are 0
+    gt = ground_truth([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 40, 40]}], n_classes=1)
+    got = coco_evaluate(gt, [])
+    assert got["AP"] == 0.0 and got["AR100"] == 0.0 and got["AP_small"] == -1.0
+    assert got["per_class"]["c1"] == {"AP": 0.0, "AP50": 0.0}
+
+
+def test_image_without_ground_truth_and_class_without_ground_truth():
+    gt = ground_truth([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 40, 40]}], n_images=3, n_classes=2)
+    dets = [det(1, 1, [0, 0, 40, 40], 0.9), det(2, 1, [5, 5, 40, 40], 0.95),  # FP on an image without gt
+            det(3, 2, [0, 0, 40, 40], 0.8)]                                    # class 2 has no gt
+    got = assert_matches_pycocotools(gt, dets)
+    # class 1: precision 1/2 at recall 1 -> AP 0.5 (101 points all at 0.5); class 2 excluded
+    assert got["AP"] == pytest.approx(0.5, abs=1e-12)
+    assert got["per_class"]["c2"] == {"AP": -1.0, "AP50": -1.0}
+
+
+def test_crowd_region_ignores_many_detections():
+    # crowd IoU is intersection over the detection's area: both small boxes inside it
+    # are ignored (not FP); the regular ground truth is found
+    anns = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 100, 100], "iscrowd": 1},
+            {"image_id": 1, "category_id": 1, "bbox": [200, 200, 20, 20]}]
+    dets = [det(1, 1, [10, 10, 20, 20], 0.9), det(1, 1, [50, 50, 20, 20], 0.8),
+            det(1, 1, [200, 200, 20, 20], 0.7)]
+    got = assert_matches_pycocotools(ground_truth(anns, n_images=1, n_classes=1), dets)
+    assert got["AP"] == ONE
+
+
+def test_equal_scores_tie_order_matches_pycocotools():
+    anns = [{"image_id": i, "category_id": 1, "bbox": [0, 0, 30, 30]} for i in (1, 2)]
+    dets = [det(2, 1, [0, 0, 30, 30], 0.5), det(1, 1, [60, 60, 30, 30], 0.5),
+            det(1, 1, [0, 0, 30, 30], 0.5), det(2, 1, [60, 60, 30, 30], 0.5)]
+    assert_matches_pycocotools(ground_truth(anns, n_classes=1), dets)
+
+
+def test_more_than_100_detections_are_cut():
+    anns = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 30, 30]}]
+    dets = [det(1, 1, [100, 100, 30, 30], 0.9)] * 100 + [det(1, 1, [0, 0, 30, 30], 0.1)]
+    got = assert_matches_pycocotools(ground_truth(anns, n_images=1, n_classes=1), dets)
+    assert got["AR100"] == 0.0  # the true positive is the 101st detection
+
+
+def test_annotation_area_decides_the_range():
+    # a 100x100 box (large) whose annotation area is 500 (small)
+    anns = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 100, 100], "area": 500.0}]
+    got = assert_matches_pycocotools(ground_truth(anns, n_images=1, n_classes=1), [det(1, 1, [0, 0, 100, 100], 0.9)])
+    assert got["AP_small"] == ONE and got["AP_large"] == -1.0 and got["AP_medium"] == -1.0
+
+
+def test_ground_truth_id_zero_counts_as_matched():
+    # pycocotools takes gt id 0 for "unmatched" and scores this perfect detection as a FP
+    gt = ground_truth([{"id": 0, "image_id": 1, "category_id": 1, "bbox": [0, 0, 40, 40]}], n_classes=1)
+    assert coco_evaluate(gt, [det(1, 1, [0, 0, 40, 40], 0.9)])["AP"] == ONE
+    assert pycocotools_eval(gt, [det(1, 1, [0, 0, 40, 40], 0.9)])[0]["AP"] == 0.0
+
+
+def test_detection_on_unknown_image_names_it():
+    gt = ground_truth([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 40, 40]}], n_classes=1)
+    with pytest.raises(ValueError, match="image id 77"):
+        coco_evaluate(gt, [det(77, 1, [0, 0, 40, 40], 0.9)])
+
+
+def test_bad_files_give_clear_errors(tmp_path):
+    bad = tmp_path / "gt.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="gt.json"):
+        coco_evaluate(bad, [])
+    with pytest.raises(ValueError, match="lacks the field 'score'"):
+        coco_evaluate(ground_truth([], n_classes=1), [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}])
+
+
+def test_eval_tool_prints_summary_and_table(tmp_path, capsys):
+    from tools.eval import main
+
+    gt, dets = random_workload(7, n_images=5)
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    main(["--gt", str(tmp_path / "gt.json"), "--dets", str(tmp_path / "dets.json"), "--json", str(tmp_path / "out.json")])
+    out = capsys.readouterr().out
+    ref, _ = pycocotools_eval(gt, dets)
+    assert f"Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = {ref['AP']:0.3f}" in out
+    assert "c0" in out and "AP50" in out
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert saved["AP"] == pytest.approx(ref["AP"], abs=1e-12)

@@ -1,0 +1,38 @@
+"""COCO bbox evaluation of a detection-results json against a COCO ground-truth json.
+
+    python tools/eval.py --gt instances_val.json --dets results.json [--json metrics.json] [--device]
+
+Prints the 12-line pycocotools-style summary and a per-class AP / AP50 table.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kdet.metrics.coco import coco_evaluate, format_per_class, format_summary  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gt", required=True, help="COCO ground-truth json")
+    parser.add_argument("--dets", required=True, help="COCO results json (list of image_id, category_id, bbox, score)")
+    parser.add_argument("--json", help="also write the numbers (and per-class table) to this json file")
+    parser.add_argument("--device", action="store_true", help="use the XLA-compiled TensorFlow engine")
+    parser.add_argument("--float32", action="store_true", help="with --device: float32 instead of float64")
+    args = parser.parse_args(argv)
+
+    result = coco_evaluate(args.gt, args.dets, use_device=args.device,
+                           dtype="float32" if args.float32 else "float64")
+    print(format_summary(result))
+    print()
+    print(format_per_class(result["per_class"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
