@@ -1,0 +1,208 @@
+"""The SSD MultiBox loss (``keras.ops`` only) and a non-finite check.
+
+Layouts follow docs/CONVENTIONS.md: ``y_true [B, M, 6]`` (normalised xyxy,
+class id, ignore flag; padding rows have class -1) and
+``y_pred [B, A, 4 + (1 + C) + 4]`` (encoded offsets, logits with background
+first, anchors in normalised xyxy).
+"""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from kdet.matching import DEFAULT_VARIANCES, encode_boxes, match_anchors
+
+
+def resolve_class_weights(class_weights, num_classes=None, class_names=None):
+    """Normalise ``class_weights`` to a list of ``1 + C`` floats (background first).
+
+    Accepts ``None`` (returned as is), a sequence of length ``1 + C`` or ``C``
+    (foreground only; background then gets 1.0), or a dict mapping class names
+    (and optionally ``"background"``) to weights; missing names get 1.0.
+    ``num_classes`` defaults to ``len(class_names)``; without either, a
+    sequence is returned unchanged and checked at the first call.
+    """
+    if class_weights is None:
+        return None
+    if num_classes is None and class_names is not None:
+        num_classes = len(class_names)
+    if isinstance(class_weights, str):
+        raise ValueError(
+            f"MultiBoxLoss: class_weights={class_weights!r} must be resolved to numbers before "
+            "building the loss (the training code turns 'auto' into a list from the data)."
+        )
+    if isinstance(class_weights, dict):
+        if class_names is None:
+            raise ValueError("MultiBoxLoss: class_weights given by name needs class_names.")
+        unknown = sorted(set(class_weights) - set(class_names) - {"background"})
+        if unknown:
+            raise ValueError(f"MultiBoxLoss: class_weights names {unknown} are not in class_names {list(class_names)}.")
+        names = ["background"] + list(class_names)
+        weights = [float(class_weights.get(name, 1.0)) for name in names]
+    else:
+        weights = [float(w) for w in np.asarray(class_weights, dtype=np.float64).reshape(-1)]
+        if num_classes is not None:
+            if len(weights) == num_classes:
+                weights = [1.0] + weights
+            elif len(weights) != num_classes + 1:
+                raise ValueError(
+                    f"MultiBoxLoss: class_weights has {len(weights)} entries; expected {num_classes} "
+                    f"(foreground) or {num_classes + 1} (background first)."
+                )
+    bad = [w for w in weights if not (math.isfinite(w) and w >= 0)]
+    if bad:
+        raise ValueError(f"MultiBoxLoss: class_weights must be finite and >= 0, got {bad}.")
+    return weights
+
+
+def smooth_l1(x, beta=1.0):
+    """Elementwise smooth L1 (Huber with slope 1): ``0.5 x^2 / beta`` below ``beta``."""
+    abs_x = ops.abs(x)
+    return ops.where(abs_x < beta, 0.5 * ops.square(x) / beta, abs_x - 0.5 * beta)
+
+
+@keras.saving.register_keras_serializable(package="kdet")
+class MultiBoxLoss(keras.losses.Loss):
+    """SSD MultiBox loss: smooth L1 on positives + CE with hard negative mining.
+
+    ``loss = (conf + alpha * loc) / max(num_positives, 1)`` where the sums and
+    the positive count run over the whole batch (ssd.pytorch). Anchors are
+    matched with :func:`kdet.matching.match_anchors`; ignore anchors count
+    neither as positives nor as negatives. Per image, the ``neg_pos_ratio *
+    num_positives`` background anchors with the highest background loss are
+    the negatives (at least ``min_negatives``, at most all background anchors).
+
+    ``class_weights`` multiply each anchor's cross-entropy by the weight of its
+    target class (background weight for negatives); see
+    :func:`resolve_class_weights` for the accepted forms.
+
+    Reduction: ``call`` already returns the batch's SSD loss as a scalar, so
+    Keras's reduction leaves it unchanged ("sum_over_batch_size" divides a
+    single value by 1). ``sample_weight`` is not meaningful here: leave it unset.
+    """
+
+    def __init__(
+        self,
+        class_weights=None,
+        class_names=None,
+        num_classes=None,
+        alpha=1.0,
+        neg_pos_ratio=3,
+        min_negatives=0,
+        iou_threshold=0.5,
+        variances=DEFAULT_VARIANCES,
+        name="multibox_loss",
+        **kwargs,
+    ):
+        super().__init__(name=name, **kwargs)
+        self.class_names = list(class_names) if class_names is not None else None
+        self.num_classes = num_classes if num_classes is not None else (
+            len(self.class_names) if self.class_names is not None else None
+        )
+        self.class_weights = resolve_class_weights(class_weights, self.num_classes, self.class_names)
+        self.alpha = float(alpha)
+        self.neg_pos_ratio = float(neg_pos_ratio)
+        self.min_negatives = int(min_negatives)
+        self.iou_threshold = float(iou_threshold)
+        self.variances = tuple(float(v) for v in variances)
+
+    def call(self, y_true, y_pred):
+        return self.components(y_true, y_pred)["loss"]
+
+    def components(self, y_true, y_pred):
+        """The loss and its parts, as a dict of scalars for logging.
+
+        ``loss``, ``loc`` and ``conf`` (``loss = conf + alpha * loc``, both
+        already divided by the positive count) and ``num_positives``.
+        """
+        y_true = ops.convert_to_tensor(y_true, "float32")
+        y_pred = ops.cast(y_pred, "float32")
+        num_logits = y_pred.shape[-1] - 8
+        if self.num_classes is not None and num_logits != self.num_classes + 1:
+            raise ValueError(
+                f"MultiBoxLoss: y_pred has {num_logits} logits per anchor, expected "
+                f"{self.num_classes + 1} (background + {self.num_classes} classes)."
+            )
+        offsets, logits = y_pred[..., :4], y_pred[..., 4:4 + num_logits]
+        anchors = ops.stop_gradient(y_pred[..., 4 + num_logits:])
+
+        gt_classes = ops.cast(ops.round(y_true[..., 4]), "int32")
+        matched_boxes, labels = match_anchors(
+            y_true[..., :4], gt_classes, y_true[..., 5] > 0.5, anchors, self.iou_threshold
+        )
+        positive = labels > 0
+        num_pos_per_image = ops.sum(ops.cast(positive, "float32"), axis=1)
+        num_pos = ops.maximum(ops.sum(num_pos_per_image), 1.0)
+
+        # Localisation: smooth L1 summed over the 4 offsets of positive anchors.
+        targets = encode_boxes(matched_boxes, anchors, self.variances)
+        loc = ops.sum(smooth_l1(offsets - ops.stop_gradient(targets)), axis=-1)
+        loc = ops.sum(ops.where(positive, loc, 0.0))
+
+        # Classification: weighted CE on positives and mined negatives.
+        log_probs = ops.log_softmax(logits, axis=-1)
+        target = ops.maximum(labels, 0)
+        ce = -ops.squeeze(ops.take_along_axis(log_probs, ops.expand_dims(target, -1), axis=-1), -1)
+        negatives = self._hard_negatives(ops.stop_gradient(-log_probs[..., 0]), labels == 0, num_pos_per_image)
+        ce = ce * self._weights(target, num_logits)
+        conf = ops.sum(ops.where(ops.logical_or(positive, negatives), ce, 0.0))
+
+        loc, conf = loc / num_pos, conf / num_pos
+        return {"loss": conf + self.alpha * loc, "loc": loc, "conf": conf, "num_positives": ops.sum(num_pos_per_image)}
+
+    def _hard_negatives(self, background_loss, candidates, num_pos_per_image):
+        """Per image, the ``ratio * num_pos`` candidates with the highest background loss."""
+        num_candidates = ops.sum(ops.cast(candidates, "float32"), axis=1)
+        num_neg = ops.maximum(self.neg_pos_ratio * num_pos_per_image, float(self.min_negatives))
+        num_neg = ops.minimum(num_neg, num_candidates)
+        # Background loss is >= 0, so -1 ranks non-candidates last.
+        ranked_loss = ops.where(candidates, background_loss, -1.0)
+        order = ops.argsort(-ranked_loss, axis=1)
+        rank = ops.argsort(order, axis=1)  # rank of each anchor in descending loss order
+        return ops.logical_and(candidates, ops.cast(rank, "float32") < ops.expand_dims(num_neg, 1))
+
+    def _weights(self, target, num_logits):
+        if self.class_weights is None:
+            return 1.0
+        weights = self.class_weights
+        if len(weights) == num_logits - 1:  # foreground-only list, num_classes unknown at build time
+            weights = [1.0] + list(weights)
+        if len(weights) != num_logits:
+            raise ValueError(
+                f"MultiBoxLoss: class_weights has {len(self.class_weights)} entries but y_pred has "
+                f"{num_logits} logits (background + {num_logits - 1} classes)."
+            )
+        return ops.take(ops.convert_to_tensor(weights, "float32"), target)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            class_weights=self.class_weights,
+            class_names=self.class_names,
+            num_classes=self.num_classes,
+            alpha=self.alpha,
+            neg_pos_ratio=self.neg_pos_ratio,
+            min_negatives=self.min_negatives,
+            iou_threshold=self.iou_threshold,
+            variances=list(self.variances),
+        )
+        return config
+
+
+def check_finite(values, step=None):
+    """Raise ``FloatingPointError`` if any of ``values`` (dict name -> number/array) is not finite.
+
+    Host-side helper for a training callback: the message names the step, the
+    offending entries and the usual causes.
+    """
+    bad = sorted(name for name, value in values.items() if not np.all(np.isfinite(np.asarray(value, dtype=np.float64))))
+    if not bad:
+        return
+    where = f" at step {step}" if step is not None else ""
+    raise FloatingPointError(
+        f"non-finite {', '.join(bad)}{where}. Likely causes: learning rate too high (try a lower "
+        "rate or a longer warmup), ground-truth boxes with zero or negative width/height or "
+        "outside [0, 1] after augmentation, or float16 overflow under mixed precision."
+    )

@@ -1,0 +1,122 @@
+"""Box encoding and anchor matching for SSD (``keras.ops`` only).
+
+Boxes are normalised ``xyxy`` (docs/CONVENTIONS.md). Everything is
+vectorised over the batch with static shapes, so it runs under XLA and on the
+TensorFlow and JAX backends.
+"""
+
+import math
+
+from keras import ops
+
+from kdet.boxes import cxcywh_to_xyxy, iou_matrix, xyxy_to_cxcywh
+
+DEFAULT_VARIANCES = (0.1, 0.2)
+# Largest log-scale accepted by ``decode_boxes`` (torchvision's bbox_xform_clip):
+# a box can grow at most 1000/16 times its anchor, and exp() cannot overflow.
+MAX_LOG_SCALE = math.log(1000.0 / 16)
+_EPS = 1e-8
+
+
+def encode_boxes(boxes_xyxy, anchors_xyxy, variances=DEFAULT_VARIANCES):
+    """Offsets of ``boxes`` relative to ``anchors`` (SSD parameterisation).
+
+    ``(g_c - a_c) / (a_wh * v0)`` for the centre and ``log(g_wh / a_wh) / v1``
+    for the size. Shapes ``[..., 4]`` broadcast against each other. Empty
+    boxes (e.g. the zeros of unmatched anchors) give large but finite offsets.
+    """
+    g = xyxy_to_cxcywh(boxes_xyxy)
+    a = xyxy_to_cxcywh(anchors_xyxy)
+    a_wh = ops.maximum(a[..., 2:], _EPS)
+    g_wh = ops.maximum(g[..., 2:], _EPS)
+    centre = (g[..., :2] - a[..., :2]) / (a_wh * variances[0])
+    size = ops.log(g_wh / a_wh) / variances[1]
+    return ops.concatenate([centre, size], axis=-1)
+
+
+def decode_boxes(offsets, anchors_xyxy, variances=DEFAULT_VARIANCES):
+    """Inverse of :func:`encode_boxes`: offsets ``[..., 4]`` -> ``xyxy`` boxes.
+
+    The log-scale is clamped at ``MAX_LOG_SCALE`` before ``exp`` so untrained
+    or diverging heads cannot produce ``inf`` boxes.
+    """
+    a = xyxy_to_cxcywh(anchors_xyxy)
+    centre = a[..., :2] + offsets[..., :2] * variances[0] * a[..., 2:]
+    log_scale = ops.minimum(offsets[..., 2:] * variances[1], MAX_LOG_SCALE)
+    size = a[..., 2:] * ops.exp(log_scale)
+    return cxcywh_to_xyxy(ops.concatenate([centre, size], axis=-1))
+
+
+def match_anchors(gt_boxes, gt_classes, gt_ignore, anchors, iou_threshold=0.5):
+    """Assign ground truths to anchors, for a batch at once.
+
+    Args:
+        gt_boxes: ``[B, M, 4]`` normalised ``xyxy``.
+        gt_classes: ``[B, M]`` 0-based class ids, ``-1`` on padding rows.
+        gt_ignore: ``[B, M]`` bool or 0/1: difficult / iscrowd objects.
+        anchors: ``[B or 1, A, 4]`` normalised ``xyxy``.
+        iou_threshold: IoU at which an anchor matches its best ground truth.
+
+    Returns:
+        ``(matched_boxes [B, A, 4], matched_labels [B, A] int32)``. Labels are
+        ``0`` background, ``k + 1`` for class ``k``, ``-1`` ignore (neither
+        positive nor negative). ``matched_boxes`` holds the matched ground
+        truth on positives and zeros elsewhere.
+
+    The rule, in order of precedence:
+
+    1. **Forced**: every valid (non-padding, non-ignore) ground truth claims
+       the anchor it overlaps most (ties: lowest anchor index), provided that
+       IoU is > 0. If two ground truths claim the same anchor the later one
+       (higher row index) wins, as in ssd.pytorch's loop. Forced anchors are
+       positive whatever their IoU.
+    2. Every other anchor looks at its best ground truth over all non-padding
+       rows (ignore rows included; ties: lowest row index). If that IoU is
+       ``>= iou_threshold``: positive when the ground truth is a normal one,
+       ``-1`` (ignore) when it is flagged ignore.
+    3. Everything else is background. Padding rows never match anything.
+    """
+    gt_boxes = ops.convert_to_tensor(gt_boxes, "float32")
+    anchors = ops.convert_to_tensor(anchors, "float32")
+    gt_classes = ops.cast(gt_classes, "int32")
+    num_gt = gt_boxes.shape[1]
+    if num_gt == 0:  # no ground-truth slots at all: every anchor is background
+        zeros = ops.zeros_like(anchors[..., 0]) + ops.sum(gt_boxes[..., 0], axis=1, keepdims=True)  # [B, A]
+        return ops.expand_dims(zeros, -1) * ops.zeros((4,)), ops.cast(zeros, "int32")
+
+    valid = gt_classes >= 0
+    ignore = ops.logical_and(valid, ops.cast(gt_ignore, "bool"))
+    claims = ops.logical_and(valid, ops.logical_not(ignore))
+
+    # [B, A, M]; padding columns at -1 so they never win an argmax.
+    iou = iou_matrix(anchors, gt_boxes)
+    iou = ops.where(ops.expand_dims(valid, 1), iou, -1.0)
+
+    # 2. best ground truth for each anchor.
+    best_gt = ops.argmax(iou, axis=2)  # [B, A]
+    best_iou = ops.max(iou, axis=2)
+    above = best_iou >= iou_threshold
+    best_is_ignore = ops.take_along_axis(ignore, best_gt, axis=1)
+
+    # 1. forced best anchor for each claiming ground truth; the last claim wins.
+    best_anchor = ops.argmax(iou, axis=1)  # [B, M]
+    claims = ops.logical_and(claims, ops.max(iou, axis=1) > 0)
+    anchor_index = ops.arange(ops.shape(iou)[1], dtype="int32")
+    claimed = ops.logical_and(  # [B, A, M]: ground truth m claims anchor a
+        ops.expand_dims(ops.cast(best_anchor, "int32"), 1) == anchor_index[None, :, None],
+        ops.expand_dims(claims, 1),
+    )
+    gt_index = ops.arange(ops.shape(gt_boxes)[1], dtype="int32")
+    forced_gt = ops.max(ops.where(claimed, gt_index, -1), axis=2)  # [B, A]
+    forced = forced_gt >= 0
+
+    matched_gt = ops.where(forced, forced_gt, ops.cast(best_gt, "int32"))
+    positive = ops.logical_or(forced, ops.logical_and(above, ops.logical_not(best_is_ignore)))
+    ignored = ops.logical_and(ops.logical_not(forced), ops.logical_and(above, best_is_ignore))
+
+    classes = ops.take_along_axis(gt_classes, matched_gt, axis=1)
+    labels = ops.where(positive, classes + 1, ops.where(ignored, -1, 0))
+    box_index = ops.repeat(ops.expand_dims(matched_gt, -1), 4, axis=-1)
+    boxes = ops.take_along_axis(gt_boxes, box_index, axis=1)
+    boxes = ops.where(ops.expand_dims(positive, -1), boxes, 0.0)
+    return boxes, ops.cast(labels, "int32")

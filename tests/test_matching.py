@@ -1,0 +1,179 @@
+"""Box encoding and anchor matching against hand-worked cases and a loop reference."""
+
+import numpy as np
+import pytest
+from keras import ops
+
+from kdet.boxes import iou_matrix_np
+from kdet.matching import decode_boxes, encode_boxes, match_anchors
+
+
+def _match(gt_boxes, gt_classes, anchors, gt_ignore=None, threshold=0.5):
+    gt_boxes = np.asarray(gt_boxes, np.float32)
+    gt_classes = np.asarray(gt_classes, np.int32)
+    if gt_boxes.ndim == 2:  # single image
+        gt_boxes, gt_classes = gt_boxes[None], gt_classes[None]
+    if gt_ignore is None:
+        gt_ignore = np.zeros(gt_classes.shape, bool)
+    gt_ignore = np.asarray(gt_ignore, bool).reshape(gt_classes.shape)
+    anchors = np.asarray(anchors, np.float32)
+    if anchors.ndim == 2:
+        anchors = anchors[None]
+    boxes, labels = match_anchors(gt_boxes, gt_classes, gt_ignore, anchors, threshold)
+    return ops.convert_to_numpy(boxes), ops.convert_to_numpy(labels)
+
+
+# ------------------------------------------------------------------ encoding
+def test_encode_hand_computed():
+    anchor = np.array([[0.2, 0.2, 0.6, 0.4]], np.float32)  # centre (0.4, 0.3), size (0.4, 0.2)
+    gt = np.array([[0.3, 0.2, 0.7, 0.6]], np.float32)  # centre (0.5, 0.4), size (0.4, 0.4)
+    # ((0.5-0.4)/(0.4*0.1), (0.4-0.3)/(0.2*0.1), log(0.4/0.4)/0.2, log(0.4/0.2)/0.2)
+    expected = [[2.5, 5.0, 0.0, np.log(2.0) / 0.2]]
+    np.testing.assert_allclose(ops.convert_to_numpy(encode_boxes(gt, anchor)), expected, rtol=1e-5, atol=1e-5)
+    # Other variances scale the two parts independently.
+    other = ops.convert_to_numpy(encode_boxes(gt, anchor, variances=(1.0, 1.0)))
+    np.testing.assert_allclose(other, [[0.25, 0.5, 0.0, np.log(2.0)]], rtol=1e-5, atol=1e-6)
+
+
+def test_encode_decode_round_trip():
+    rng = np.random.default_rng(1)
+    def random_boxes(n):
+        xy = rng.uniform(0, 0.8, (n, 2))
+        return np.concatenate([xy, xy + rng.uniform(0.01, 0.2, (n, 2))], 1).astype(np.float32)
+    boxes, anchors = random_boxes(50), random_boxes(50)
+    decoded = decode_boxes(encode_boxes(boxes, anchors), anchors)
+    np.testing.assert_allclose(ops.convert_to_numpy(decoded), boxes, atol=1e-5)
+
+
+def test_decode_clamps_huge_scale_and_encode_of_empty_box_is_finite():
+    anchor = np.array([[0.4, 0.4, 0.6, 0.6]], np.float32)
+    decoded = ops.convert_to_numpy(decode_boxes(np.array([[0, 0, 1e4, 1e4]], np.float32), anchor))
+    assert np.all(np.isfinite(decoded))
+    np.testing.assert_allclose(decoded[0, 2] - decoded[0, 0], 0.2 * 1000 / 16, rtol=1e-4)
+    assert np.all(np.isfinite(ops.convert_to_numpy(encode_boxes(np.zeros((1, 4), np.float32), anchor))))
+
+
+# ------------------------------------------------------------------ matching
+ANCHORS = [[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]]
+
+
+def test_each_gt_takes_its_overlapping_anchor():
+    gt = [[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]]
+    boxes, labels = _match(gt, [2, 0], ANCHORS)
+    # anchor 2 overlaps each GT with IoU 0.25 only: background.
+    np.testing.assert_array_equal(labels, [[3, 1, 0]])
+    np.testing.assert_allclose(boxes[0], [gt[0], gt[1], [0, 0, 0, 0]])
+
+
+def test_threshold_is_inclusive():
+    anchors = [[0.0, 0.0, 1.0, 0.5], [0.0, 0.0, 1.0, 1.0], [0.0, 0.5, 1.0, 1.0]]
+    # IoU 1, exactly 0.5 and 0 with the three anchors.
+    _, labels = _match([[0.0, 0.0, 1.0, 0.5]], [4], anchors)
+    np.testing.assert_array_equal(labels, [[5, 5, 0]])
+
+
+def test_forced_best_anchor_below_threshold():
+    # IoU with anchor 0 is 0.04/0.16 = 0.25 < 0.5, yet it is the GT's best anchor.
+    anchors = [[0.0, 0.0, 0.4, 0.4], [0.6, 0.6, 1.0, 1.0]]
+    _, labels = _match([[0.0, 0.0, 0.2, 0.2]], [1], anchors)
+    np.testing.assert_array_equal(labels, [[2, 0]])
+
+
+def test_two_gts_claiming_one_anchor_the_later_wins():
+    anchors = [[0.0, 0.0, 1.0, 1.0], [2.0, 2.0, 3.0, 3.0]]
+    a, b = [0.0, 0.0, 0.6, 0.6], [0.3, 0.3, 1.0, 1.0]  # IoU 0.36 and 0.49 with anchor 0
+    boxes, labels = _match([a, b], [0, 1], anchors)
+    np.testing.assert_array_equal(labels, [[2, 0]])
+    np.testing.assert_allclose(boxes[0, 0], b)
+    _, labels = _match([b, a], [1, 0], anchors)
+    np.testing.assert_array_equal(labels, [[1, 0]])
+
+
+def test_ignore_gt_makes_overlapping_anchor_ignored_but_claims_nothing():
+    anchors = [[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.0, 0.5, 0.5, 1.0]]
+    gt = [[0.0, 0.0, 0.5, 0.45],  # ignored, IoU 0.9 with anchor 0
+          [0.5, 0.5, 0.75, 0.75],  # ignored, best IoU 0.25 with anchor 1: not forced
+          [0.0, 0.5, 0.5, 1.0]]  # normal, anchor 2
+    _, labels = _match(gt, [0, 1, 2], anchors, gt_ignore=[True, True, False])
+    np.testing.assert_array_equal(labels, [[-1, 0, 3]])
+
+
+def test_forced_claim_beats_ignore():
+    anchors = [[0.0, 0.0, 0.5, 0.5], [0.6, 0.6, 1.0, 1.0]]
+    gt = [[0.0, 0.0, 0.5, 0.5],  # ignored, IoU 1 with anchor 0
+          [0.0, 0.0, 0.3, 0.3]]  # normal, best anchor is anchor 0 (IoU 0.36)
+    _, labels = _match(gt, [0, 1], anchors, gt_ignore=[True, False])
+    np.testing.assert_array_equal(labels, [[2, 0]])
+
+
+def test_padding_never_matches():
+    # The padding row equals anchor 1 exactly; it must leave it background.
+    gt = [[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]]
+    boxes, labels = _match(gt, [0, -1], ANCHORS)
+    np.testing.assert_array_equal(labels, [[1, 0, 0]])
+    np.testing.assert_allclose(boxes[0, 1], 0)
+    # All padding: all background.
+    _, labels = _match(gt, [-1, -1], ANCHORS)
+    np.testing.assert_array_equal(labels, [[0, 0, 0]])
+    # No ground-truth slots at all, batch of 2.
+    boxes, labels = _match(np.zeros((2, 0, 4)), np.zeros((2, 0)), ANCHORS)
+    assert boxes.shape == (2, 3, 4) and labels.shape == (2, 3)
+    assert np.all(labels == 0) and np.all(boxes == 0)
+
+
+def _reference_match(gt, classes, ignore, anchors, threshold):
+    """ssd.pytorch's match(), with the loop over ground truths, plus the ignore rule."""
+    labels = np.zeros(len(anchors), np.int64)
+    valid = classes >= 0
+    if not valid.any():
+        return labels
+    gt, classes, ignore = gt[valid], classes[valid], ignore[valid]
+    iou = iou_matrix_np(gt, anchors)  # [M, A]
+    best_gt, best_overlap = iou.argmax(0), iou.max(0)
+    forced = np.zeros(len(anchors), bool)
+    for j in range(len(gt)):
+        if not ignore[j] and iou[j].max() > 0:
+            best_gt[iou[j].argmax()] = j
+            forced[iou[j].argmax()] = True
+    for a in range(len(anchors)):
+        if forced[a] or (best_overlap[a] >= threshold and not ignore[best_gt[a]]):
+            labels[a] = classes[best_gt[a]] + 1
+        elif best_overlap[a] >= threshold:
+            labels[a] = -1
+    return labels
+
+
+def test_batch_matches_loop_reference_on_random_boxes():
+    rng = np.random.default_rng(7)
+    B, M, A = 4, 6, 40
+
+    def random_boxes(*shape):
+        xy = rng.uniform(0, 0.7, shape + (2,))
+        return np.concatenate([xy, xy + rng.uniform(0.1, 0.3, shape + (2,))], -1).astype(np.float32)
+
+    anchors, gt = random_boxes(A), random_boxes(B, M)
+    gt[:, :, :2] = np.round(gt[:, :, :2], 1)  # some exact repeats make ties and overlaps likelier
+    classes = rng.integers(0, 3, (B, M))
+    classes[0, 4:] = -1
+    classes[3, :] = -1
+    ignore = rng.uniform(size=(B, M)) < 0.25
+    boxes, labels = _match(gt, classes, anchors, gt_ignore=ignore, threshold=0.4)
+    for b in range(B):
+        np.testing.assert_array_equal(labels[b], _reference_match(gt[b], classes[b], ignore[b], anchors, 0.4))
+    assert (labels > 0).sum() > 5 and (labels == -1).sum() > 0  # the case exercises every label
+    # Positive boxes are ground truths of the matched class; others are zero.
+    for b, a in zip(*np.nonzero(labels > 0)):
+        rows = np.nonzero(np.all(np.isclose(gt[b], boxes[b, a]), axis=1))[0]
+        assert len(rows) and (classes[b, rows] + 1 == labels[b, a]).any()
+    assert np.all(boxes[labels <= 0] == 0)
+
+
+def test_per_image_anchors_give_same_result_as_shared():
+    rng = np.random.default_rng(3)
+    anchors = np.sort(rng.uniform(0, 1, (1, 20, 4)).astype(np.float32).reshape(1, 20, 2, 2), axis=2)
+    anchors = anchors.transpose(0, 1, 3, 2).reshape(1, 20, 4)
+    gt = anchors[:, :3].repeat(2, axis=0) + 0.01
+    classes = np.array([[0, 1, 2], [2, -1, 0]])
+    shared = _match(gt, classes, anchors)[1]
+    tiled = _match(gt, classes, anchors.repeat(2, axis=0))[1]
+    np.testing.assert_array_equal(shared, tiled)
