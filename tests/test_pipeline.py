@@ -1,0 +1,168 @@
+"""tf.data pipeline: shapes, dtypes, padding, normalisation, eval mode, determinism."""
+
+import os
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from kdet.data.augment import Augmenter, hflip, mosaic, ssd_augmentation
+from kdet.data.pipeline import make_dataset, make_eval_dataset
+from kdet.data.records import Record
+
+BCCD = Path(os.environ.get("KDET_BCCD", Path(__file__).resolve().parents[2] / "shared/datasets/BCCD"))
+
+
+def tiny_records(count=5):
+    """Records with in-memory images; image i is filled with value 10 * (i + 1)."""
+    records = []
+    for i in range(count):
+        height, width = 40 + 8 * i, 60 + 4 * i
+        image = np.full((height, width, 3), 10 * (i + 1), np.uint8)
+        boxes = [[0, 0, width / 2, height / 4], [width / 4, height / 2, width, height]][: 1 + i % 2]
+        records.append(Record(image_id=f"img{i}", image_path=None, width=width, height=height, boxes=boxes,
+                              classes=[i % 3, 2][: len(boxes)], difficult=[True, False][: len(boxes)],
+                              iscrowd=[False, i == 3][: len(boxes)], image=image))
+    return records
+
+
+def expected_targets(record, max_boxes):
+    targets = np.zeros((max_boxes, 6), np.float32)
+    targets[:, 4] = -1
+    n = len(record)
+    targets[:n, :4] = record.boxes / [record.width, record.height, record.width, record.height]
+    targets[:n, 4] = record.classes
+    targets[:n, 5] = record.difficult | record.iscrowd
+    return targets
+
+
+def test_eval_dataset_keeps_all_images_in_order_with_meta():
+    records = tiny_records(5)
+    dataset = make_eval_dataset(records, image_size=(24, 32), batch_size=2, max_boxes=4)
+    batches = list(dataset)
+    assert [len(b[0]) for b in batches] == [2, 2, 1]
+    images = np.concatenate([b[0].numpy() for b in batches])
+    targets = np.concatenate([b[1].numpy() for b in batches])
+    meta = {k: np.concatenate([b[2][k].numpy() for b in batches]) for k in batches[0][2]}
+    assert images.dtype == np.float32 and images.shape == (5, 24, 32, 3)
+    assert targets.dtype == np.float32 and targets.shape == (5, 4, 6)
+    for i, record in enumerate(records):
+        np.testing.assert_allclose(images[i], 10 * (i + 1))  # RGB 0..255, not rescaled
+        np.testing.assert_allclose(targets[i], expected_targets(record, 4), atol=1e-6)
+    np.testing.assert_array_equal(meta["index"], np.arange(5))
+    assert [s.decode() for s in meta["image_id"]] == [r.image_id for r in records]
+    np.testing.assert_array_equal(meta["width"], [r.width for r in records])
+    np.testing.assert_array_equal(meta["height"], [r.height for r in records])
+
+
+def test_padding_rows_and_ignore_flags_by_hand():
+    record = Record(image_id=1, image_path=None, width=100, height=50, boxes=[[10, 5, 60, 45], [0, 0, 100, 50]],
+                    classes=[1, 0], difficult=[False, True], image=np.zeros((50, 100, 3), np.uint8))
+    (_, targets), = make_dataset([record], 32, 1, training=False)
+    np.testing.assert_allclose(targets[0, :3].numpy(), [[0.1, 0.1, 0.6, 0.9, 1, 0], [0, 0, 1, 1, 0, 1],
+                                                         [0, 0, 0, 0, -1, 0]], atol=1e-6)
+    assert (targets[0, 2:, 4] == -1).numpy().all() and (targets[0, 2:, :4] == 0).numpy().all()
+
+
+def test_training_dataset_static_shapes_drop_remainder_and_shuffle():
+    records = tiny_records(5)
+    dataset = make_dataset(records, 16, batch_size=2, max_boxes=3, shuffle=True, seed=0)
+    assert tuple(dataset.element_spec[0].shape) == (2, 16, 16, 3)
+    assert tuple(dataset.element_spec[1].shape) == (2, 3, 6)
+    orders = []
+    for _ in range(3):
+        batches = list(dataset)
+        assert len(batches) == 2  # 5 images, batch 2, last partial batch dropped
+        values = np.concatenate([b[0].numpy()[:, 0, 0, 0] for b in batches])
+        indices = (values / 10 - 1).round().astype(int)
+        assert len(set(indices)) == 4
+        targets = np.concatenate([b[1].numpy() for b in batches])
+        for i, t in zip(indices, targets):  # targets travel with their image
+            np.testing.assert_allclose(t, expected_targets(records[i], 3), atol=1e-6)
+        orders.append(tuple(indices))
+    assert len(set(orders)) > 1  # reshuffled each pass
+
+
+def test_seeded_training_is_deterministic_and_epochs_differ():
+    records = tiny_records(4)
+
+    def passes(dataset, count=2):
+        return [np.concatenate([t.numpy() for _, t in dataset]) for _ in range(count)]
+
+    augment = [hflip(p=0.5)]
+    first = passes(make_dataset(records, 16, 2, augment=augment, seed=3, num_parallel_calls=4))
+    second = passes(make_dataset(records, 16, 2, augment=augment, seed=3, num_parallel_calls=2))
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(first[0], first[1])
+
+
+def test_parallel_calls_reuse_augmenter_state():
+    # tf.numpy_function drops a native thread's Python state after each call; the Augmenter must
+    # still reuse its albumentations pipelines instead of building one per image.
+    augmenter = Augmenter(ssd_augmentation(), image_size=16)
+    dataset = make_dataset(tiny_records(5), 16, 1, augment=augmenter, seed=0, num_parallel_calls=2)
+    for _ in range(2):
+        assert len(list(dataset)) == 5
+    assert 1 <= len(augmenter._idle) <= 3
+
+
+def test_too_many_boxes_warns_and_keeps_the_first():
+    boxes = [[i, i, i + 10, i + 10] for i in range(5)]
+    record = Record(image_id="crowded", image_path=None, width=40, height=40, boxes=boxes, classes=[0, 1, 2, 0, 1],
+                    image=np.zeros((40, 40, 3), np.uint8))
+    with pytest.warns(UserWarning, match="max_boxes=3"):
+        dataset = make_dataset([record], 40, 1, training=False, max_boxes=3)
+    (_, targets), = dataset
+    np.testing.assert_allclose(targets[0, :, 4].numpy(), [0, 1, 2])
+    np.testing.assert_allclose(targets[0, 2, :4].numpy(), [2 / 40, 2 / 40, 12 / 40, 12 / 40], atol=1e-6)
+
+
+def test_image_files_are_decoded_in_graph(tmp_path):
+    records = []
+    for i in range(3):
+        image = np.random.default_rng(i).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+        path = tmp_path / f"{i}.png"
+        cv2.imwrite(str(path), image[..., ::-1])  # lossless; cv2 writes BGR
+        records.append((Record(image_id=i, image_path=str(path), width=40, height=30, boxes=[[4, 3, 20, 15]],
+                               classes=[1]), image))
+    dataset = make_eval_dataset([r for r, _ in records], (30, 40), 3)
+    images, targets, meta = next(iter(dataset))
+    for i, (_, image) in enumerate(records):
+        np.testing.assert_array_equal(images[i].numpy(), image.astype(np.float32))  # RGB order kept
+    np.testing.assert_allclose(targets[:, 0, :4].numpy(), [[0.1, 0.1, 0.5, 0.5]] * 3, atol=1e-6)
+    missing = Record(image_id="gone", image_path=str(tmp_path / "missing.jpg"), width=40, height=30)
+    with pytest.raises(Exception, match="missing.jpg"):
+        list(make_eval_dataset([missing], 16, 1))
+    with pytest.raises(Exception, match="missing.jpg"):  # Python-side reader names the file too
+        list(make_eval_dataset([missing], 16, 1, cache_images=True))
+
+
+def test_augmented_targets_stay_valid_with_mosaic():
+    records = tiny_records(5)
+    dataset = make_dataset(records, 32, 2, augment=[mosaic(p=1.0)] + ssd_augmentation(), seed=1, max_boxes=8)
+    for images, targets in dataset:
+        targets = targets.numpy()
+        real = targets[..., 4] >= 0
+        assert images.shape == (2, 32, 32, 3)
+        assert (targets[real][:, :4] >= 0).all() and (targets[real][:, :4] <= 1).all()
+        assert (targets[real][:, 2] > targets[real][:, 0]).all() and (targets[real][:, 3] > targets[real][:, 1]).all()
+        assert (targets[~real] == [0, 0, 0, 0, -1, 0]).all()
+
+
+@pytest.mark.skipif(not BCCD.exists(), reason=f"BCCD not found at {BCCD}")
+def test_bccd_batch_with_ssd_augmentation():
+    from kdet.data.sources import voc
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        records = list(voc(str(BCCD), "val", class_names=["RBC", "WBC", "Platelets"], skip_invalid=True))[:4]
+    images, targets = next(iter(make_dataset(records, 300, 4, augment=ssd_augmentation(), seed=0)))
+    assert images.shape == (4, 300, 300, 3) and images.dtype == "float32"
+    assert 0 <= float(images.numpy().min()) and float(images.numpy().max()) <= 255
+    targets = targets.numpy()
+    real = targets[..., 4] >= 0
+    assert real.any() and set(np.unique(targets[real][:, 4])) <= {0, 1, 2}
+    assert (targets[real][:, :4] >= 0).all() and (targets[real][:, :4] <= 1).all()
