@@ -1,3 +1,40 @@
-"""kdet: SSD object detectors for Keras."""
+"""kdet: SSD object detectors for Keras 3 / TensorFlow.
+
+Top-level shortcuts (loaded on first use, so ``import kdet.boxes`` stays light):
+
+* ``kdet.load_recipe(path, overrides)`` - a recipe dict from a recipe file
+* ``kdet.build_model(recipe, class_names)`` - the recipe's ``SSD`` keras.Model
+* ``kdet.build_loss(recipe, class_names, train_records)`` - its MultiBox loss
+* ``kdet.train(recipe, work_dir)`` - what ``tools/train.py`` runs
+* ``kdet.SSD``, ``kdet.MultiBoxLoss``, ``kdet.decode_detections``, ``kdet.coco_evaluate``
+"""
+
+import importlib
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_recipe": "kdet.config",
+    "merge": "kdet.config",
+    "build_model": "kdet.engine",
+    "build_loss": "kdet.engine",
+    "train": "kdet.engine",
+    "evaluate_records": "kdet.engine",
+    "SSD": "kdet.models.ssd",
+    "AnchorBoxes": "kdet.models.anchors",
+    "MultiBoxLoss": "kdet.losses",
+    "decode_detections": "kdet.postprocess",
+    "coco_evaluate": "kdet.metrics.coco",
+    "COCOEvalCallback": "kdet.metrics.callback",
+    "export_saved_model": "kdet.export",
+}
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'kdet' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))

@@ -179,8 +179,10 @@ def build_callbacks(recipe, work_dir, class_names, val_dataset, resume):
     if val_dataset is not None:
         from kdet.metrics.callback import COCOEvalCallback
 
+        settings = eval_settings(recipe)
         callbacks.append(COCOEvalCallback(val_dataset, every_n_epochs=eval_cfg.get("every_n_epochs", 1),
-                                          class_names=class_names, nms=eval_settings(recipe)))
+                                          class_names=class_names,
+                                          detect_fn=lambda model, images: model.detect(images, **settings)))
         monitor = eval_cfg.get("monitor", "val_AP")
         callbacks.append(keras.callbacks.ModelCheckpoint(
             os.path.join(work_dir, "best.keras"), monitor=monitor, mode="max", save_best_only=True))
@@ -224,6 +226,8 @@ class EpochRecorder(keras.callbacks.Callback):
 
 def train(recipe, work_dir, resume=False):
     """Train, evaluate and export as the recipe says; returns the final metrics dict."""
+    import tensorflow as tf
+
     from kdet.training.precision import setup_precision
     from kdet.training.strategy import make_strategy
 
@@ -247,6 +251,7 @@ def train(recipe, work_dir, resume=False):
     if steps_per_epoch < 1:
         raise RecipeError(f"{len(records['train'])} training images are fewer than one batch "
                           f"({recipe['data']['batch_size']})")
+    train_ds = train_ds.apply(tf.data.experimental.assert_cardinality(steps_per_epoch))  # a known epoch length
     val_ds = build_eval_dataset(recipe, val_records) if val_records else None
 
     initial_epoch, last = 0, os.path.join(work_dir, "last.keras")
@@ -266,7 +271,7 @@ def train(recipe, work_dir, resume=False):
     callbacks = build_callbacks(recipe, work_dir, class_names, val_ds, resume)
     started = time.time()
     model.fit(train_ds, epochs=int(train_cfg["epochs"]), initial_epoch=initial_epoch,
-              steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=recipe.get("verbose", 1))
+              callbacks=callbacks, verbose=recipe.get("verbose", 1))
     train_seconds = time.time() - started
     return finish(model, recipe, work_dir, class_names, test_records, train_seconds)
 

@@ -19,7 +19,7 @@ IMAGE_SIZE = 128
 recipe = merge(base, dict(
     model=dict(
         image_size=IMAGE_SIZE,
-        width_multiplier=0.25,
+        width_multiplier=0.125,
         backbone_weights=None,
         # Maps 16, 8, 4, 2, 1, 1 at 128 px; the first scale fits the 8-px objects.
         anchor_scales=[0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05],
@@ -30,7 +30,7 @@ recipe = merge(base, dict(
         val=shapes(split="test"),
         test=shapes(split="test"),
         augment=[photometric(p=0.5), expand(max_ratio=2.0, p=0.3), min_iou_crop(p=0.3), hflip(), resize()],
-        batch_size=16,
+        batch_size=32,
         eval_batch_size=50,
         max_boxes=16,
     ),

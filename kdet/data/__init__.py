@@ -1,1 +1,9 @@
-"""Data sources, augmentation and input pipelines."""
+"""Data: sources -> records -> augmentation -> tf.data batches.
+
+Recipe-facing sources: ``voc``, ``coco``, ``tfds``, ``shapes``, ``concat``
+(``kdet.data.sources``); augmentation entries in ``kdet.data.augment``; the
+input pipeline in ``kdet.data.pipeline``; audits in ``kdet.data.audit``.
+"""
+
+from kdet.data.records import Record, load_image
+from kdet.data.sources import DatasetError, coco, concat, shapes, tfds, voc
