@@ -191,12 +191,26 @@ def build_callbacks(recipe, work_dir, class_names, val_dataset, resume):
                 monitor=monitor, mode="max", patience=int(train_cfg["early_stopping_patience"]),
                 restore_best_weights=True))
     callbacks += [
+        _image_logger(work_dir, val_dataset, eval_cfg.get("every_n_epochs", 1)),
         keras.callbacks.ModelCheckpoint(os.path.join(work_dir, "last.keras")),
         EpochRecorder(os.path.join(work_dir, "state.json")),
         keras.callbacks.CSVLogger(os.path.join(work_dir, "log.csv"), append=resume),
         keras.callbacks.TensorBoard(os.path.join(work_dir, "tensorboard"), write_graph=False),
     ]
     return callbacks
+
+
+def _image_logger(work_dir, val_dataset, every_n_epochs):
+    """A few validation images with their predicted boxes, into TensorBoard."""
+    from kdet.training.callbacks import ImageLogger
+
+    if val_dataset is None:
+        return keras.callbacks.Callback()
+    images = next(iter(val_dataset))[0][:4].numpy()
+    logger = ImageLogger(os.path.join(work_dir, "tensorboard"), images, detect_fn=None,
+                         every_n_epochs=every_n_epochs)
+    logger.detect_fn = lambda batch: logger.model.detect(batch)
+    return logger
 
 
 def _freezing_callbacks(train_cfg):
@@ -315,5 +329,5 @@ def train_from_recipe_file(path, overrides=(), work_dir=None, resume=False):
         recipe = load_recipe(path, overrides)
         work_dir = work_dir or os.path.join("work_dirs", recipe["name"])
         return train(recipe, work_dir, resume=resume)
-    except RecipeError as err:
+    except (RecipeError, FloatingPointError) as err:  # FloatingPointError: the non-finite loss guard
         raise UserError(str(err)) from err

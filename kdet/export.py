@@ -18,7 +18,7 @@ import tensorflow as tf
 from kdet.postprocess import decode_detections
 
 
-class _DetectorModule(tf.Module):
+class DetectorModule(tf.Module):
     def __init__(self, model, class_names, nms):
         super().__init__()
         self.model = model
@@ -56,7 +56,7 @@ def export_saved_model(model, export_dir, class_names, score_threshold=0.01, iou
     """Write ``model`` as a SavedModel serving raw images; returns ``export_dir``."""
     nms = dict(score_threshold=score_threshold, iou_threshold=iou_threshold,
                max_detections=max_detections)
-    module = _DetectorModule(model, class_names, nms)
+    module = DetectorModule(model, class_names, nms)
     tf.saved_model.save(module, export_dir,
                         signatures={"serving_default": module.serve, "class_names": module.labels})
     with open(os.path.join(export_dir, "kdet_export.json"), "w") as f:

@@ -8,7 +8,7 @@ from kdet.data.augment import ssd_augmentation
 
 recipe = dict(
     model=dict(
-        backbone="vgg16",            # "vgg16" | "resnet50_fpn" | "mobilenetv2_fpn"
+        backbone="vgg16",            # "vgg16" | "vgg16_bn" (from scratch) | "resnet50_fpn" | "mobilenetv2_fpn"
         image_size=300,
         width_multiplier=1.0,        # < 1 scales every conv of the backbone and extras
         backbone_weights="imagenet", # None trains from scratch (offline machines)

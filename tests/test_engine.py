@@ -142,3 +142,13 @@ def test_resume_continues_from_last_epoch(tiny_run):
     assert int(after.optimizer.iterations.numpy()) == 2 * steps_before
     rows = open(os.path.join(work_dir, "log.csv")).read().strip().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["0", "1"]
+
+
+def test_callback_val_ap_equals_final_coco_evaluate(tiny_run):
+    # val and test are the same split in the tiny recipe and the callback ran after the last epoch.
+    _, work_dir, metrics = tiny_run
+    rows = open(os.path.join(work_dir, "log.csv")).read().strip().splitlines()
+    header, last = rows[0].split(","), rows[1].split(",")
+    logged = dict(zip(header, last))
+    assert float(logged["val_AP"]) == pytest.approx(metrics["AP"], abs=1e-6)
+    assert float(logged["val_AP50"]) == pytest.approx(metrics["AP50"], abs=1e-6)

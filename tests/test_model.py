@@ -171,3 +171,18 @@ def test_imagenet_weights_are_copied_by_layer_name(monkeypatch, tmp_path):
                              reference.get_layer(name).get_weights()):
             np.testing.assert_array_equal(got, want)
     assert model.get_config()["backbone_weights"] is None
+
+
+def test_vgg16_bn_variant_for_training_from_scratch(tmp_path):
+    model = SSD(num_classes=2, image_size=64, backbone="vgg16_bn", width_multiplier=0.125)
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(norms) == 23  # 13 VGG convs + fc6 + fc7 + 8 extra-layer convs
+    staged = {name for stage in model.backbone_stages for name in stage}
+    backbone_norms = {n.name for n in norms if n.name.startswith(("block", "fc"))}
+    assert len(backbone_norms) == 15 and backbone_norms <= staged  # frozen with their convs
+    x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    path = tmp_path / "bn.keras"
+    model.save(path)
+    np.testing.assert_allclose(keras.models.load_model(path)(x), model(x), atol=1e-5)
+    with pytest.raises(ValueError, match="no ImageNet weights for the batch-norm variant"):
+        SSD(num_classes=2, image_size=64, backbone="vgg16_bn", backbone_weights="imagenet")

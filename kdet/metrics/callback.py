@@ -13,8 +13,11 @@ Conventions:
 * boxes are scaled to pixels of the model input (the images' ``H x W``), so COCO's
   small / medium / large ranges use the box area in input pixels; a 7th target column,
   when present, is taken as the area instead;
-* ignore-flagged ground truths (VOC ``difficult``, ``iscrowd``) are ignored the way COCO
-  ignores a non-crowd ground truth: a detection matched to one is neither TP nor FP;
+* ignore-flagged ground truths (VOC ``difficult``, ``iscrowd``) are, by default, COCO crowd
+  regions, exactly as ``kdet.data.coco.records_to_coco_json`` writes them for pycocotools
+  (which has no other way to ignore an object), so ``val_AP`` equals ``coco_evaluate`` on
+  the same predictions; ``ignore_as_crowd=False`` ignores them as non-crowd objects instead
+  (a detection matched to one is neither TP nor FP, and it matches at most once);
 * score ties between images are broken by dataset order (pycocotools: image-id order).
 
 Under a ``tf.distribute`` strategy the detection step runs per replica with
@@ -50,11 +53,14 @@ class COCOEvalCallback(keras.callbacks.Callback):
       jit_compile: compile the matching step with XLA.
       verbose: print the summary and a per-class table after each evaluation.
       prefix: prefix of the log keys.
+      ignore_as_crowd: evaluate ignore-flagged ground truths as COCO crowd regions (default,
+        matches ``records_to_coco_json`` + pycocotools) or as non-crowd ignored objects.
     """
 
     def __init__(self, val_dataset, every_n_epochs=1, class_names=None, detect_fn=None,
-                 dtype="float64", jit_compile=True, verbose=1, prefix="val_"):
+                 dtype="float64", jit_compile=True, verbose=1, prefix="val_", ignore_as_crowd=True):
         super().__init__()
+        self.ignore_as_crowd = ignore_as_crowd
         if not class_names:
             raise ValueError("COCOEvalCallback needs class_names")
         if every_n_epochs < 1:
@@ -135,8 +141,11 @@ class COCOEvalCallback(keras.callbacks.Callback):
         det_boxes = tf.cast(detections["boxes"], tf.float64) * scale
         det_classes = tf.cast(detections["classes"], tf.int32)
         det_scores = detections["scores"]
-        args = [gt_boxes, gt_classes, tf.zeros_like(gt_ignore), gt_area, det_boxes, det_scores, det_classes,
-                gt_ignore]
+        if self.ignore_as_crowd:
+            gt_crowd, gt_ignore = gt_ignore, tf.zeros_like(gt_ignore)
+        else:
+            gt_crowd = tf.zeros_like(gt_ignore)
+        args = [gt_boxes, gt_classes, gt_crowd, gt_area, det_boxes, det_scores, det_classes, gt_ignore]
         # a short last batch is padded (class -1) to the first batch's size: one compiled shape
         self._batch_size = self._batch_size or int(gt_boxes.shape[0])
         pad = self._batch_size - int(gt_boxes.shape[0])

@@ -15,7 +15,7 @@ import keras
 
 from kdet.models.layers import ImagePreprocessing, L2Normalization
 
-BACKBONES = ("vgg16", "resnet50_fpn", "mobilenetv2_fpn")
+BACKBONES = ("vgg16", "vgg16_bn", "resnet50_fpn", "mobilenetv2_fpn")
 MOBILENETV2_IMAGENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 
 
@@ -93,7 +93,7 @@ def vgg16_feature_map_sizes(image_size):
     return sizes
 
 
-def vgg16_ssd(images, width_multiplier=1.0, weights=None):
+def vgg16_ssd(images, width_multiplier=1.0, weights=None, batch_norm=False):
     """The SSD300 VGG16 base + extra layers (Liu et al. 2016, Fig. 2).
 
     VGG16 conv1_1..conv5_3 (pool3 in ceil mode), conv4_3 -> L2Normalization(20)
@@ -104,9 +104,15 @@ def vgg16_ssd(images, width_multiplier=1.0, weights=None):
     copy by name; they need ``width_multiplier == 1``. When a map entering
     conv10_2 / conv11_2 is smaller than 3, their kernel shrinks to the map size
     so the output stays 1x1 instead of vanishing.
+
+    ``batch_norm=True`` (backbone ``"vgg16_bn"``) puts BatchNormalization after
+    every conv, as ScratchDet (Zhu et al. 2019) does to train SSD from scratch;
+    there are no ImageNet weights for it.
     """
-    label = "VGG16"
+    label = "VGG16-BN" if batch_norm else "VGG16"
     _check_weights(weights, label)
+    if weights == "imagenet" and batch_norm:
+        raise ValueError(f"{label}: no ImageNet weights for the batch-norm variant; use backbone_weights=None")
     if weights == "imagenet" and width_multiplier != 1.0:
         raise ValueError(f"{label}: ImageNet weights need width_multiplier=1.0, got {width_multiplier}")
     vgg16_feature_map_sizes(tuple(images.shape[1:3]))  # raises clearly on small inputs
@@ -114,9 +120,18 @@ def vgg16_ssd(images, width_multiplier=1.0, weights=None):
     convs = {}
 
     def conv(filters, kernel, name, **kwargs):
-        convs[name] = keras.layers.Conv2D(scaled_filters(filters, width_multiplier), kernel,
-                                          activation="relu", name=name, **kwargs)
-        return convs[name]
+        """Conv + ReLU (+ BatchNorm between them with ``batch_norm``), as one callable."""
+        filters = scaled_filters(filters, width_multiplier)
+        if not batch_norm:
+            convs[name] = keras.layers.Conv2D(filters, kernel, activation="relu", name=name, **kwargs)
+            return convs[name]
+        convs[name] = keras.layers.Conv2D(filters, kernel, use_bias=False, name=name, **kwargs)
+        norm = keras.layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")  # torch's 0.1
+        relu = keras.layers.ReLU(name=f"{name}_relu")
+        return lambda x: relu(norm(convs[name](x)))
+
+    def with_norm(names):
+        return [n for name in names for n in ([name, f"{name}_bn", f"{name}_relu"] if batch_norm else [name])]
 
     x = ImagePreprocessing("caffe", name="vgg16_preprocess")(images)
     stages, pretrained, sources = [], [], []
@@ -135,11 +150,11 @@ def vgg16_ssd(images, width_multiplier=1.0, weights=None):
         else:
             pool_name = "pool5"
             x = keras.layers.MaxPooling2D(3, 1, padding="same", name=pool_name)(x)
-        stages.append(names + [pool_name])
+        stages.append(with_norm(names) + [pool_name])
 
     x = conv(1024, 3, "fc6", padding="same", dilation_rate=6)(x)
     x = conv(1024, 1, "fc7")(x)
-    stages.append(["fc6", "fc7"])
+    stages.append(with_norm(["fc6", "fc7"]))
     sources.append(x)
 
     for index, (squeeze, filters, strided) in enumerate(
@@ -249,8 +264,9 @@ def fpn(images, trunk="resnet50", fpn_channels=256, width_multiplier=1.0, weight
 
 def build_backbone(images, backbone="vgg16", width_multiplier=1.0, weights=None, fpn_channels=256):
     """Dispatch on the backbone name: ``vgg16``, ``resnet50_fpn`` or ``mobilenetv2_fpn``."""
-    if backbone == "vgg16":
-        return vgg16_ssd(images, width_multiplier=width_multiplier, weights=weights)
+    if backbone in ("vgg16", "vgg16_bn"):
+        return vgg16_ssd(images, width_multiplier=width_multiplier, weights=weights,
+                         batch_norm=backbone == "vgg16_bn")
     if backbone.endswith("_fpn") and backbone in BACKBONES:
         return fpn(images, trunk=backbone[: -len("_fpn")], fpn_channels=fpn_channels,
                    width_multiplier=width_multiplier, weights=weights)

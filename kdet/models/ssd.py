@@ -57,7 +57,8 @@ class SSD(keras.Model):
         num_classes: foreground classes C (logits have 1 + C channels).
         image_size: int or ``(height, width)``; the input is
             ``[B, H, W, 3]`` RGB float 0..255 and the model normalises it.
-        backbone: ``"vgg16"`` (the paper's SSD base, 6 maps),
+        backbone: ``"vgg16"`` (the paper's SSD base, 6 maps), ``"vgg16_bn"`` (with BatchNorm, for
+            training from scratch),
             ``"resnet50_fpn"`` or ``"mobilenetv2_fpn"`` (P3..P7, 5 maps).
         width_multiplier: scales the backbone's convs (see ``backbones``).
         backbone_weights: ``None`` (from scratch) or ``"imagenet"``.

@@ -1,0 +1,73 @@
+"""Training-step cost of SSD300-VGG16 next to the bare VGG16 forward+backward at the same batch.
+
+    python tools/benchmark_train_step.py [--batch-size 8] [--steps 5] [--size 300]
+
+The difference is what SSD adds on top of its backbone: the extra layers and
+heads, the anchors, the vectorised matching and the MultiBox loss.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def time_fit(model, x, y, steps, batch_size):
+    """Seconds per optimizer step, after one warm-up pass (tracing, compilation)."""
+    model.fit(x[:batch_size], y[:batch_size], batch_size=batch_size, epochs=1, verbose=0)
+    start = time.perf_counter()
+    model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0)
+    return (time.perf_counter() - start) / steps
+
+
+def ssd_step(batch_size, steps, size, num_classes=20):
+    import keras
+
+    from kdet.losses import MultiBoxLoss
+    from kdet.models.ssd import SSD
+
+    model = SSD(num_classes=num_classes, image_size=size, backbone="vgg16", backbone_weights=None)
+    model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9), loss=MultiBoxLoss(num_classes=num_classes))
+    rng = np.random.default_rng(0)
+    n = batch_size * steps
+    x = rng.uniform(0, 255, (n, size, size, 3)).astype("float32")
+    y = np.zeros((n, 20, 6), "float32")
+    y[..., 4] = -1
+    corners = np.sort(rng.uniform(0, 1, (n, 5, 2, 2)), axis=2)  # 5 boxes per image
+    y[:, :5, :4] = corners.transpose(0, 1, 3, 2).reshape(n, 5, 4)[..., [0, 2, 1, 3]]
+    y[:, :5, 4] = rng.integers(0, num_classes, (n, 5))
+    return time_fit(model, x, y, steps, batch_size), model.anchors.shape[0]
+
+
+def vgg16_step(batch_size, steps, size):
+    import keras
+
+    backbone = keras.applications.VGG16(include_top=False, weights=None, input_shape=(size, size, 3))
+    model = keras.Model(backbone.input, keras.layers.GlobalAveragePooling2D()(backbone.output))
+    model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9), loss="mse")
+    n = batch_size * steps
+    x = np.random.default_rng(0).uniform(0, 255, (n, size, size, 3)).astype("float32")
+    return time_fit(model, x, np.zeros((n, 512), "float32"), steps, batch_size)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--size", type=int, default=300)
+    args = p.parse_args(argv)
+    vgg = vgg16_step(args.batch_size, args.steps, args.size)
+    ssd, anchors = ssd_step(args.batch_size, args.steps, args.size)
+    b = args.batch_size
+    print(f"batch {b}, {args.size}x{args.size}, {args.steps} timed steps, float32 on CPU")
+    print(f"bare VGG16 forward+backward: {vgg:7.2f} s/step  {b / vgg:6.2f} images/s")
+    print(f"SSD300-VGG16 train step:     {ssd:7.2f} s/step  {b / ssd:6.2f} images/s  ({anchors} anchors)")
+    print(f"SSD overhead over the backbone: {ssd / vgg:.2f}x the step time")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Export a trained model as a SavedModel that serves raw uint8 images.
+
+    python tools/export.py WORK_DIR/last.keras OUT_DIR --classes RBC,WBC,Platelets
+    python tools/export.py WORK_DIR/best.keras OUT_DIR --recipe recipes/ssd300_bccd.py
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="a .keras file written by training")
+    p.add_argument("out", help="SavedModel folder to write")
+    names = p.add_mutually_exclusive_group(required=True)
+    names.add_argument("--classes", help="comma-separated class names, in class-id order")
+    names.add_argument("--recipe", help="take class names (and NMS settings) from this recipe")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--score-threshold", type=float)
+    p.add_argument("--iou-threshold", type=float)
+    p.add_argument("--max-detections", type=int, default=100)
+    return p.parse_args(argv)
+
+
+def export_settings(args):
+    """Class names and NMS settings from the command line or the recipe."""
+    settings = dict(score_threshold=0.01, iou_threshold=0.45)
+    if args.recipe:
+        from kdet.config import load_recipe
+        from kdet.engine import class_names_of, load_sources
+
+        recipe = load_recipe(args.recipe, args.overrides)
+        settings.update({k: recipe["eval"][k] for k in settings if k in recipe["eval"]})
+        class_names = class_names_of(recipe, load_sources(recipe))
+    else:
+        class_names = [c.strip() for c in args.classes.split(",") if c.strip()]
+    for key in settings:
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    return class_names, settings
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import keras
+
+    from kdet.config import RecipeError
+    from kdet.export import export_saved_model
+
+    try:
+        class_names, settings = export_settings(args)
+        model = keras.models.load_model(args.model)
+    except (RecipeError, OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if len(class_names) != model.num_classes:
+        print(f"error: {len(class_names)} class names for a model with {model.num_classes} classes", file=sys.stderr)
+        return 2
+    export_saved_model(model, args.out, class_names, max_detections=args.max_detections, **settings)
+    print(f"SavedModel written to {args.out} (signature serving_default: uint8 images -> detections)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
