@@ -6,55 +6,28 @@ class id, ignore flag; padding rows have class -1) and
 first, anchors in normalised xyxy).
 """
 
-import math
-
 import keras
 import numpy as np
 from keras import ops
 
+from kdet.data.class_weights import class_weight_vector
 from kdet.matching import DEFAULT_VARIANCES, encode_boxes, match_anchors
 
 
 def resolve_class_weights(class_weights, num_classes=None, class_names=None):
-    """Normalise ``class_weights`` to a list of ``1 + C`` floats (background first).
+    """``class_weights`` as a list of ``1 + C`` floats (background first), or ``None``.
 
-    Accepts ``None`` (returned as is), a sequence of length ``1 + C`` or ``C``
-    (foreground only; background then gets 1.0), or a dict mapping class names
-    (and optionally ``"background"``) to weights; missing names get 1.0.
-    ``num_classes`` defaults to ``len(class_names)``; without either, a
-    sequence is returned unchanged and checked at the first call.
+    Accepts a sequence of length ``1 + C`` or ``C`` (background then gets 1.0),
+    or a dict by class name (and optionally ``"background"``); missing names get
+    1.0. ``"auto"`` must be resolved from data first
+    (``kdet.data.class_weights.resolve_class_weights``).
     """
-    if class_weights is None:
-        return None
-    if num_classes is None and class_names is not None:
-        num_classes = len(class_names)
     if isinstance(class_weights, str):
         raise ValueError(
             f"MultiBoxLoss: class_weights={class_weights!r} must be resolved to numbers before "
             "building the loss (the training code turns 'auto' into a list from the data)."
         )
-    if isinstance(class_weights, dict):
-        if class_names is None:
-            raise ValueError("MultiBoxLoss: class_weights given by name needs class_names.")
-        unknown = sorted(set(class_weights) - set(class_names) - {"background"})
-        if unknown:
-            raise ValueError(f"MultiBoxLoss: class_weights names {unknown} are not in class_names {list(class_names)}.")
-        names = ["background"] + list(class_names)
-        weights = [float(class_weights.get(name, 1.0)) for name in names]
-    else:
-        weights = [float(w) for w in np.asarray(class_weights, dtype=np.float64).reshape(-1)]
-        if num_classes is not None:
-            if len(weights) == num_classes:
-                weights = [1.0] + weights
-            elif len(weights) != num_classes + 1:
-                raise ValueError(
-                    f"MultiBoxLoss: class_weights has {len(weights)} entries; expected {num_classes} "
-                    f"(foreground) or {num_classes + 1} (background first)."
-                )
-    bad = [w for w in weights if not (math.isfinite(w) and w >= 0)]
-    if bad:
-        raise ValueError(f"MultiBoxLoss: class_weights must be finite and >= 0, got {bad}.")
-    return weights
+    return class_weight_vector(class_weights, class_names, num_classes)
 
 
 def smooth_l1(x, beta=1.0):

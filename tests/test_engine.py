@@ -2,9 +2,7 @@
 
 import json
 import os
-import textwrap
 
-import numpy as np
 import pytest
 
 from kdet.config import RecipeError, apply_override, load_recipe, merge

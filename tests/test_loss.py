@@ -4,7 +4,6 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from keras import ops
 
 from kdet.losses import MultiBoxLoss, check_finite, resolve_class_weights
 

@@ -1,7 +1,6 @@
 """Box encoding and anchor matching against hand-worked cases and a loop reference."""
 
 import numpy as np
-import pytest
 from keras import ops
 
 from kdet.boxes import iou_matrix_np

@@ -1,4 +1,4 @@
-"""tf.data pipeline: shapes, dtypes, padding, normalisation, eval mode, determinism."""
+"""tf.data pipeline: shapes, dtypes, padding, normalisation, eval mode, determinism, worker processes."""
 
 import os
 import warnings
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from kdet.data.augment import Augmenter, hflip, mosaic, ssd_augmentation
-from kdet.data.pipeline import make_dataset, make_eval_dataset
+from kdet.data import _workers
+from kdet.data.pipeline import _auto_workers, close_worker_pools, make_dataset, make_eval_dataset
 from kdet.data.records import Record
 
 BCCD = Path(os.environ.get("KDET_BCCD", Path(__file__).resolve().parents[2] / "shared/datasets/BCCD"))
@@ -92,8 +93,8 @@ def test_seeded_training_is_deterministic_and_epochs_differ():
         return [np.concatenate([t.numpy() for _, t in dataset]) for _ in range(count)]
 
     augment = [hflip(p=0.5)]
-    first = passes(make_dataset(records, 16, 2, augment=augment, seed=3, num_parallel_calls=4))
-    second = passes(make_dataset(records, 16, 2, augment=augment, seed=3, num_parallel_calls=2))
+    first = passes(make_dataset(records, 16, 2, augment=augment, seed=3, num_parallel_calls=4, workers=0))
+    second = passes(make_dataset(records, 16, 2, augment=augment, seed=3, num_parallel_calls=2, workers=0))
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(first[0], first[1])
@@ -103,7 +104,7 @@ def test_parallel_calls_reuse_augmenter_state():
     # tf.numpy_function drops a native thread's Python state after each call; the Augmenter must
     # still reuse its albumentations pipelines instead of building one per image.
     augmenter = Augmenter(ssd_augmentation(), image_size=16)
-    dataset = make_dataset(tiny_records(5), 16, 1, augment=augmenter, seed=0, num_parallel_calls=2)
+    dataset = make_dataset(tiny_records(5), 16, 1, augment=augmenter, seed=0, num_parallel_calls=2, workers=0)
     for _ in range(2):
         assert len(list(dataset)) == 5
     assert 1 <= len(augmenter._idle) <= 3
@@ -166,3 +167,108 @@ def test_bccd_batch_with_ssd_augmentation():
     real = targets[..., 4] >= 0
     assert real.any() and set(np.unique(targets[real][:, 4])) <= {0, 1, 2}
     assert (targets[real][:, :4] >= 0).all() and (targets[real][:, :4] <= 1).all()
+
+
+# ------------------------------------------------------------ worker processes
+# Every test uses WORKERS processes, so they share one pool (started once, ~1-2 s), stopped at the end.
+WORKERS = 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_workers():
+    yield
+    close_worker_pools()
+
+
+def all_passes(dataset, count=2):
+    """``count`` passes, each a list of batches of numpy arrays (meta dicts flattened by key)."""
+    def arrays(batch):
+        out = []
+        for part in batch:
+            if isinstance(part, dict):
+                out.extend(part[k].numpy() for k in sorted(part))
+            else:
+                out.append(part.numpy())
+        return out
+    return [[arrays(b) for b in dataset] for _ in range(count)]
+
+
+def assert_same_passes(a, b):
+    assert len(a) == len(b)
+    for pass_a, pass_b in zip(a, b):
+        assert len(pass_a) == len(pass_b)
+        for batch_a, batch_b in zip(pass_a, pass_b):
+            for x, y in zip(batch_a, batch_b):
+                assert x.dtype == y.dtype
+                np.testing.assert_array_equal(x, y)
+
+
+def png_records(tmp_path, count=5):
+    records = []
+    for i in range(count):
+        height, width = 30 + 6 * i, 40 + 2 * i
+        image = np.random.default_rng(i).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        path = tmp_path / f"{i}.png"
+        cv2.imwrite(str(path), image[..., ::-1])
+        records.append(Record(image_id=f"file{i}", image_path=str(path), width=width, height=height,
+                              boxes=[[2, 3, width / 2, height / 2], [width / 3, height / 4, width - 1, height - 2]],
+                              classes=[0, 2], difficult=[False, i == 1]))
+    return records
+
+
+def test_worker_processes_give_the_same_batches_as_threads():
+    records = tiny_records(7)
+    augment = [mosaic(p=0.5)] + ssd_augmentation()
+    threads = all_passes(make_dataset(records, 24, 2, augment=augment, seed=5, workers=0, with_meta=True))
+    processes = all_passes(make_dataset(records, 24, 2, augment=augment, seed=5, workers=WORKERS, with_meta=True,
+                                        worker_chunksize=3))
+    assert len(threads[0]) == 3  # 7 images, batch 2: last partial batch dropped
+    assert_same_passes(threads, processes)
+    assert not np.array_equal(threads[0][0][1], threads[1][0][1])  # a new pass key each epoch
+    again = all_passes(make_dataset(records, 24, 2, augment=augment, seed=5, workers=WORKERS, with_meta=True))
+    assert_same_passes(processes, again)  # a second dataset reuses the pool; chunking does not matter
+    assert len({pool for pool in _workers._pools.values()}) == 1
+
+
+def test_worker_processes_match_threads_on_files_and_in_eval(tmp_path):
+    records = png_records(tmp_path)
+    kwargs = dict(augment=ssd_augmentation(), seed=0, decode="python", max_boxes=4)
+    assert_same_passes(all_passes(make_dataset(records, 20, 2, workers=0, **kwargs)),
+                       all_passes(make_dataset(records, 20, 2, workers=WORKERS, **kwargs)))
+    evaluation = dict(training=False, with_meta=True, max_boxes=4)
+    thread_eval = all_passes(make_dataset(records, (30, 40), 2, workers=0, **evaluation), count=1)
+    process_eval = all_passes(make_dataset(records, (30, 40), 2, workers=WORKERS, **evaluation), count=1)
+    assert [len(b[0]) for b in process_eval[0]] == [2, 2, 1]  # evaluation keeps the last partial batch
+    assert_same_passes(thread_eval, process_eval)
+
+
+def test_worker_processes_name_an_unreadable_file(tmp_path):
+    records = png_records(tmp_path, 3)
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    records.append(Record(image_id="broken", image_path=str(tmp_path / "broken.jpg"), width=40, height=30))
+    dataset = make_dataset(records, 16, 2, augment=[hflip()], seed=0, workers=WORKERS, shuffle=False)
+    with pytest.raises(Exception, match="broken.jpg"):
+        list(dataset)
+
+
+def test_worker_processes_stay_free_of_tensorflow_and_survive_early_stops():
+    records = tiny_records(6)
+    dataset = make_dataset(records, 16, 2, augment=[hflip()], seed=1, workers=WORKERS)
+    assert len(list(dataset.take(1))) == 1  # the generator is dropped with chunks still in flight
+    assert len(list(dataset)) == 3
+    pool = _workers.get_pool(WORKERS, _workers.usable_cpus(), 0)
+    assert pool.apply(eval, ("'tensorflow' in __import__('sys').modules",)) is False
+    assert len(_workers.worker_pids()) >= WORKERS
+
+
+def test_auto_workers(monkeypatch, tmp_path):
+    monkeypatch.setattr(_workers, "usable_cpus", lambda: (0, 1, 2, 3, 4, 5))
+    augmenter = Augmenter([hflip()])
+    assert _auto_workers(True, augmenter, "auto") == 4
+    assert _auto_workers(True, None, "auto") == 0  # nothing heavy to parallelise
+    assert _auto_workers(False, augmenter, "auto") == 0  # evaluation
+    assert _auto_workers(True, augmenter, "graph") == 0
+    monkeypatch.setattr(_workers, "usable_cpus", lambda: (3,))
+    assert _auto_workers(True, augmenter, "auto") == 0
+    with pytest.raises(ValueError, match="workers=0"):
+        make_dataset(png_records(tmp_path, 2), 16, 1, augment=[hflip()], decode="graph", workers=2)

@@ -7,3 +7,4 @@ input pipeline in ``kdet.data.pipeline``; audits in ``kdet.data.audit``.
 
 from kdet.data.records import Record, load_image
 from kdet.data.sources import DatasetError, coco, concat, shapes, tfds, voc
+__all__ = ["Record", "load_image", "DatasetError", "voc", "coco", "tfds", "shapes", "concat"]

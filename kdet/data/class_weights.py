@@ -85,17 +85,33 @@ def resolve_class_weights(spec, class_names, records=None, method="effective_num
             foreground = inverse_frequency_weights(counts)
         else:
             foreground = effective_number_weights(counts, beta=beta)
-        weights = [1.0] + foreground.tolist()
-    elif isinstance(spec, dict):
+        return [1.0] + foreground.tolist()
+    return class_weight_vector(spec, class_names)
+
+
+def class_weight_vector(spec, class_names=None, num_classes=None):
+    """A list / dict-by-name ``class_weights`` as the ``1 + C`` list (background first).
+
+    ``None`` stays ``None``. A list of ``C`` values gets background weight 1; a
+    dict needs ``class_names`` and gives missing names weight 1. Without
+    ``num_classes`` or ``class_names`` a list is returned as is.
+    """
+    if spec is None:
+        return None
+    if num_classes is None and class_names is not None:
+        num_classes = len(class_names)
+    if isinstance(spec, dict):
+        if class_names is None:
+            raise ValueError("class_weights given by name needs class_names")
         unknown = set(spec) - set(class_names) - {BACKGROUND}
         if unknown:
             raise ValueError(f"class_weights names {sorted(unknown)} not in class_names {list(class_names)}")
         weights = [float(spec.get(BACKGROUND, 1.0))] + [float(spec.get(n, 1.0)) for n in class_names]
     else:
-        weights = [float(w) for w in spec]
-        if len(weights) == num_classes:
+        weights = [float(w) for w in np.asarray(spec, dtype=np.float64).reshape(-1)]
+        if num_classes is not None and len(weights) == num_classes:
             weights = [1.0] + weights
-        elif len(weights) != num_classes + 1:
+        elif num_classes is not None and len(weights) != num_classes + 1:
             raise ValueError(f"class_weights has {len(weights)} values; expected {num_classes} "
                              f"(foreground) or {num_classes + 1} (background first)")
     bad = [w for w in weights if not np.isfinite(w) or w < 0]

@@ -5,16 +5,29 @@ targets float32 ``[B, max_boxes, 6]`` = normalised ``xyxy`` w.r.t. the output
 image, class id, ignore flag (difficult | iscrowd); padding rows have boxes 0,
 class -1, ignore 0.
 
-Per element: read + decode (in the graph with ``tf.io`` when every record is a
-file, else in Python), then one ``tf.numpy_function`` that augments (see
-:mod:`kdet.data.augment`), resizes and pads. The Python part is kept thin:
-albumentations' heavy work runs in OpenCV, which releases the GIL, so the
-parallel map scales with cores. With a ``seed`` the output is deterministic:
-each element's randomness comes from ``(seed, pass key, record index)``, where
-the pass key is a seeded random number drawn anew each time the dataset is
-iterated (so every epoch differs, reproducibly).
+Per element: read + decode, augment (see :mod:`kdet.data.augment`), resize and
+pad, in one of two ways:
+
+* in-thread (``workers=0``): decode in the graph with ``tf.io`` when every
+  record is a file (else in Python), then one ``tf.numpy_function`` on tf.data's
+  threads. Its Python parts hold the GIL, so it scales poorly past one core.
+* worker processes (``workers=N``, the default when training with augmentation
+  on several CPUs): the same Python step (:class:`kdet.data._workers._Sampler`,
+  OpenCV decode) runs in a shared pool of TensorFlow-free processes; a
+  ``tf.data.Dataset.from_generator`` collects their results in order.
+
+With a ``seed`` the output is deterministic and the same either way, whatever
+the number of threads or workers: each element's randomness comes from
+``(seed, pass key, record index)``, where the pass key is a seeded random
+number drawn anew each time the dataset is iterated (so every epoch differs,
+reproducibly), and the pass order is a graph-side shuffle by ``(seed, key)``.
+(JPEG files decoded by ``tf.io`` may differ from OpenCV's decode by a few
+levels, so ``decode="graph"`` matches the workers only for lossless files.)
 """
 
+import collections
+import itertools
+import os
 import threading
 import warnings
 
@@ -22,15 +35,17 @@ import cv2
 import numpy as np
 import tensorflow as tf
 
+from kdet.data import _workers
+from kdet.data._workers import _Sampler  # the Python step of one element; the workers run it too
 from kdet.data.augment import DEFAULT_MIN_VISIBILITY, Augmenter, _size_hw
-from kdet.data.records import load_image
 
 AUTOTUNE = tf.data.AUTOTUNE
 
 
 def make_dataset(records, image_size, batch_size, augment=None, training=True, max_boxes=100, shuffle=True,
                  seed=None, num_parallel_calls=AUTOTUNE, cache_images=False, with_meta=False,
-                 min_visibility=DEFAULT_MIN_VISIBILITY, cv2_threads=0, decode="auto"):
+                 min_visibility=DEFAULT_MIN_VISIBILITY, cv2_threads=0, decode="auto", workers=None,
+                 worker_chunksize=8):
     """A batched ``tf.data.Dataset`` of ``(images, targets)`` (plus ``meta`` when ``with_meta``).
 
     ``records``: a list of :class:`~kdet.data.records.Record` or a data source.
@@ -47,6 +62,18 @@ def make_dataset(records, image_size, batch_size, augment=None, training=True, m
     file and images are not cached).
     ``cv2_threads``: passed to ``cv2.setNumThreads`` (process-wide; 0 = OpenCV
     single-threaded, as tf.data already runs elements in parallel); None leaves it.
+    ``workers``: worker processes for the Python step (decode + augmentation),
+    which otherwise runs on tf.data threads and, holding the GIL for its
+    Python parts, scales poorly with cores. ``None`` (auto): ``min(CPUs, 4)``
+    when training with augmentation on more than one usable CPU (the process's
+    affinity set) and ``decode`` is not ``"graph"``, else 0; ``0``: in-thread.
+    Workers decode with OpenCV (as ``decode="python"``) and give the same
+    elements as the in-thread path for the same seed, whatever their number.
+    They are shared by every dataset with the same worker count (see
+    ``kdet.data._workers``; :func:`close_worker_pools` stops them early).
+    ``num_parallel_calls`` does not apply to them; a worker gets up to
+    ``worker_chunksize`` elements (of one batch) at a time; ``cache_images``
+    then caches in each worker (memory times ``workers``).
     """
     records = _as_records(records)
     if batch_size < 1:
@@ -67,12 +94,31 @@ def make_dataset(records, image_size, batch_size, augment=None, training=True, m
         raise ValueError(f"decode must be 'auto', 'graph' or 'python', got {decode!r}")
     if decode == "graph" and (cache_images or not all_files):
         raise ValueError("decode='graph' needs image files for every record and cache_images=False")
-    in_graph = decode == "graph" or (decode == "auto" and all_files and not cache_images)
+    if workers is None:
+        workers = _auto_workers(training, augmenter, decode)
+    if workers < 0 or worker_chunksize < 1:
+        raise ValueError(f"workers must be >= 0 and worker_chunksize >= 1, got {workers}, {worker_chunksize}")
+    if workers and decode == "graph":
+        raise ValueError("decode='graph' decodes on tf.data threads; worker processes need workers=0")
+    in_graph = not workers and (decode == "graph" or (decode == "auto" and all_files and not cache_images))
+    image_ids = tf.constant([str(r.image_id) for r in records])
+    height, width = size
+
+    def with_meta_of(image, targets, original_hw, index):  # one element or a batch
+        if not with_meta:
+            return image, targets
+        meta = dict(index=tf.cast(index, tf.int32), image_id=tf.gather(image_ids, index),
+                    height=original_hw[..., 0], width=original_hw[..., 1])
+        return image, targets, meta
+
+    if workers:
+        dataset = _process_batches(sampler, len(records), batch_size, training, shuffle, seed, cv2_threads, workers,
+                                   worker_chunksize)
+        dataset = dataset.map(lambda image, *rest: with_meta_of(tf.cast(image, tf.float32), *rest))
+        return dataset.prefetch(AUTOTUNE)
 
     dataset = _element_indices(len(records), training, shuffle, seed, seed_base)
     paths = tf.constant([r.image_path or "" for r in records])
-    image_ids = tf.constant([str(r.image_id) for r in records])
-    height, width = size
 
     def load(key, index):
         if in_graph:
@@ -84,18 +130,17 @@ def make_dataset(records, image_size, batch_size, augment=None, training=True, m
             sampler, [image, key, index], [tf.uint8, tf.float32, tf.int32], stateful=False)
         image.set_shape([height, width, 3])
         targets.set_shape([max_boxes, 6])
-        if not with_meta:
-            return image, targets
         original_hw.set_shape([2])
-        meta = dict(index=tf.cast(index, tf.int32), image_id=tf.gather(image_ids, index),
-                    height=original_hw[0], width=original_hw[1])
-        return image, targets, meta
+        return with_meta_of(image, targets, original_hw, index)
 
     deterministic = True if (seed is not None or not training) else None
     dataset = dataset.map(load, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
-    dataset = dataset.batch(batch_size, drop_remainder=training)
-    dataset = dataset.map(lambda image, *rest: (tf.cast(image, tf.float32), *rest))
-    return dataset.prefetch(AUTOTUNE)
+    return _batched(dataset, batch_size, training)
+
+
+def close_worker_pools():
+    """Stop the input pipeline's worker processes now (they are otherwise kept for reuse until exit)."""
+    _workers.close_pools()
 
 
 def make_eval_dataset(records, image_size, batch_size, max_boxes=100, num_parallel_calls=AUTOTUNE,
@@ -107,6 +152,12 @@ def make_eval_dataset(records, image_size, batch_size, max_boxes=100, num_parall
 
 
 # ------------------------------------------------------------------ internals
+def _batched(dataset, batch_size, training):
+    dataset = dataset.batch(batch_size, drop_remainder=training)
+    dataset = dataset.map(lambda image, *rest: (tf.cast(image, tf.float32), *rest))
+    return dataset.prefetch(AUTOTUNE)
+
+
 def _as_records(records):
     records = list(records)
     if not records:
@@ -125,96 +176,179 @@ def _warn_too_many_boxes(records, max_boxes):
 
 def _element_indices(count, training, shuffle, seed, seed_base):
     """``(pass_key, index)`` pairs: one pass over the records, shuffled anew each pass."""
+    return _passes(count, training, shuffle, seed, seed_base,
+                   lambda key, order: tf.data.Dataset.from_tensor_slices(order).map(lambda i: (key, i)))
+
+
+def _passes(count, training, shuffle, seed, seed_base, one_pass):
+    """``one_pass(key, order)`` flat-mapped over one pass key per iteration.
+
+    Training: the key is a seeded random number drawn anew each time the dataset
+    is iterated, and ``order`` the records' indices shuffled by ``(seed, key)``.
+    Evaluation: key 0, indices in order.
+    """
     if not training:
-        return tf.data.Dataset.range(count).map(lambda i: (tf.constant(0, tf.int64), i))
+        return tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).flat_map(
+            lambda key: one_pass(key, tf.range(count, dtype=tf.int64)))
     keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1)
 
-    def one_pass(key):
+    def shuffled(key):
         order = tf.range(count, dtype=tf.int64)
         if shuffle:
             pair = tf.stack([tf.constant(seed_base, tf.int64), key])
             order = tf.random.experimental.stateless_shuffle(order, seed=pair)
-        return tf.data.Dataset.from_tensor_slices(order).map(lambda i: (key, i))
+        return one_pass(key, order)
 
-    return keys.flat_map(one_pass)
-
-
-class _Sampler:
-    """The Python step of one element: (decoded image, pass key, index) -> (image, targets, original hw)."""
-
-    def __init__(self, records, augmenter, size, max_boxes, seed_base, cache_images):
-        self.records = records
-        self.augmenter = augmenter
-        self.size = size
-        self.max_boxes = max_boxes
-        self.seed_base = seed_base
-        self.cache = {} if cache_images else None
-        self.truncated = 0  # images whose boxes did not fit in max_boxes (counted at run time)
-        self._lock = threading.Lock()
-
-    def __call__(self, image, key, index):
-        index = int(index)
-        rng = np.random.default_rng([self.seed_base, int(key) & (2**63 - 1), index])
-        if image.size == 0:
-            image = self.read(index)
-        original_hw = np.array(image.shape[:2], np.int32)
-        record = self.records[index]
-        sample = (image, record.boxes, record.classes, record.ignore)
-        if self.augmenter is not None:
-            sample = self._augment(sample, rng)
-        image, boxes = sample[0], _normalize(sample[1], sample[0].shape)
-        if image.shape[:2] != self.size:
-            image = cv2.resize(image, self.size[::-1], interpolation=cv2.INTER_LINEAR)
-        return image, self._targets(boxes, sample[2], sample[3], record), original_hw
-
-    def _augment(self, sample, rng):
-        mosaic = self.augmenter.mosaic
-        if mosaic is not None and rng.random() < mosaic.p:
-            others = rng.integers(0, len(self.records), 3)
-            samples = [sample] + [self._sample(int(j)) for j in others]
-            sample = mosaic.combine(samples, rng, min_visibility=self.augmenter.min_visibility)
-        return self.augmenter(*sample, seed=int(rng.integers(0, 2**63 - 1)))
-
-    def _sample(self, index):
-        r = self.records[index]
-        return self.read(index), r.boxes, r.classes, r.ignore
-
-    def read(self, index):
-        """The record's image, uint8 HxWx3 RGB (OpenCV decode releases the GIL)."""
-        if self.cache is not None and index in self.cache:
-            return self.cache[index]
-        record = self.records[index]
-        if record.image is None and record.image_path:
-            image = cv2.imread(record.image_path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-            if image is None:
-                raise ValueError(f"cannot read image {record.image_path!r} (missing or not an image)")
-            image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-        else:
-            image = load_image(record)
-        if self.cache is not None:
-            self.cache[index] = image
-        return image
-
-    def _targets(self, boxes, classes, ignore, record):
-        targets = np.zeros((self.max_boxes, 6), np.float32)
-        targets[:, 4] = -1
-        count = len(boxes)
-        if count > self.max_boxes:
-            with self._lock:
-                self.truncated += 1
-                first = self.truncated == 1
-            if first and len(record) <= self.max_boxes:  # too many only after augmentation (mosaic)
-                warnings.warn(f"an augmented image has {count} boxes > max_boxes={self.max_boxes}; "
-                              "keeping the first max_boxes (further cases are counted, not reported)")
-            count = self.max_boxes
-        targets[:count, :4] = boxes[:count]
-        targets[:count, 4] = classes[:count]
-        targets[:count, 5] = ignore[:count]
-        return targets
+    return keys.flat_map(shuffled)
 
 
-def _normalize(boxes, shape):
-    """Pixel boxes -> normalised, clipped to the image."""
-    height, width = shape[:2]
-    boxes = np.asarray(boxes, np.float32).reshape(-1, 4) / np.array([width, height, width, height], np.float32)
-    return np.clip(boxes, 0.0, 1.0)
+def _auto_workers(training, augmenter, decode):
+    """Worker processes for ``workers=None``: up to 4 (one per usable CPU) when training with augmentation."""
+    if not training or augmenter is None or decode == "graph":
+        return 0
+    cpus = len(_workers.usable_cpus()) or os.cpu_count() or 1
+    return min(cpus, 4) if cpus > 1 else 0
+
+
+def _process_batches(sampler, count, batch_size, training, shuffle, seed, cv2_threads, workers, chunksize):
+    """Batches ``(images uint8, targets, original_hw, index)`` computed by ``workers`` processes, in order.
+
+    The same elements as the in-thread path: pass keys and orders come from the
+    same graph ops, and each element's randomness from ``(seed, key, index)``.
+    Per pass, one ``numpy_function`` hands the order to a :class:`_Feeder`
+    (which sends chunks to the workers), then a sequential map fetches batch
+    after batch. (Not ``Dataset.from_generator``: it sets a process-wide malloc
+    trim threshold that makes every large tensor allocation page-fault afresh,
+    doubling the cost of the batch cast here and of the rest of training.)
+    """
+    feeder = _Feeder(sampler, batch_size, training, cv2_threads, workers, chunksize)
+    batches = count // batch_size if training else -(-count // batch_size)
+    height, width = sampler.size
+    rows = batch_size if training else None
+
+    def fetch(pass_id, b):
+        images, targets, sizes, indices = tf.numpy_function(
+            feeder.fetch, [pass_id, b], [tf.uint8, tf.float32, tf.int32, tf.int64], stateful=True)
+        images.set_shape([rows, height, width, 3])
+        targets.set_shape([rows, sampler.max_boxes, 6])
+        sizes.set_shape([rows, 2])
+        indices.set_shape([rows])
+        return images, targets, sizes, indices
+
+    def one_pass(key, order):
+        pass_id = tf.numpy_function(feeder.start, [key, order], tf.int64, stateful=True)
+        return tf.data.Dataset.range(batches).map(lambda b: fetch(pass_id, b))
+
+    return _passes(count, training, shuffle, seed, sampler.seed_base, one_pass)
+
+
+class _Feeder:
+    """Sends a dataset's elements to the worker pool in chunks and hands back whole batches, in order.
+
+    A worker gets ``chunksize`` elements of one batch at a time and returns them
+    stacked; training skips the partial last batch without computing it. At
+    most ``2 * workers`` chunks of a pass are in flight, so a slow consumer does
+    not make the workers pile up an epoch in memory. Passes that are left early
+    (``take``) are dropped once ``_KEEP_PASSES`` newer ones have started.
+    """
+
+    _KEEP_PASSES = 4
+
+    def __init__(self, sampler, batch_size, training, cv2_threads, workers, chunksize):
+        self.payload = _workers.Payload(sampler)
+        # the CPU set now (make_dataset's caller), not that of the tf.data thread that starts the pool
+        self.pool_args = (workers, _workers.usable_cpus(), cv2_threads, not self.payload.uses_main)
+        self.batch_size, self.training, self.workers, self.chunksize = batch_size, training, workers, chunksize
+        self.image_shape = (chunksize, *sampler.size, 3)
+        self.passes = collections.OrderedDict()
+        self.next_id = 0
+        self.lock = threading.Lock()
+
+    def start(self, key, order):
+        pool = _workers.get_pool(*self.pool_args)
+        key, order = int(key), [int(i) for i in order]
+        size = self.batch_size
+        stop = len(order) - len(order) % size if self.training else len(order)
+        batches = [order[i:min(i + size, stop)] for i in range(0, stop, size)]
+        chunks = [(b, batch[i:i + self.chunksize]) for b, batch in enumerate(batches)
+                  for i in range(0, len(batch), self.chunksize)]
+        state = _Pass(pool, self.payload.path, key, batches, chunks, 2 * self.workers, self.image_shape)
+        with self.lock:
+            pass_id = self.next_id
+            self.next_id += 1
+            self.passes[pass_id] = state
+            while len(self.passes) > self._KEEP_PASSES:
+                self.passes.popitem(last=False)[1].close()
+        return np.int64(pass_id)
+
+    def fetch(self, pass_id, b):
+        pass_id, b = int(pass_id), int(b)
+        with self.lock:
+            state = self.passes.get(pass_id)
+        if state is None:
+            raise RuntimeError(f"input pipeline pass {pass_id} was dropped: more than {self._KEEP_PASSES} "
+                               "iterators of one dataset at once")
+        try:
+            batch = state.batch(b)
+        except BaseException:
+            self._end(pass_id)
+            raise
+        if b == len(state.batches) - 1:
+            self._end(pass_id)
+        return batch
+
+    def _end(self, pass_id):
+        with self.lock:
+            state = self.passes.pop(pass_id, None)
+        if state is not None:
+            state.close()
+
+
+class _Pass:
+    """One pass of a :class:`_Feeder`: its batches, the chunks sent to the workers, their image ring.
+
+    Workers write a chunk's images into a slot of a shared-memory ring (one
+    slot per chunk in flight); a slot is copied out before its chunk's
+    successor is sent. Targets and sizes come back through the pool's pipe.
+    """
+
+    def __init__(self, pool, path, key, batches, chunks, in_flight, chunk_shape):
+        self.pool, self.path, self.key, self.batches = pool, path, key, batches
+        self.chunks = iter(chunks)
+        self.pending = collections.deque()
+        self.next_batch = 0
+        self.sent = 0
+        self.chunk_shape = chunk_shape
+        self.ring = _workers.Ring(in_flight, int(np.prod(chunk_shape)))
+        self._submit(in_flight)
+
+    def _submit(self, count):
+        for b, chunk in itertools.islice(self.chunks, count):
+            ring = self.ring.slot(self.sent)
+            result = self.pool.apply_async(_workers.run_chunk, (self.path, self.key, chunk, ring))
+            self.pending.append((b, self.sent, len(chunk), result))
+            self.sent += 1
+
+    def batch(self, b):
+        if b != self.next_batch:
+            raise RuntimeError(f"input pipeline: batch {b} requested, {self.next_batch} expected")
+        self.next_batch += 1
+        indices = self.batches[b]
+        images = None
+        targets, sizes, row = [], [], 0
+        while self.pending and self.pending[0][0] == b:
+            _, slot, count, result = self.pending.popleft()
+            _, chunk_targets, chunk_sizes = result.get()
+            chunk = self.ring.view(slot, (count, *self.chunk_shape[1:]))
+            if images is None:
+                images = np.empty((len(indices), *chunk.shape[1:]), np.uint8)
+            images[row:row + count] = chunk  # copied out before the slot is reused
+            targets.append(chunk_targets)
+            sizes.append(chunk_sizes)
+            row += count
+            self._submit(1)
+        return images, np.concatenate(targets), np.concatenate(sizes), np.asarray(indices, np.int64)
+
+    def close(self):
+        self.pending.clear()  # chunks still running finish in the workers and are dropped
+        self.ring.close()

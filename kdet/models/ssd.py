@@ -147,6 +147,12 @@ class SSD(keras.Model):
             loss = MultiBoxLoss(num_classes=self.num_classes)
         super().compile(optimizer=optimizer, loss=loss, **kwargs)
 
+    def compile_from_config(self, config):
+        """Recompile on ``load_model`` (Keras skips models whose ``compile`` is overridden)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built and getattr(self, "optimizer", None) is not None:
+            self.optimizer.build(self.trainable_variables)  # so saved optimizer state loads
+
     def get_config(self):
         return {
             "name": self.name,

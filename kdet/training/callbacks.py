@@ -150,8 +150,6 @@ class ImageLogger(keras.callbacks.Callback):
         return self._writer
 
     def log_images(self, step):
-        import tensorflow as tf
-
         detections = {k: keras.ops.convert_to_numpy(v) for k, v in self.detect_fn(self.images).items()}
         drawn = draw_detections(self.images, detections, self.score_threshold)
         with self._get_writer().as_default():
