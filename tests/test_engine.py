@@ -150,3 +150,19 @@ def test_callback_val_ap_equals_final_coco_evaluate(tiny_run):
     logged = dict(zip(header, last))
     assert float(logged["val_AP"]) == pytest.approx(metrics["AP"], abs=1e-6)
     assert float(logged["val_AP50"]) == pytest.approx(metrics["AP50"], abs=1e-6)
+
+
+def test_fpn_recipe_trains_with_gradual_unfreezing(tmp_path):
+    import kdet.engine as engine
+
+    recipe = load_recipe(_write_recipe(tmp_path), [
+        "model.backbone=mobilenetv2_fpn", "model.width_multiplier=0.35", "model.fpn_channels=32",
+        "model.image_size=72", "train.epochs=2", "train.unfreeze_schedule={0: 0, 1: 'all'}",
+        "data.val=None", "data.test=None"])
+    work_dir = str(tmp_path / "fpn")
+    engine.train(recipe, work_dir)
+    rows = open(os.path.join(work_dir, "log.csv")).read().strip().splitlines()
+    header = rows[0].split(",")
+    stages = [float(r.split(",")[header.index("trainable_stages")]) for r in rows[1:]]
+    assert stages[0] == 0 and stages[1] > 0  # frozen, then unfrozen by the schedule
+    assert os.path.exists(os.path.join(work_dir, "saved_model", "saved_model.pb"))

@@ -270,5 +270,7 @@ def test_auto_workers(monkeypatch, tmp_path):
     assert _auto_workers(True, augmenter, "graph") == 0
     monkeypatch.setattr(_workers, "usable_cpus", lambda: (3,))
     assert _auto_workers(True, augmenter, "auto") == 0
+    monkeypatch.setattr(_workers, "usable_cpus", lambda: (0, 1))
+    assert _auto_workers(True, augmenter, "auto") == 0  # 2 CPUs: threads measured as fast
     with pytest.raises(ValueError, match="workers=0"):
         make_dataset(png_records(tmp_path, 2), 16, 1, augment=[hflip()], decode="graph", workers=2)
