@@ -14,6 +14,7 @@ recipe = dict(
         backbone_weights="imagenet", # None trains from scratch (offline machines)
         anchor_scales=None,          # None: 0.1 for conv4_3, then 0.2..0.9 (SSD paper)
         aspect_ratios=None,          # None: [[2], [2, 3], [2, 3], [2, 3], [2], [2]]
+        fpn_channels=256,            # FPN backbones only
     ),
     data=dict(
         root=None,                   # passed to sources given as partial(...) callables
