@@ -11,14 +11,7 @@ from kdet.models.anchors import default_boxes, ssd_scales
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_tool(name):
-    """Import tools/NAME.py without putting tools/ on sys.path."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"kdet_tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from _helpers import load_tool as _load_tool  # noqa: E402
 ANCHORS = np.array([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.25, 0.25, 0.75, 0.75]])
 
 

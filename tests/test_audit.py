@@ -12,14 +12,7 @@ from kdet.data.records import Record
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_tool(name):
-    """Import tools/NAME.py without putting tools/ on sys.path."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"kdet_tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from _helpers import load_tool as _load_tool  # noqa: E402
 BCCD = Path(os.environ.get("KDET_BCCD", Path(__file__).resolve().parents[2] / "shared/datasets/BCCD"))
 CLASSES = ["cat", "dog"]
 W, H = 100, 80

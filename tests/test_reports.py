@@ -16,17 +16,7 @@ from kdet.metrics import reports, voc  # noqa: E402
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def box(x, y, size=10):
-    return [x, y, x + size, y + size]
-
-
-def gt(boxes, classes, difficult=None):
-    return dict(boxes=np.array(boxes, float).reshape(-1, 4), classes=classes,
-                difficult=difficult if difficult is not None else [False] * len(classes))
-
-
-def det(boxes, scores, classes):
-    return dict(boxes=np.array(boxes, float).reshape(-1, 4), scores=scores, classes=classes)
+from _helpers import box, det, gt  # noqa: E402
 
 
 def empty_spots(n, start=200):

@@ -14,17 +14,7 @@ from kdet.metrics import voc
 BCCD = Path(os.environ.get("KDET_BCCD", Path(__file__).resolve().parents[2] / "shared/datasets/BCCD"))
 
 
-def box(x, y, size=10):
-    return [x, y, x + size, y + size]
-
-
-def gt(boxes, classes, difficult=None):
-    return dict(boxes=np.array(boxes, float).reshape(-1, 4), classes=classes,
-                difficult=difficult if difficult is not None else [False] * len(classes))
-
-
-def det(boxes, scores, classes):
-    return dict(boxes=np.array(boxes, float).reshape(-1, 4), scores=scores, classes=classes)
+from _helpers import box, det, gt  # noqa: E402
 
 
 # Four objects; five detections by score: TP, FP, TP, FP, TP.
