@@ -6,6 +6,7 @@ Top-level shortcuts (loaded on first use, so ``import kdet.boxes`` stays light):
 * ``kdet.build_model(recipe, class_names)`` - the recipe's ``SSD`` keras.Model
 * ``kdet.build_loss(recipe, class_names, train_records)`` - its MultiBox loss
 * ``kdet.train(recipe, work_dir)`` - what ``tools/train.py`` runs
+* ``kdet.load_model(path)`` - a saved ``.keras`` model, compiled, with kdet's classes registered
 * ``kdet.SSD``, ``kdet.MultiBoxLoss``, ``kdet.decode_detections``, ``kdet.coco_evaluate``
 """
 
@@ -21,6 +22,7 @@ _EXPORTS = {
     "train": "kdet.engine",
     "evaluate_records": "kdet.engine",
     "SSD": "kdet.models.ssd",
+    "load_model": "kdet.models.ssd",
     "AnchorBoxes": "kdet.models.anchors",
     "MultiBoxLoss": "kdet.losses",
     "decode_detections": "kdet.postprocess",

@@ -166,3 +166,31 @@ def test_fpn_recipe_trains_with_gradual_unfreezing(tmp_path):
     stages = [float(r.split(",")[header.index("trainable_stages")]) for r in rows[1:]]
     assert stages[0] == 0 and stages[1] > 0  # frozen, then unfrozen by the schedule
     assert os.path.exists(os.path.join(work_dir, "saved_model", "saved_model.pb"))
+
+
+def test_fresh_process_loads_a_trained_model_with_import_kdet(tiny_run):
+    import subprocess
+    import sys
+
+    _, work_dir, _ = tiny_run
+    script = ("import kdet; m = kdet.load_model(%r); "
+              "print(type(m).__name__, type(m.loss).__name__, int(m.optimizer.iterations.numpy()) > 0)"
+              % os.path.join(work_dir, "last.keras"))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "SSD MultiBoxLoss True"
+
+
+def test_export_and_infer_tools(tiny_run, tmp_path):
+    from _helpers import load_tool
+
+    recipe_path, work_dir, _ = tiny_run
+    out = str(tmp_path / "exported")
+    assert load_tool("export").main([os.path.join(work_dir, "last.keras"), out, "--recipe", recipe_path]) == 0
+    images = os.path.dirname(load_recipe(recipe_path)["data"]["test"].records()[0].image_path)
+    drawn = str(tmp_path / "drawn")
+    assert load_tool("infer").main([out, images, "--out", drawn, "--score-threshold", "0.0"]) == 0
+    results = json.load(open(os.path.join(drawn, "detections.json")))
+    count = len(os.listdir(images))  # the shapes JPEGImages folder: train and test images
+    assert len(results) == count and len(os.listdir(drawn)) == count + 1  # + detections.json
+    assert load_tool("export").main([os.path.join(work_dir, "last.keras"), out, "--classes", "a,b"]) == 2

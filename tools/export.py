@@ -45,14 +45,13 @@ def export_settings(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    import keras
-
     from kdet.config import RecipeError
     from kdet.export import export_saved_model
+    from kdet.models.ssd import load_model
 
     try:
         class_names, settings = export_settings(args)
-        model = keras.models.load_model(args.model)
+        model = load_model(args.model)
     except (RecipeError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -9,6 +9,8 @@ docs/CONVENTIONS.md "Raw predictions". ``detect`` decodes them (kdet.postprocess
 
 import keras
 
+import kdet.losses  # noqa: F401  registers MultiBoxLoss, so load_model restores the compiled loss
+import kdet.training.optim  # noqa: F401  registers kdet's optimizers and schedules
 from kdet.models.anchors import (SSD300_ASPECT_RATIOS, AnchorBoxes, boxes_per_location,
                                  ssd_scales)
 from kdet.models.backbones import build_backbone
@@ -172,3 +174,8 @@ class SSD(keras.Model):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+
+def load_model(path, **kwargs):
+    """``keras.models.load_model`` with every kdet class registered (model, loss, schedules)."""
+    return keras.models.load_model(path, **kwargs)
