@@ -130,13 +130,8 @@ def predict_records(model, records, recipe):
     """Detections for ``records`` in pixels of each original image (one dict per record)."""
     import tensorflow as tf
 
-    from kdet.postprocess import decode_detections
-
     settings = eval_settings(recipe)
-
-    @tf.function
-    def detect(images):
-        return decode_detections(model(images, training=False), **settings)
+    detect = tf.function(lambda images: model.detect(images, **settings))
 
     results = [None] * len(records)
     for images, _, meta in build_eval_dataset(recipe, records, with_meta=True):
