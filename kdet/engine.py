@@ -52,7 +52,7 @@ def build_train_dataset(recipe, records, seed=None):
     data = recipe["data"]
     return make_dataset(records, image_size=_image_size(recipe), batch_size=data["batch_size"],
                         augment=data.get("augment"), training=True, max_boxes=data["max_boxes"],
-                        seed=seed)
+                        seed=seed, cache_images=data.get("cache_images", False))
 
 
 def build_eval_dataset(recipe, records, with_meta=False):
@@ -62,7 +62,8 @@ def build_eval_dataset(recipe, records, with_meta=False):
     data = recipe["data"]
     return make_dataset(records, image_size=_image_size(recipe),
                         batch_size=data.get("eval_batch_size", data["batch_size"]),
-                        training=False, shuffle=False, max_boxes=data["max_boxes"], with_meta=with_meta)
+                        training=False, shuffle=False, max_boxes=data["max_boxes"], with_meta=with_meta,
+                        cache_images=data.get("cache_images", False))
 
 
 def _image_size(recipe):

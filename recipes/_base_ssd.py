@@ -26,6 +26,7 @@ recipe = dict(
         batch_size=32,
         eval_batch_size=32,
         max_boxes=100,
+        cache_images=False,          # True: keep decoded images in memory after the first epoch
     ),
     loss=dict(
         class_weights=None,          # None | list | {name: weight} | "auto" (effective number)

@@ -47,7 +47,7 @@ def test_eval_dataset_keeps_all_images_in_order_with_meta():
     images = np.concatenate([b[0].numpy() for b in batches])
     targets = np.concatenate([b[1].numpy() for b in batches])
     meta = {k: np.concatenate([b[2][k].numpy() for b in batches]) for k in batches[0][2]}
-    assert images.dtype == np.float32 and images.shape == (5, 24, 32, 3)
+    assert images.dtype == np.uint8 and images.shape == (5, 24, 32, 3)
     assert targets.dtype == np.float32 and targets.shape == (5, 4, 6)
     for i, record in enumerate(records):
         np.testing.assert_allclose(images[i], 10 * (i + 1))  # RGB 0..255, not rescaled
@@ -121,7 +121,8 @@ def test_too_many_boxes_warns_and_keeps_the_first():
     np.testing.assert_allclose(targets[0, 2, :4].numpy(), [2 / 40, 2 / 40, 12 / 40, 12 / 40], atol=1e-6)
 
 
-def test_image_files_are_decoded_in_graph(tmp_path):
+@pytest.mark.parametrize("decode", ["python", "graph"])
+def test_image_files_are_decoded_rgb_by_either_decoder(tmp_path, decode):
     records = []
     for i in range(3):
         image = np.random.default_rng(i).integers(0, 256, (30, 40, 3), dtype=np.uint8)
@@ -129,16 +130,21 @@ def test_image_files_are_decoded_in_graph(tmp_path):
         cv2.imwrite(str(path), image[..., ::-1])  # lossless; cv2 writes BGR
         records.append((Record(image_id=i, image_path=str(path), width=40, height=30, boxes=[[4, 3, 20, 15]],
                                classes=[1]), image))
-    dataset = make_eval_dataset([r for r, _ in records], (30, 40), 3)
-    images, targets, meta = next(iter(dataset))
+
+    def eval_dataset(recs, size, batch_size, **kwargs):
+        return make_dataset(recs, size, batch_size, training=False, shuffle=False, with_meta=True,
+                            decode=decode, **kwargs)
+
+    images, targets, meta = next(iter(eval_dataset([r for r, _ in records], (30, 40), 3)))
     for i, (_, image) in enumerate(records):
-        np.testing.assert_array_equal(images[i].numpy(), image.astype(np.float32))  # RGB order kept
+        np.testing.assert_array_equal(images[i].numpy(), image)  # RGB order kept
     np.testing.assert_allclose(targets[:, 0, :4].numpy(), [[0.1, 0.1, 0.5, 0.5]] * 3, atol=1e-6)
     missing = Record(image_id="gone", image_path=str(tmp_path / "missing.jpg"), width=40, height=30)
     with pytest.raises(Exception, match="missing.jpg"):
-        list(make_eval_dataset([missing], 16, 1))
-    with pytest.raises(Exception, match="missing.jpg"):  # Python-side reader names the file too
-        list(make_eval_dataset([missing], 16, 1, cache_images=True))
+        list(eval_dataset([missing], 16, 1))
+    if decode == "python":
+        with pytest.raises(Exception, match="missing.jpg"):  # the in-memory cache path names the file too
+            list(eval_dataset([missing], 16, 1, cache_images=True))
 
 
 def test_augmented_targets_stay_valid_with_mosaic():
@@ -161,7 +167,7 @@ def test_bccd_batch_with_ssd_augmentation():
         warnings.simplefilter("ignore")
         records = list(voc(str(BCCD), "val", class_names=["RBC", "WBC", "Platelets"], skip_invalid=True))[:4]
     images, targets = next(iter(make_dataset(records, 300, 4, augment=ssd_augmentation(), seed=0)))
-    assert images.shape == (4, 300, 300, 3) and images.dtype == "float32"
+    assert images.shape == (4, 300, 300, 3) and images.dtype == "uint8"
     assert 0 <= float(images.numpy().min()) and float(images.numpy().max()) <= 255
     targets = targets.numpy()
     real = targets[..., 4] >= 0

@@ -81,6 +81,20 @@ class _Sampler:
             image = cv2.resize(image, self.size[::-1], interpolation=cv2.INTER_LINEAR)
         return image, self._targets(boxes, sample[2], sample[3], record), original_hw
 
+    def many(self, keys, indices, images=None):
+        """Elements ``indices`` (pass ``keys``, one per element) stacked: ``(images, targets, original hw)``.
+
+        ``images``: an ``[k, H, W, 3]`` uint8 array to fill (e.g. shared memory) instead of a new one.
+        """
+        if images is None:
+            images = np.empty((len(indices), *self.size, 3), np.uint8)
+        empty = np.zeros((0, 0, 3), np.uint8)
+        targets = np.empty((len(indices), self.max_boxes, 6), np.float32)
+        sizes = np.empty((len(indices), 2), np.int32)
+        for row, (key, index) in enumerate(zip(keys, indices)):
+            images[row], targets[row], sizes[row] = self(empty, key, index)
+        return images, targets, sizes
+
     def _augment(self, sample, rng):
         mosaic = self.augmenter.mosaic
         if mosaic is not None and rng.random() < mosaic.p:
@@ -228,17 +242,9 @@ def run_chunk(path, key, indices, ring=None):
     is returned in their place): cheaper than pickling them through a pipe.
     """
     sampler = _sampler_for(path)
-    empty = np.zeros((0, 0, 3), np.uint8)
-    height, width = sampler.size
-    images = np.empty((len(indices), height, width, 3), np.uint8) if ring is None else _ring_view(
-        ring, (len(indices), height, width, 3))
-    targets, sizes = [], []
-    for row, index in enumerate(indices):
-        image, target, size = sampler(empty, key, index)
-        images[row] = image
-        targets.append(target)
-        sizes.append(size)
-    return (images if ring is None else None), np.stack(targets), np.stack(sizes)
+    out = None if ring is None else _ring_view(ring, (len(indices), *sampler.size, 3))
+    images, targets, sizes = sampler.many([key] * len(indices), indices, out)
+    return (images if ring is None else None), targets, sizes
 
 
 # ------------------------------------------------------------- parent side

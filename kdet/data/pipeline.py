@@ -1,20 +1,24 @@
 """tf.data input pipeline: records -> batches of ``(images, targets)``.
 
-Output (docs/CONVENTIONS.md): images float32 ``[B, H, W, 3]`` RGB 0..255 and
+Output (docs/CONVENTIONS.md): images uint8 ``[B, H, W, 3]`` RGB (the model casts
+them to float on its device: a quarter of the bytes to move, no cast here) and
 targets float32 ``[B, max_boxes, 6]`` = normalised ``xyxy`` w.r.t. the output
 image, class id, ignore flag (difficult | iscrowd); padding rows have boxes 0,
 class -1, ignore 0.
 
 Per element: read + decode, augment (see :mod:`kdet.data.augment`), resize and
-pad, in one of two ways:
+pad, in one of three ways:
 
-* in-thread (``workers=0``): decode in the graph with ``tf.io`` when every
-  record is a file (else in Python), then one ``tf.numpy_function`` on tf.data's
-  threads. Its Python parts hold the GIL, so it scales poorly past one core.
+* in-thread, per batch (``workers=0``, ``decode="python"``, the default): one
+  ``tf.numpy_function`` per batch on tf.data's threads runs the Python step
+  (:class:`kdet.data._workers._Sampler`: OpenCV decode, augmentation, padding)
+  for each of its elements into one array, so tf.data adds no per-element cost.
+  Its Python parts hold the GIL, which limits scaling past two cores.
+* in-thread, per element (``decode="graph"``): decode in the graph with
+  ``tf.io``, then one ``tf.numpy_function`` per element.
 * worker processes (``workers=N``, the default when training with augmentation
-  on 4 or more CPUs): the same Python step (:class:`kdet.data._workers._Sampler`,
-  OpenCV decode) runs in a shared pool of TensorFlow-free processes; a
-  ``tf.data.Dataset.from_generator`` collects their results in order.
+  on 4 or more CPUs): the same Python step runs in a shared pool of
+  TensorFlow-free processes; batches come back in order through shared memory.
 
 With a ``seed`` the output is deterministic and the same either way, whatever
 the number of threads or workers: each element's randomness comes from
@@ -57,9 +61,9 @@ def make_dataset(records, image_size, batch_size, augment=None, training=True, m
     ``meta`` is a dict of ``[B]`` tensors: ``index`` (into ``records``),
     ``image_id`` (string), ``width``/``height`` of the original image.
     ``cache_images`` keeps decoded originals in memory (Python side) after first use.
-    ``decode``: ``"graph"`` (``tf.io``, only for file records), ``"python"``
-    (OpenCV inside the numpy step) or ``"auto"`` (graph when every record is a
-    file and images are not cached).
+    ``decode``: ``"python"`` (OpenCV inside the per-batch numpy step; ``"auto"``,
+    the default, is this) or ``"graph"`` (``tf.io`` then a numpy step per
+    element; only for file records, measured slower).
     ``cv2_threads``: passed to ``cv2.setNumThreads`` (process-wide; 0 = OpenCV
     single-threaded, as tf.data already runs elements in parallel); None leaves it.
     ``workers``: worker processes for the Python step (decode + augmentation),
@@ -100,7 +104,7 @@ def make_dataset(records, image_size, batch_size, augment=None, training=True, m
         raise ValueError(f"workers must be >= 0 and worker_chunksize >= 1, got {workers}, {worker_chunksize}")
     if workers and decode == "graph":
         raise ValueError("decode='graph' decodes on tf.data threads; worker processes need workers=0")
-    in_graph = not workers and (decode == "graph" or (decode == "auto" and all_files and not cache_images))
+    in_graph = not workers and decode == "graph"
     image_ids = tf.constant([str(r.image_id) for r in records])
     height, width = size
 
@@ -114,18 +118,30 @@ def make_dataset(records, image_size, batch_size, augment=None, training=True, m
     if workers:
         dataset = _process_batches(sampler, len(records), batch_size, training, shuffle, seed, cv2_threads, workers,
                                    worker_chunksize)
-        dataset = dataset.map(lambda image, *rest: with_meta_of(tf.cast(image, tf.float32), *rest))
+        dataset = dataset.map(with_meta_of)
         return dataset.prefetch(AUTOTUNE)
 
     dataset = _element_indices(len(records), training, shuffle, seed, seed_base)
+    deterministic = True if (seed is not None or not training) else None
+    rows = batch_size if training else None
+    if not in_graph:  # one Python call per batch: no per-element tf.data / numpy_function overhead
+        def load_batch(keys, indices):
+            images, targets, original_hw = tf.numpy_function(
+                sampler.many, [keys, indices], [tf.uint8, tf.float32, tf.int32], stateful=False)
+            images.set_shape([rows, height, width, 3])
+            targets.set_shape([rows, max_boxes, 6])
+            original_hw.set_shape([rows, 2])
+            return with_meta_of(images, targets, original_hw, indices)
+
+        dataset = dataset.batch(batch_size, drop_remainder=training)
+        return dataset.map(load_batch, num_parallel_calls=num_parallel_calls,
+                           deterministic=deterministic).prefetch(AUTOTUNE)
+
     paths = tf.constant([r.image_path or "" for r in records])
 
     def load(key, index):
-        if in_graph:
-            encoded = tf.io.read_file(tf.gather(paths, index))
-            image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-        else:
-            image = tf.zeros([0, 0, 3], tf.uint8)  # read in Python
+        encoded = tf.io.read_file(tf.gather(paths, index))
+        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
         image, targets, original_hw = tf.numpy_function(
             sampler, [image, key, index], [tf.uint8, tf.float32, tf.int32], stateful=False)
         image.set_shape([height, width, 3])
@@ -133,9 +149,8 @@ def make_dataset(records, image_size, batch_size, augment=None, training=True, m
         original_hw.set_shape([2])
         return with_meta_of(image, targets, original_hw, index)
 
-    deterministic = True if (seed is not None or not training) else None
     dataset = dataset.map(load, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
-    return _batched(dataset, batch_size, training)
+    return dataset.batch(batch_size, drop_remainder=training).prefetch(AUTOTUNE)
 
 
 def close_worker_pools():
@@ -152,12 +167,6 @@ def make_eval_dataset(records, image_size, batch_size, max_boxes=100, num_parall
 
 
 # ------------------------------------------------------------------ internals
-def _batched(dataset, batch_size, training):
-    dataset = dataset.batch(batch_size, drop_remainder=training)
-    dataset = dataset.map(lambda image, *rest: (tf.cast(image, tf.float32), *rest))
-    return dataset.prefetch(AUTOTUNE)
-
-
 def _as_records(records):
     records = list(records)
     if not records:
