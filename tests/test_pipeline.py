@@ -280,3 +280,15 @@ def test_auto_workers(monkeypatch, tmp_path):
     assert _auto_workers(True, augmenter, "auto") == 0  # 2 CPUs: threads measured as fast
     with pytest.raises(ValueError, match="workers=0"):
         make_dataset(png_records(tmp_path, 2), 16, 1, augment=[hflip()], decode="graph", workers=2)
+
+
+def test_cached_images_give_the_same_batches_and_outlive_their_files(tmp_path):
+    records = png_records(tmp_path)
+    kwargs = dict(augment=ssd_augmentation(), seed=2, with_meta=True, max_boxes=4)
+    reference = all_passes(make_dataset(records, 20, 2, **kwargs), count=4)  # each pass draws new randomness
+    cached = make_dataset(records, 20, 2, cache_images=True, **kwargs)
+    first = all_passes(cached)
+    for record in records:
+        os.remove(record.image_path)  # every image is now only in the cache
+    assert_same_passes(reference[:2], first)
+    assert_same_passes(reference[2:], all_passes(cached))
