@@ -6,12 +6,13 @@ doing the same work (OpenCV decode + the same albumentations transforms +
 target padding). Each measurement pins the process to as many CPUs as it may
 use (``os.sched_setaffinity``), so "1 core" really is one core.
 
-    python tools/benchmark_pipeline.py [--root BCCD] [--images 128] [--threads 1,2] [--passes 2]
-                                       [--decode graph,python] [--tf-pools 1]
+    python tools/benchmark_pipeline.py [--root BCCD] [--images 400] [--threads 1,2] [--passes 2]
+                                       [--decode python,graph] [--tf-pools 1]
                                        [--workers 1,2]
 
-tf.data is timed with image decoding in the graph (``tf.io``, the default for
-file records) and in Python (OpenCV), and with worker processes (``--workers``:
+tf.data is timed with image decoding in Python (OpenCV, one numpy step per
+batch: the default) and in the graph (``tf.io``, one numpy step per element),
+and with worker processes (``--workers``:
 ``make_dataset(workers=N)`` pinned to N cores); "cpu ms/img" is CPU time per
 image (all threads of this process, plus the worker processes), which stays
 meaningful on a busy machine where images/s does not. Acceptance targets:
@@ -110,7 +111,7 @@ def tf_data(records, size, threads, passes, batch_size, decode, workers=0):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default=DEFAULT_ROOT, help="BCCD (PASCAL VOC layout) root")
-    parser.add_argument("--images", type=int, default=128, help="trainval images to use")
+    parser.add_argument("--images", type=int, default=400, help="trainval images to use (BCCD has 292)")
     parser.add_argument("--threads", default="1,2", help="comma-separated tf.data thread counts")
     parser.add_argument("--passes", type=int, default=2, help="timed passes over the images")
     parser.add_argument("--size", type=int, default=300, help="output image size")
@@ -118,7 +119,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3,
                         help="interleaved repeats per setting; the best is reported (robust to other load)")
     parser.add_argument("--tf-pools", type=int, default=1, help="1: shrink TF's inter/intra-op pools to 1 thread")
-    parser.add_argument("--decode", default="graph,python",
+    parser.add_argument("--decode", default="python,graph",
                         help="tf.data decode variants to time: graph (tf.io), python (cv2)")
     parser.add_argument("--workers", default="1,2",
                         help="comma-separated worker-process counts to time (make_dataset(workers=N), "

@@ -106,7 +106,6 @@ def make_dataset(records, image_size, batch_size, augment=None, training=True, m
         raise ValueError("decode='graph' decodes on tf.data threads; worker processes need workers=0")
     in_graph = not workers and decode == "graph"
     image_ids = tf.constant([str(r.image_id) for r in records])
-    height, width = size
 
     def with_meta_of(image, targets, original_hw, index):  # one element or a batch
         if not with_meta:
@@ -121,23 +120,35 @@ def make_dataset(records, image_size, batch_size, augment=None, training=True, m
         dataset = dataset.map(with_meta_of)
         return dataset.prefetch(AUTOTUNE)
 
-    dataset = _element_indices(len(records), training, shuffle, seed, seed_base)
+    indices = _element_indices(len(records), training, shuffle, seed, seed_base)
     deterministic = True if (seed is not None or not training) else None
-    rows = batch_size if training else None
-    if not in_graph:  # one Python call per batch: no per-element tf.data / numpy_function overhead
-        def load_batch(keys, indices):
-            images, targets, original_hw = tf.numpy_function(
-                sampler.many, [keys, indices], [tf.uint8, tf.float32, tf.int32], stateful=False)
-            images.set_shape([rows, height, width, 3])
-            targets.set_shape([rows, max_boxes, 6])
-            original_hw.set_shape([rows, 2])
-            return with_meta_of(images, targets, original_hw, indices)
+    if in_graph:
+        dataset = _decoded_in_graph(indices, sampler, records, with_meta_of, num_parallel_calls, deterministic)
+        return dataset.batch(batch_size, drop_remainder=training).prefetch(AUTOTUNE)
+    dataset = indices.batch(batch_size, drop_remainder=training)
+    return _python_batches(dataset, sampler, with_meta_of, batch_size if training else None,
+                           num_parallel_calls, deterministic).prefetch(AUTOTUNE)
 
-        dataset = dataset.batch(batch_size, drop_remainder=training)
-        return dataset.map(load_batch, num_parallel_calls=num_parallel_calls,
-                           deterministic=deterministic).prefetch(AUTOTUNE)
 
+def _python_batches(index_batches, sampler, with_meta_of, rows, num_parallel_calls, deterministic):
+    """One numpy step per batch of ``(keys, indices)``: no per-element tf.data / numpy_function overhead."""
+    height, width = sampler.size
+
+    def load_batch(keys, indices):
+        images, targets, original_hw = tf.numpy_function(
+            sampler.many, [keys, indices], [tf.uint8, tf.float32, tf.int32], stateful=False)
+        images.set_shape([rows, height, width, 3])
+        targets.set_shape([rows, sampler.max_boxes, 6])
+        original_hw.set_shape([rows, 2])
+        return with_meta_of(images, targets, original_hw, indices)
+
+    return index_batches.map(load_batch, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
+
+
+def _decoded_in_graph(indices, sampler, records, with_meta_of, num_parallel_calls, deterministic):
+    """Elements decoded by ``tf.io``, then one numpy step each (``decode="graph"``)."""
     paths = tf.constant([r.image_path or "" for r in records])
+    height, width = sampler.size
 
     def load(key, index):
         encoded = tf.io.read_file(tf.gather(paths, index))
@@ -145,12 +156,11 @@ def make_dataset(records, image_size, batch_size, augment=None, training=True, m
         image, targets, original_hw = tf.numpy_function(
             sampler, [image, key, index], [tf.uint8, tf.float32, tf.int32], stateful=False)
         image.set_shape([height, width, 3])
-        targets.set_shape([max_boxes, 6])
+        targets.set_shape([sampler.max_boxes, 6])
         original_hw.set_shape([2])
         return with_meta_of(image, targets, original_hw, index)
 
-    dataset = dataset.map(load, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
-    return dataset.batch(batch_size, drop_remainder=training).prefetch(AUTOTUNE)
+    return indices.map(load, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
 
 
 def close_worker_pools():
