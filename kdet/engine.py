@@ -52,7 +52,7 @@ def build_train_dataset(recipe, records, seed=None):
     data = recipe["data"]
     return make_dataset(records, image_size=_image_size(recipe), batch_size=data["batch_size"],
                         augment=data.get("augment"), training=True, max_boxes=data["max_boxes"],
-                        seed=seed, cache_images=data.get("cache_images", False))
+                        seed=seed, cache_images=data.get("cache_images", False), workers=data.get("workers"))
 
 
 def build_eval_dataset(recipe, records, with_meta=False):

@@ -27,6 +27,7 @@ recipe = dict(
         eval_batch_size=32,
         max_boxes=100,
         cache_images=False,          # True: keep decoded images in memory after the first epoch
+        workers=None,                # input worker processes; None: 0 below 4 CPUs, else min(CPUs, 4)
     ),
     loss=dict(
         class_weights=None,          # None | list | {name: weight} | "auto" (effective number)

@@ -229,8 +229,9 @@ def _auto_workers(training, augmenter, decode):
     if not training or augmenter is None or decode == "graph":
         return 0
     cpus = len(_workers.usable_cpus()) or os.cpu_count() or 1
-    # On 2 CPUs processes measured faster (benchmark_pipeline: 2.15-2.37x the loop vs 1.21-1.89x for
-    # threads) but are not yet measured inside training, where the model shares the cores.
+    # On 2 CPUs processes measured faster alone (benchmark_pipeline: 2.15-2.37x the loop vs 1.21-1.89x for
+    # threads), but inside training, where the model takes the cores, no faster (shapes recipe, 2 epochs:
+    # 3.0 min either way; the first epoch slower with processes).
     return min(cpus, 4) if cpus >= MIN_CPUS_FOR_WORKERS else 0
 
 
