@@ -132,14 +132,10 @@ def make_dataset(records, image_size, batch_size, augment=None, training=True, m
 
 def _python_batches(index_batches, sampler, with_meta_of, rows, num_parallel_calls, deterministic):
     """One numpy step per batch of ``(keys, indices)``: no per-element tf.data / numpy_function overhead."""
-    height, width = sampler.size
-
     def load_batch(keys, indices):
         images, targets, original_hw = tf.numpy_function(
             sampler.many, [keys, indices], [tf.uint8, tf.float32, tf.int32], stateful=False)
-        images.set_shape([rows, height, width, 3])
-        targets.set_shape([rows, sampler.max_boxes, 6])
-        original_hw.set_shape([rows, 2])
+        _set_static_shapes(sampler, [rows], images, targets, original_hw)
         return with_meta_of(images, targets, original_hw, indices)
 
     return index_batches.map(load_batch, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
@@ -148,19 +144,23 @@ def _python_batches(index_batches, sampler, with_meta_of, rows, num_parallel_cal
 def _decoded_in_graph(indices, sampler, records, with_meta_of, num_parallel_calls, deterministic):
     """Elements decoded by ``tf.io``, then one numpy step each (``decode="graph"``)."""
     paths = tf.constant([r.image_path or "" for r in records])
-    height, width = sampler.size
 
     def load(key, index):
         encoded = tf.io.read_file(tf.gather(paths, index))
         image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
         image, targets, original_hw = tf.numpy_function(
             sampler, [image, key, index], [tf.uint8, tf.float32, tf.int32], stateful=False)
-        image.set_shape([height, width, 3])
-        targets.set_shape([sampler.max_boxes, 6])
-        original_hw.set_shape([2])
+        _set_static_shapes(sampler, [], image, targets, original_hw)
         return with_meta_of(image, targets, original_hw, index)
 
     return indices.map(load, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
+
+
+def _set_static_shapes(sampler, leading, images, targets, original_hw):
+    """Static shapes of a numpy step's outputs; ``leading`` is ``[]`` for one element, ``[rows]`` for a batch."""
+    images.set_shape(leading + [*sampler.size, 3])
+    targets.set_shape(leading + [sampler.max_boxes, 6])
+    original_hw.set_shape(leading + [2])
 
 
 def close_worker_pools():
@@ -248,15 +248,12 @@ def _process_batches(sampler, count, batch_size, training, shuffle, seed, cv2_th
     """
     feeder = _Feeder(sampler, batch_size, training, cv2_threads, workers, chunksize)
     batches = count // batch_size if training else -(-count // batch_size)
-    height, width = sampler.size
     rows = batch_size if training else None
 
     def fetch(pass_id, b):
         images, targets, sizes, indices = tf.numpy_function(
             feeder.fetch, [pass_id, b], [tf.uint8, tf.float32, tf.int32, tf.int64], stateful=True)
-        images.set_shape([rows, height, width, 3])
-        targets.set_shape([rows, sampler.max_boxes, 6])
-        sizes.set_shape([rows, 2])
+        _set_static_shapes(sampler, [rows], images, targets, sizes)
         indices.set_shape([rows])
         return images, targets, sizes, indices
 
