@@ -252,6 +252,7 @@ def train(recipe, work_dir, resume=False):
     class_names = class_names_of(recipe, sources)
     records = load_records(sources)
     _print_data_summary(records, class_names)
+    records["train"] = _oversampled(recipe, records["train"], class_names)
     val_records = records["val"] or None
     test_records = records["test"] or val_records
 
@@ -284,6 +285,19 @@ def train(recipe, work_dir, resume=False):
               callbacks=callbacks, verbose=recipe.get("verbose", 1))
     train_seconds = time.time() - started
     return finish(model, recipe, work_dir, class_names, test_records, train_seconds)
+
+
+def _oversampled(recipe, train_records, class_names):
+    """The training records with repeat-factor sampling when the recipe asks for it."""
+    threshold = recipe["data"].get("repeat_factor_threshold")
+    if not threshold:
+        return train_records
+    from kdet.data.sampling import oversample_rare_classes
+
+    repeated, summary = oversample_rare_classes(train_records, len(class_names), float(threshold),
+                                                seed=int(recipe["train"].get("seed") or 0))
+    print(summary)
+    return repeated
 
 
 def finish(model, recipe, work_dir, class_names, test_records, train_seconds):

@@ -46,6 +46,8 @@ class MultiBoxLoss(keras.losses.Loss):
     neither as positives nor as negatives. Per image, the ``neg_pos_ratio *
     num_positives`` background anchors with the highest background loss are
     the negatives (at least ``min_negatives``, at most all background anchors).
+    ``negative_iou_threshold`` (e.g. 0.4) keeps anchors that half cover an
+    object out of the negatives (see ``match_anchors``).
 
     ``class_weights`` multiply each anchor's cross-entropy by the weight of its
     target class (background weight for negatives); see
@@ -65,6 +67,7 @@ class MultiBoxLoss(keras.losses.Loss):
         neg_pos_ratio=3,
         min_negatives=0,
         iou_threshold=0.5,
+        negative_iou_threshold=None,
         variances=DEFAULT_VARIANCES,
         name="multibox_loss",
         **kwargs,
@@ -79,6 +82,7 @@ class MultiBoxLoss(keras.losses.Loss):
         self.neg_pos_ratio = float(neg_pos_ratio)
         self.min_negatives = int(min_negatives)
         self.iou_threshold = float(iou_threshold)
+        self.negative_iou_threshold = None if negative_iou_threshold is None else float(negative_iou_threshold)
         self.variances = tuple(float(v) for v in variances)
 
     def call(self, y_true, y_pred):
@@ -103,7 +107,8 @@ class MultiBoxLoss(keras.losses.Loss):
 
         gt_classes = ops.cast(ops.round(y_true[..., 4]), "int32")
         matched_boxes, labels = match_anchors(
-            y_true[..., :4], gt_classes, y_true[..., 5] > 0.5, anchors, self.iou_threshold
+            y_true[..., :4], gt_classes, y_true[..., 5] > 0.5, anchors, self.iou_threshold,
+            self.negative_iou_threshold,
         )
         positive = labels > 0
         num_pos_per_image = ops.sum(ops.cast(positive, "float32"), axis=1)
@@ -159,6 +164,7 @@ class MultiBoxLoss(keras.losses.Loss):
             neg_pos_ratio=self.neg_pos_ratio,
             min_negatives=self.min_negatives,
             iou_threshold=self.iou_threshold,
+            negative_iou_threshold=self.negative_iou_threshold,
             variances=list(self.variances),
         )
         return config

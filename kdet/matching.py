@@ -47,7 +47,7 @@ def decode_boxes(offsets, anchors_xyxy, variances=DEFAULT_VARIANCES):
     return cxcywh_to_xyxy(ops.concatenate([centre, size], axis=-1))
 
 
-def match_anchors(gt_boxes, gt_classes, gt_ignore, anchors, iou_threshold=0.5):
+def match_anchors(gt_boxes, gt_classes, gt_ignore, anchors, iou_threshold=0.5, negative_iou_threshold=None):
     """Assign ground truths to anchors, for a batch at once.
 
     Args:
@@ -56,6 +56,9 @@ def match_anchors(gt_boxes, gt_classes, gt_ignore, anchors, iou_threshold=0.5):
         gt_ignore: ``[B, M]`` bool or 0/1: difficult / iscrowd objects.
         anchors: ``[B or 1, A, 4]`` normalised ``xyxy``.
         iou_threshold: IoU at which an anchor matches its best ground truth.
+        negative_iou_threshold: anchors whose best IoU lies in
+            ``[negative_iou_threshold, iou_threshold)`` are ignored instead of
+            background (RetinaNet's 0.4..0.5 band); ``None``: no band (SSD).
 
     Returns:
         ``(matched_boxes [B, A, 4], matched_labels [B, A] int32)``. Labels are
@@ -74,7 +77,10 @@ def match_anchors(gt_boxes, gt_classes, gt_ignore, anchors, iou_threshold=0.5):
        rows (ignore rows included; ties: lowest row index). If that IoU is
        ``>= iou_threshold``: positive when the ground truth is a normal one,
        ``-1`` (ignore) when it is flagged ignore.
-    3. Everything else is background. Padding rows never match anything.
+    3. With ``negative_iou_threshold``, the remaining anchors whose best IoU
+       (over non-padding rows) is at least that are ``-1`` (ignore): they half
+       cover an object, so neither "object" nor "background" is a fair target.
+    4. Everything else is background. Padding rows never match anything.
     """
     gt_boxes = ops.convert_to_tensor(gt_boxes, "float32")
     anchors = ops.convert_to_tensor(anchors, "float32")
@@ -113,6 +119,9 @@ def match_anchors(gt_boxes, gt_classes, gt_ignore, anchors, iou_threshold=0.5):
     matched_gt = ops.where(forced, forced_gt, ops.cast(best_gt, "int32"))
     positive = ops.logical_or(forced, ops.logical_and(above, ops.logical_not(best_is_ignore)))
     ignored = ops.logical_and(ops.logical_not(forced), ops.logical_and(above, best_is_ignore))
+    if negative_iou_threshold is not None:
+        in_band = ops.logical_and(best_iou >= negative_iou_threshold, ops.logical_not(above))
+        ignored = ops.logical_or(ignored, ops.logical_and(in_band, ops.logical_not(forced)))
 
     classes = ops.take_along_axis(gt_classes, matched_gt, axis=1)
     labels = ops.where(positive, classes + 1, ops.where(ignored, -1, 0))

@@ -26,6 +26,7 @@ recipe = dict(
         batch_size=32,
         eval_batch_size=32,
         max_boxes=100,
+        repeat_factor_threshold=None,  # e.g. 0.3: images with classes in < 30% of images repeat (LVIS)
         cache_images=False,          # True: keep decoded images in memory after the first epoch
         workers=None,                # input worker processes; None: 0 below 4 CPUs, else min(CPUs, 4)
     ),
@@ -33,6 +34,8 @@ recipe = dict(
         class_weights=None,          # None | list | {name: weight} | "auto" (effective number)
         neg_pos_ratio=3,
         alpha=1.0,
+        iou_threshold=0.5,           # an anchor is positive from this IoU with its best ground truth
+        negative_iou_threshold=None, # e.g. 0.4: anchors with IoU 0.4..0.5 are ignored, not background
     ),
     train=dict(
         epochs=120,

@@ -152,15 +152,18 @@ def test_callback_val_ap_equals_final_coco_evaluate(tiny_run):
     assert float(logged["val_AP50"]) == pytest.approx(metrics["AP50"], abs=1e-6)
 
 
-def test_fpn_recipe_trains_with_gradual_unfreezing(tmp_path):
+def test_fpn_recipe_trains_with_gradual_unfreezing(tmp_path, capsys):
+    """Also runs the recipe keys for rare-class oversampling and the matching's ignore band."""
     import kdet.engine as engine
 
     recipe = load_recipe(_write_recipe(tmp_path), [
         "model.backbone=mobilenetv2_fpn", "model.width_multiplier=0.35", "model.fpn_channels=32",
         "model.image_size=72", "train.epochs=2", "train.unfreeze_schedule={0: 0, 1: 'all'}",
-        "data.val=None", "data.test=None"])
+        "data.val=None", "data.test=None", "data.repeat_factor_threshold=0.9",
+        "loss.negative_iou_threshold=0.4"])
     work_dir = str(tmp_path / "fpn")
     engine.train(recipe, work_dir)
+    assert "repeat-factor sampling (threshold 0.9): 24 -> " in capsys.readouterr().out
     rows = open(os.path.join(work_dir, "log.csv")).read().strip().splitlines()
     header = rows[0].split(",")
     stages = [float(r.split(",")[header.index("trainable_stages")]) for r in rows[1:]]

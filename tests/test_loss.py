@@ -156,10 +156,11 @@ def test_xla_compiles_and_matches_eager():
 
 
 def test_serialization_and_compile():
-    loss = MultiBoxLoss(class_weights={"b": 2.0}, class_names=["a", "b"], alpha=2.0)
+    loss = MultiBoxLoss(class_weights={"b": 2.0}, class_names=["a", "b"], alpha=2.0, negative_iou_threshold=0.4)
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
     assert isinstance(restored, MultiBoxLoss)
     assert restored.get_config() == loss.get_config()
+    assert restored.negative_iou_threshold == 0.4
 
     # Plain model.compile / evaluate with the conventions' layouts.
     y_true, y_pred, _, _ = _case()

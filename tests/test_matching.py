@@ -7,7 +7,7 @@ from kdet.boxes import iou_matrix_np
 from kdet.matching import decode_boxes, encode_boxes, match_anchors
 
 
-def _match(gt_boxes, gt_classes, anchors, gt_ignore=None, threshold=0.5):
+def _match(gt_boxes, gt_classes, anchors, gt_ignore=None, threshold=0.5, negative_threshold=None):
     gt_boxes = np.asarray(gt_boxes, np.float32)
     gt_classes = np.asarray(gt_classes, np.int32)
     if gt_boxes.ndim == 2:  # single image
@@ -18,7 +18,7 @@ def _match(gt_boxes, gt_classes, anchors, gt_ignore=None, threshold=0.5):
     anchors = np.asarray(anchors, np.float32)
     if anchors.ndim == 2:
         anchors = anchors[None]
-    boxes, labels = match_anchors(gt_boxes, gt_classes, gt_ignore, anchors, threshold)
+    boxes, labels = match_anchors(gt_boxes, gt_classes, gt_ignore, anchors, threshold, negative_threshold)
     return ops.convert_to_numpy(boxes), ops.convert_to_numpy(labels)
 
 
@@ -103,6 +103,22 @@ def test_forced_claim_beats_ignore():
           [0.0, 0.0, 0.3, 0.3]]  # normal, best anchor is anchor 0 (IoU 0.36)
     _, labels = _match(gt, [0, 1], anchors, gt_ignore=[True, False])
     np.testing.assert_array_equal(labels, [[2, 0]])
+
+
+def test_negative_band_ignores_half_covering_anchors():
+    gt = [[0.0, 0.0, 0.5, 0.5], [0.55, 0.55, 1.0, 1.0]]
+    anchors = [[0.0, 0.0, 0.5, 0.5],    # IoU 1 with gt 0: positive
+               [0.0, 0.0, 0.5, 0.3],    # IoU 0.6: positive
+               [0.0, 0.0, 0.5, 0.225],  # IoU 0.45: in the 0.4..0.5 band -> ignored
+               [0.0, 0.0, 0.5, 0.175],  # IoU 0.35: background
+               [0.5, 0.5, 1.0, 1.0]]    # IoU 0.81 with gt 1, its best anchor: positive
+    _, labels = _match(gt, [0, 1], anchors, negative_threshold=0.4)
+    np.testing.assert_array_equal(labels, [[1, 1, -1, 0, 2]])
+    _, labels = _match(gt, [0, 1], anchors)  # no band: the SSD rule
+    np.testing.assert_array_equal(labels, [[1, 1, 0, 0, 2]])
+    # A forced best anchor inside the band stays positive.
+    _, labels = _match([[0.0, 0.0, 0.5, 0.5]], [0], [[0.0, 0.0, 0.5, 0.225]], negative_threshold=0.4)
+    np.testing.assert_array_equal(labels, [[1]])
 
 
 def test_padding_never_matches():
