@@ -117,7 +117,8 @@ def build_optimizer(recipe, model, steps_per_epoch):
 
     cfg = recipe["train"]
     return _build(cfg.get("optimizer", "sgd"), learning_rate=build_learning_rate(cfg, steps_per_epoch),
-                  momentum=cfg.get("momentum", 0.9), weight_decay=cfg.get("weight_decay", 0.0), model=model)
+                  momentum=cfg.get("momentum", 0.9), weight_decay=cfg.get("weight_decay", 0.0), model=model,
+                  global_clipnorm=cfg.get("clip_grad_norm"))
 
 
 # ------------------------------------------------------------------ detection and evaluation

@@ -46,6 +46,7 @@ recipe = dict(
         warmup_epochs=1,
         lr_schedule="step",          # "step" | "cosine" | "constant"
         lr_steps=(80, 100),          # epochs at which the learning rate drops x0.1
+        clip_grad_norm=None,         # e.g. 10.0: clip the global gradient norm (steadies high learning rates)
         seed=0,
         freeze_backbone_epochs=0,    # backbone frozen for the first N epochs
         unfreeze_schedule=None,      # {epoch: number of top backbone stages trainable}

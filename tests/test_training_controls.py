@@ -364,3 +364,20 @@ def test_ssd_weight_decay_and_stage_freezing():
     assert {v.path for v in model.trainable_variables} & backbone_vars == top
     freezing.unfreeze_all(model)
     assert backbone_vars <= {v.path for v in model.trainable_variables}
+
+
+def test_recipe_clip_grad_norm_clips_the_global_norm():
+    from kdet.engine import build_optimizer
+
+    train = dict(optimizer="sgd", learning_rate=0.1, momentum=0.0, weight_decay=0.0, warmup_epochs=0,
+                 lr_schedule="constant", clip_grad_norm=0.5)
+    w = keras.Variable(np.array([2.0], "float32"), name="kernel")
+    b = keras.Variable(np.array([2.0], "float32"), name="bias")
+    build_optimizer(dict(train=train), model=None, steps_per_epoch=10).apply(
+        [keras.ops.ones((1,)), keras.ops.ones((1,))], [w, b])
+    # Global norm sqrt(2) -> 0.5: each gradient becomes 0.5 / sqrt(2).
+    assert float(w.numpy()[0]) == pytest.approx(2.0 - 0.1 * 0.5 / np.sqrt(2), abs=1e-6)
+    train["clip_grad_norm"] = None
+    build_optimizer(dict(train=train), model=None, steps_per_epoch=10).apply(
+        [keras.ops.ones((1,)), keras.ops.ones((1,))], [w, b])
+    assert float(w.numpy()[0]) == pytest.approx(2.0 - 0.1 * 0.5 / np.sqrt(2) - 0.1, abs=1e-6)
