@@ -43,6 +43,20 @@ def test_coverage_hand_case():
     assert small["per_size"]["small"]["boxes"] == 4 and small["per_size"]["large"]["boxes"] == 0
     text = format_coverage(cov, small)
     assert "50.0%" in text and "0.478" in text
+    assert "positives_per_box" not in cov["overall"] and "pos@" not in text
+
+
+def test_positives_per_box_at_the_loss_iou():
+    # IoU >= 0.15: b1 only A1 (A3: 625 / 4375 = 0.143); b2 A2 and A3 (0.5, 0.2); b4 all three (0.25);
+    # b3 A1 (0.16). Boxes without such an anchor still count 1 (the forced best-anchor match).
+    cov = anchor_coverage(_hand_records(), ANCHORS, image_size=100, class_names=["a", "b"], match_iou=0.15)
+    assert cov["match_iou"] == 0.15
+    assert cov["overall"]["positives_per_box"] == pytest.approx((1 + 2 + 3 + 1) / 4)
+    assert cov["per_class"]["a"]["positives_per_box"] == pytest.approx(1.0)
+    assert cov["per_class"]["b"]["positives_per_box"] == pytest.approx(2.5)
+    strict = anchor_coverage(_hand_records(), ANCHORS, image_size=100, class_names=["a", "b"], match_iou=0.6)
+    assert strict["overall"]["positives_per_box"] == pytest.approx(1.0)
+    assert "pos@0.15" in format_coverage(cov, strict) and "1.8" in format_coverage(cov)
 
 
 def test_wh_iou():

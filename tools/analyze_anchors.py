@@ -105,7 +105,8 @@ def main(argv=None):
     from kdet.models.anchors import default_boxes
 
     fit = fit_anchors(records, image_size, maps, scales, ratios, class_names, k=args.k, seed=args.seed,
-                      clip=clip, anchor_fn=partial(default_boxes, steps=steps))
+                      clip=clip, anchor_fn=partial(default_boxes, steps=steps),
+                      match_iou=float(recipe.get("loss", {}).get("iou_threshold", 0.5)))
     fit.before_params = (list(scales), [list(r) for r in ratios])
     text = (f"recipe {args.recipe}, split {args.split}: {len(records)} images, input {image_size}, "
             f"feature maps {maps}\ncurrent: anchor_scales={list(scales)}, aspect_ratios={ratios}\n\n"

@@ -9,7 +9,8 @@ on (before augmentation). Sizes for COCO's buckets (small < 32^2 <= medium <
 * :func:`anchor_coverage`: for each ground truth the best IoU over all anchors;
   reports the share with best IoU >= 0.5 (those that get a positive anchor by
   the threshold rule, without SSD's forced best-anchor match) and the mean
-  best IoU, overall, per class and per size bucket.
+  best IoU, overall, per class and per size bucket; with ``match_iou`` (the
+  loss's positive IoU) also the mean number of positive anchors per box.
 * :func:`kmeans_boxes`: k-means on box (width, height) with distance
   ``1 - IoU`` of the two boxes placed at one centre (YOLOv2), seeded and
   deterministic.
@@ -66,40 +67,53 @@ def size_buckets(boxes, image_size):
 
 
 # --------------------------------------------------------------- coverage
-def best_anchor_iou(boxes, anchors, chunk=256):
-    """Best IoU over ``anchors [A, 4]`` for each box of ``boxes [N, 4]`` (chunked)."""
+def best_anchor_iou(boxes, anchors, chunk=256, match_iou=None):
+    """Best IoU over ``anchors [A, 4]`` for each box of ``boxes [N, 4]`` (chunked).
+
+    With ``match_iou``, returns ``(best [N], positives [N])`` where ``positives``
+    counts the anchors with IoU >= ``match_iou`` (at least 1: the loss's forced
+    best-anchor match). Boxes of one image compete for anchors in the loss but
+    not here, so this is an upper bound on crowded images.
+    """
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     anchors = np.asarray(anchors, np.float64).reshape(-1, 4)
-    best = np.zeros((len(boxes),))
+    best, positives = np.zeros((len(boxes),)), np.ones((len(boxes),))
     for start in range(0, len(boxes), chunk):
-        best[start:start + chunk] = iou_matrix_np(boxes[start:start + chunk], anchors).max(axis=1)
-    return best
+        iou = iou_matrix_np(boxes[start:start + chunk], anchors)
+        best[start:start + chunk] = iou.max(axis=1)
+        if match_iou is not None:
+            positives[start:start + chunk] = np.maximum(np.sum(iou >= match_iou, axis=1), 1)
+    return best if match_iou is None else (best, positives)
 
 
 def anchor_coverage(records, anchors, image_size, class_names, iou_threshold=0.5,
-                    include_ignored=False):
+                    include_ignored=False, match_iou=None):
     """Share of ground truths with a best-anchor IoU >= ``iou_threshold``, and mean best IoU.
 
     Returns ``dict(overall=..., per_class={name: ...}, per_size={small|medium|large: ...},
     num_anchors, iou_threshold, best_iou)`` where each entry is
     ``dict(boxes=n, covered=share or None, mean_best_iou=mean or None)`` and
     ``best_iou [N]`` holds every box's best IoU (numpy; drop it for JSON).
+    With ``match_iou`` each entry also has ``positives_per_box`` (see
+    :func:`best_anchor_iou`) and the dict has ``match_iou``.
     """
     boxes, classes = training_boxes(records, include_ignored=include_ignored)
-    return coverage_of_boxes(boxes, classes, anchors, image_size, class_names, iou_threshold)
+    return coverage_of_boxes(boxes, classes, anchors, image_size, class_names, iou_threshold, match_iou)
 
 
-def coverage_of_boxes(boxes, classes, anchors, image_size, class_names, iou_threshold=0.5):
+def coverage_of_boxes(boxes, classes, anchors, image_size, class_names, iou_threshold=0.5, match_iou=None):
     """:func:`anchor_coverage` on already normalised ``boxes [N, 4]`` and ``classes [N]``."""
-    best = best_anchor_iou(boxes, anchors)
+    best, positives = best_anchor_iou(boxes, anchors, match_iou=0.5 if match_iou is None else match_iou)
     buckets = size_buckets(boxes, image_size)
 
     def summary(mask):
         n = int(mask.sum())
-        if n == 0:
-            return dict(boxes=0, covered=None, mean_best_iou=None)
-        return dict(boxes=n, covered=float(np.mean(best[mask] >= iou_threshold)),
-                    mean_best_iou=float(np.mean(best[mask])))
+        entry = dict(boxes=n, covered=None, mean_best_iou=None)
+        if n:
+            entry.update(covered=float(np.mean(best[mask] >= iou_threshold)), mean_best_iou=float(np.mean(best[mask])))
+        if match_iou is not None:
+            entry["positives_per_box"] = float(np.mean(positives[mask])) if n else None
+        return entry
 
     return dict(
         overall=summary(np.ones(len(best), bool)),
@@ -108,15 +122,17 @@ def coverage_of_boxes(boxes, classes, anchors, image_size, class_names, iou_thre
         num_anchors=int(len(anchors)),
         iou_threshold=float(iou_threshold),
         best_iou=best,
+        **({} if match_iou is None else dict(match_iou=float(match_iou))),
     )
 
 
 def format_coverage(before, after=None, title="anchor coverage"):
     """A text table of one coverage dict, or of two side by side (before / after)."""
-    thr = before["iou_threshold"]
+    thr, match = before["iou_threshold"], before.get("match_iou")
     columns = [("before", before)] + ([("after", after)] if after is not None else [])
     head = f"  {'':<16}{'boxes':>7}" + "".join(
-        f"  {name + f' IoU>={thr:g}':>16}{name + ' mean IoU':>16}" for name, _ in columns)
+        f"  {name + f' IoU>={thr:g}':>16}{name + ' mean IoU':>16}"
+        + (f"{name + f' pos@{match:g}':>16}" if match is not None else "") for name, _ in columns)
     anchors = ", ".join(f"{name}: {cov['num_anchors']} anchors" for name, cov in columns)
     lines = [f"{title} ({anchors})", head]
     rows = [("all", "overall", None)]
@@ -128,6 +144,8 @@ def format_coverage(before, after=None, title="anchor coverage"):
         for _, cov in columns:
             entry = cov[section] if key is None else cov[section][key]
             cells += f"  {_pct(entry['covered']):>16}{_num(entry['mean_best_iou']):>16}"
+            if match is not None:
+                cells += f"{_num(entry['positives_per_box'], '.1f'):>16}"
         lines.append(f"  {label:<16}{first['boxes']:>7}{cells}")
     return "\n".join(lines)
 
@@ -136,8 +154,8 @@ def _pct(value):
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def _num(value):
-    return "-" if value is None else f"{value:.3f}"
+def _num(value, spec=".3f"):
+    return "-" if value is None else format(value, spec)
 
 
 # --------------------------------------------------------------- k-means
@@ -348,13 +366,14 @@ def recipe_snippet(scales, aspect_ratios):
 
 
 def fit_anchors(records, image_size, feature_map_sizes, scales, aspect_ratios, class_names,
-                k=None, seed=0, clip=True, anchor_fn=None, **ssd_options):
+                k=None, seed=0, clip=True, anchor_fn=None, match_iou=None, **ssd_options):
     """k-means on the records' boxes -> SSD scales/ratios, with before/after coverage.
 
     ``scales`` (``len(feature_map_sizes) + 1`` values) and ``aspect_ratios``
     are the current set-up (the "before"). ``k`` defaults to the number of
     feature maps. ``anchor_fn(feature_map_sizes, scales, aspect_ratios, clip=)``
     builds the default boxes; default ``kdet.models.anchors.default_boxes``.
+    ``match_iou``: the loss's positive IoU, for the positives-per-box column.
     """
     if anchor_fn is None:
         from kdet.models.anchors import default_boxes as anchor_fn
@@ -367,10 +386,10 @@ def fit_anchors(records, image_size, feature_map_sizes, scales, aspect_ratios, c
     new_scales, new_ratios, notes = clusters_to_ssd(
         centroids, scales, feature_map_sizes, default_aspect_ratios=aspect_ratios, **ssd_options)
     before = coverage_of_boxes(boxes, classes, anchor_fn(feature_map_sizes, scales, aspect_ratios, clip=clip),
-                               image_size, class_names)
+                               image_size, class_names, match_iou=match_iou)
     after = coverage_of_boxes(boxes, classes,
                               anchor_fn(feature_map_sizes, new_scales, new_ratios, clip=clip),
-                              image_size, class_names)
+                              image_size, class_names, match_iou=match_iou)
     if after["overall"]["covered"] < before["overall"]["covered"]:
         notes.append("the fitted anchors cover fewer boxes than the current ones: keep the current set-up")
     return AnchorFit(centroids=centroids, cluster_iou=cluster_iou, scales=new_scales,
