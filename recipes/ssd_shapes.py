@@ -17,6 +17,11 @@ from kdet.data.sources import shapes
 IMAGE_SIZE = 96  # objects 8..48 px; 96 px trains 1.8x faster than 128 px for a higher score (measured)
 # Synthetic data is cheap: 4,000 training images keep a from-scratch model from memorising.
 SHAPES = dict(image_size=IMAGE_SIZE, num_train=4000, num_test=200)
+# Training scenes hold up to 12 shapes (the held-out split: up to 6, unchanged): more objects,
+# so more positive anchors, per image of compute. Each image is seeded by (seed, split, index),
+# so num_train / num_test = 0 only skip generating the split the other source does not read.
+TRAIN_SHAPES = dict(SHAPES, max_objects=12, num_test=0)
+TEST_SHAPES = dict(SHAPES, num_train=0)
 
 recipe = merge(base, dict(
     model=dict(
@@ -29,18 +34,24 @@ recipe = merge(base, dict(
     ),
     data=dict(
         class_names=list(SHAPES_CLASSES),
-        train=shapes(split="train", **SHAPES),
-        val=shapes(split="test", **SHAPES),
-        test=shapes(split="test", **SHAPES),
+        train=shapes(split="train", **TRAIN_SHAPES),
+        val=shapes(split="test", **TEST_SHAPES),
+        test=shapes(split="test", **TEST_SHAPES),
         augment=[photometric(p=0.5), hflip(), resize()],
         batch_size=8,                # more, smaller steps: faster progress per minute on a CPU
         eval_batch_size=50,
         max_boxes=16,
         cache_images=True,           # 4,000 small JPEGs decoded once
     ),
-    loss=dict(class_weights="auto"),  # the rare classes (ring 8%) learn faster
+    loss=dict(
+        class_weights="auto",        # the rare classes (ring 8%) learn faster
+        # Objects of 8-48 px on a stride-8 grid: at the SSD's IoU 0.5 an object has ~1.8 positive
+        # anchors (tools/analyze_anchors.py); at 0.1, many more, and AP50 after 4 epochs
+        # goes 0.33 -> 0.75 (measured, README).
+        iou_threshold=0.1,
+    ),
     train=dict(
-        epochs=12,
+        epochs=7,
         optimizer="adamw",
         learning_rate=6e-3,          # 3e-3: AP50 0.42 after 6 epochs; 5e-3: 0.48 after 5 of 10 (measured)
         weight_decay=1e-4,
@@ -48,5 +59,5 @@ recipe = merge(base, dict(
         lr_schedule="cosine",
         jit_compile=True,            # XLA: ~15% faster steps for this small model (not at 300 px)
     ),
-    eval=dict(every_n_epochs=12),
+    eval=dict(every_n_epochs=7),
 ))

@@ -1,9 +1,13 @@
 """Training-step cost of SSD300-VGG16 next to the bare VGG16 forward+backward at the same batch.
 
-    python tools/benchmark_train_step.py [--batch-size 8] [--steps 5] [--size 300]
+    python tools/benchmark_train_step.py [--batch-size 8] [--steps 5] [--size 300] [--breakdown]
 
 The difference is what SSD adds on top of its backbone: the extra layers and
 heads, the anchors, the vectorised matching and the MultiBox loss.
+``--breakdown`` times one forward+backward (no optimizer) of each cumulative
+stage with the same ``tf.function`` step, interleaved, best of ``--steps``:
+bare VGG16, SSD's VGG16 trunk (conv5_3), + fc6 (dilated) / fc7, + extras and
+heads, + the MultiBox loss (matching, hard negative mining).
 """
 
 import argparse
@@ -54,12 +58,71 @@ def vgg16_step(batch_size, steps, size):
     return time_fit(model, x, np.zeros((n, 512), "float32"), steps, batch_size)
 
 
+def breakdown(batch_size, steps, size, num_classes=20):
+    """``{stage: seconds}`` for one forward+backward of each cumulative SSD stage."""
+    import keras
+    import tensorflow as tf
+
+    from kdet.losses import MultiBoxLoss
+    from kdet.models.ssd import SSD
+
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.uniform(0, 255, (batch_size, size, size, 3)).astype("float32"))
+    y = np.zeros((batch_size, 20, 6), "float32")
+    y[..., 4] = -1
+    corners = np.sort(rng.uniform(0, 1, (batch_size, 5, 2, 2)), axis=2)
+    y[:, :5, :4] = corners.transpose(0, 1, 3, 2).reshape(batch_size, 5, 4)[..., [0, 2, 1, 3]]
+    y[:, :5, 4] = rng.integers(0, num_classes, (batch_size, 5))
+    y = tf.constant(y)
+
+    vgg = keras.applications.VGG16(include_top=False, weights=None, input_shape=(size, size, 3))
+    ssd = SSD(num_classes=num_classes, image_size=size, backbone="vgg16", backbone_weights=None)
+    upto = lambda name: keras.Model(ssd.input, ssd.get_layer(name).output)
+    mean_square = lambda _, out: tf.reduce_mean(tf.square(out))
+    stages = {
+        "bare VGG16 (keras.applications)": (vgg, mean_square),
+        "SSD's VGG16 trunk to conv5_3": (upto("block5_conv3"), mean_square),
+        "+ fc6 (3x3, dilation 6) and fc7": (upto("fc7"), mean_square),
+        "+ extras, heads, anchors": (ssd, lambda _, out: tf.reduce_mean(tf.square(out[..., :-4]))),
+        "+ MultiBox loss (matching, mining)": (ssd, MultiBoxLoss(num_classes=num_classes)),
+    }
+
+    def step_fn(model, loss):
+        variables = model.trainable_variables
+
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                value = loss(y, model(x, training=True))
+            return [value] + tape.gradient(value, variables)
+        return step
+
+    steps_by_stage = {name: step_fn(*spec) for name, spec in stages.items()}
+    for step in steps_by_stage.values():
+        [t.numpy() for t in step()]  # trace
+    best = {name: float("inf") for name in stages}
+    for _ in range(steps):
+        for name, step in steps_by_stage.items():
+            start = time.perf_counter()
+            [t.numpy() for t in step()]
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--size", type=int, default=300)
+    p.add_argument("--breakdown", action="store_true", help="time SSD's stages one by one instead")
     args = p.parse_args(argv)
+    if args.breakdown:
+        times = breakdown(args.batch_size, args.steps, args.size)
+        print(f"batch {args.batch_size}, {args.size}x{args.size}, forward+backward, best of {args.steps}, float32 on CPU")
+        base = next(iter(times.values()))
+        for name, seconds in times.items():
+            print(f"{name:38s} {seconds:7.2f} s/step  {args.batch_size / seconds:6.2f} images/s  {seconds / base:5.2f}x")
+        return
     vgg = vgg16_step(args.batch_size, args.steps, args.size)
     ssd, anchors = ssd_step(args.batch_size, args.steps, args.size)
     b = args.batch_size
