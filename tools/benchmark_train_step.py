@@ -28,6 +28,16 @@ def time_fit(model, x, y, steps, batch_size):
     return (time.perf_counter() - start) / steps
 
 
+def random_targets(rng, n, num_classes, boxes_per_image=5, max_boxes=20):
+    """``[n, max_boxes, 6]`` targets (docs/CONVENTIONS.md) with random boxes, the rest padding."""
+    y = np.zeros((n, max_boxes, 6), "float32")
+    y[..., 4] = -1
+    corners = np.sort(rng.uniform(0, 1, (n, boxes_per_image, 2, 2)), axis=2)
+    y[:, :boxes_per_image, :4] = corners.transpose(0, 1, 3, 2).reshape(n, boxes_per_image, 4)[..., [0, 2, 1, 3]]
+    y[:, :boxes_per_image, 4] = rng.integers(0, num_classes, (n, boxes_per_image))
+    return y
+
+
 def ssd_step(batch_size, steps, size, num_classes=20):
     import keras
 
@@ -39,11 +49,7 @@ def ssd_step(batch_size, steps, size, num_classes=20):
     rng = np.random.default_rng(0)
     n = batch_size * steps
     x = rng.uniform(0, 255, (n, size, size, 3)).astype("float32")
-    y = np.zeros((n, 20, 6), "float32")
-    y[..., 4] = -1
-    corners = np.sort(rng.uniform(0, 1, (n, 5, 2, 2)), axis=2)  # 5 boxes per image
-    y[:, :5, :4] = corners.transpose(0, 1, 3, 2).reshape(n, 5, 4)[..., [0, 2, 1, 3]]
-    y[:, :5, 4] = rng.integers(0, num_classes, (n, 5))
+    y = random_targets(rng, n, num_classes)
     return time_fit(model, x, y, steps, batch_size), model.anchors.shape[0]
 
 
@@ -68,12 +74,7 @@ def breakdown(batch_size, steps, size, num_classes=20):
 
     rng = np.random.default_rng(0)
     x = tf.constant(rng.uniform(0, 255, (batch_size, size, size, 3)).astype("float32"))
-    y = np.zeros((batch_size, 20, 6), "float32")
-    y[..., 4] = -1
-    corners = np.sort(rng.uniform(0, 1, (batch_size, 5, 2, 2)), axis=2)
-    y[:, :5, :4] = corners.transpose(0, 1, 3, 2).reshape(batch_size, 5, 4)[..., [0, 2, 1, 3]]
-    y[:, :5, 4] = rng.integers(0, num_classes, (batch_size, 5))
-    y = tf.constant(y)
+    y = tf.constant(random_targets(rng, batch_size, num_classes))
 
     vgg = keras.applications.VGG16(include_top=False, weights=None, input_shape=(size, size, 3))
     ssd = SSD(num_classes=num_classes, image_size=size, backbone="vgg16", backbone_weights=None)

@@ -67,13 +67,13 @@ def size_buckets(boxes, image_size):
 
 
 # --------------------------------------------------------------- coverage
-def best_anchor_iou(boxes, anchors, chunk=256, match_iou=None):
-    """Best IoU over ``anchors [A, 4]`` for each box of ``boxes [N, 4]`` (chunked).
+def anchor_matches(boxes, anchors, match_iou=0.5, chunk=256):
+    """``(best [N], positives [N])`` for ``boxes [N, 4]`` against ``anchors [A, 4]`` (chunked).
 
-    With ``match_iou``, returns ``(best [N], positives [N])`` where ``positives``
-    counts the anchors with IoU >= ``match_iou`` (at least 1: the loss's forced
-    best-anchor match). Boxes of one image compete for anchors in the loss but
-    not here, so this is an upper bound on crowded images.
+    ``best`` is each box's best IoU over the anchors; ``positives`` counts the
+    anchors with IoU >= ``match_iou`` (at least 1: the loss's forced best-anchor
+    match). Boxes of one image compete for anchors in the loss but not here, so
+    ``positives`` is an upper bound on crowded images.
     """
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     anchors = np.asarray(anchors, np.float64).reshape(-1, 4)
@@ -81,9 +81,8 @@ def best_anchor_iou(boxes, anchors, chunk=256, match_iou=None):
     for start in range(0, len(boxes), chunk):
         iou = iou_matrix_np(boxes[start:start + chunk], anchors)
         best[start:start + chunk] = iou.max(axis=1)
-        if match_iou is not None:
-            positives[start:start + chunk] = np.maximum(np.sum(iou >= match_iou, axis=1), 1)
-    return best if match_iou is None else (best, positives)
+        positives[start:start + chunk] = np.maximum(np.sum(iou >= match_iou, axis=1), 1)
+    return best, positives
 
 
 def anchor_coverage(records, anchors, image_size, class_names, iou_threshold=0.5,
@@ -95,7 +94,7 @@ def anchor_coverage(records, anchors, image_size, class_names, iou_threshold=0.5
     ``dict(boxes=n, covered=share or None, mean_best_iou=mean or None)`` and
     ``best_iou [N]`` holds every box's best IoU (numpy; drop it for JSON).
     With ``match_iou`` each entry also has ``positives_per_box`` (see
-    :func:`best_anchor_iou`) and the dict has ``match_iou``.
+    :func:`anchor_matches`) and the dict has ``match_iou``.
     """
     boxes, classes = training_boxes(records, include_ignored=include_ignored)
     return coverage_of_boxes(boxes, classes, anchors, image_size, class_names, iou_threshold, match_iou)
@@ -103,7 +102,7 @@ def anchor_coverage(records, anchors, image_size, class_names, iou_threshold=0.5
 
 def coverage_of_boxes(boxes, classes, anchors, image_size, class_names, iou_threshold=0.5, match_iou=None):
     """:func:`anchor_coverage` on already normalised ``boxes [N, 4]`` and ``classes [N]``."""
-    best, positives = best_anchor_iou(boxes, anchors, match_iou=0.5 if match_iou is None else match_iou)
+    best, positives = anchor_matches(boxes, anchors, match_iou=0.5 if match_iou is None else match_iou)
     buckets = size_buckets(boxes, image_size)
 
     def summary(mask):

@@ -18,27 +18,26 @@ import numpy as np
 
 def image_class_fractions(records, num_classes):
     """``[C]`` fraction of images holding at least one (non-ignored) object of each class."""
-    if not records:
-        raise ValueError("repeat-factor sampling needs at least one training record")
-    holds = np.zeros((num_classes,), np.int64)
-    for record in records:
-        holds[_present_classes(record, num_classes)] += 1
-    return holds / len(records)
+    return _fractions([_present_classes(r, num_classes) for r in records], num_classes)
 
 
 def repeat_factors(records, num_classes, threshold):
     """``[N]`` per-image repeat factors (>= 1) for ``records``, LVIS's rule at ``threshold``."""
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"repeat-factor threshold must be in (0, 1], got {threshold}")
-    fractions = image_class_fractions(records, num_classes)
-    with np.errstate(divide="ignore"):
-        class_factors = np.maximum(1.0, np.sqrt(threshold / fractions))  # absent classes: inf, never used
-    factors = np.ones((len(records),))
-    for i, record in enumerate(records):
-        present = _present_classes(record, num_classes)
-        if present.size:
-            factors[i] = class_factors[present].max()
-    return factors
+    present = [_present_classes(r, num_classes) for r in records]
+    with np.errstate(divide="ignore"):  # absent classes: inf, never used
+        class_factors = np.maximum(1.0, np.sqrt(threshold / _fractions(present, num_classes)))
+    return np.array([class_factors[classes].max() if classes.size else 1.0 for classes in present])
+
+
+def _fractions(present_per_record, num_classes):
+    if not present_per_record:
+        raise ValueError("repeat-factor sampling needs at least one training record")
+    holds = np.zeros((num_classes,), np.int64)
+    for classes in present_per_record:
+        holds[classes] += 1
+    return holds / len(present_per_record)
 
 
 def repeat_records(records, factors, seed=0):
