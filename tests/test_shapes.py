@@ -19,7 +19,7 @@ def read_tree(root):
 def test_same_seed_same_bytes(tmp_path):
     a = read_tree(generate_shapes(tmp_path / "a", **SMALL))
     b = read_tree(generate_shapes(tmp_path / "b", **SMALL))
-    assert len(a) == 2 * 9 + 4  # jpg + xml per image, 3 split files, the parameter file
+    assert len(a) == 2 * 9 + 5  # jpg + xml per image, 4 split files (val empty), the parameter file
     assert a == b
     c = read_tree(generate_shapes(tmp_path / "c", seed=1, **SMALL))
     assert c[Path("JPEGImages/train_00000.jpg")] != a[Path("JPEGImages/train_00000.jpg")]
@@ -122,3 +122,12 @@ def test_generate_refuses_foreign_or_changed_folders(tmp_path):
         generate_shapes(root, **dict(SMALL, num_test=2))
     generate_shapes(root, overwrite=True, **dict(SMALL, num_test=2))
     assert len(voc(root, "test")) == 2
+
+
+def test_validation_split_is_drawn_apart_from_the_reported_test_split(tmp_path):
+    root = generate_shapes(tmp_path / "s", **dict(SMALL, num_val=2))
+    val, test = voc(root, "val").records(), voc(root, "test").records()
+    assert len(val) == 2 and len(test) == 3 and len(voc(root, "train")) == 6
+    _, objects = render_scene(np.random.default_rng([0, 2, 1]), image_size=64)  # split code 2, index 1
+    np.testing.assert_array_equal(val[1].boxes, [o["box"] for o in objects])
+    assert not np.array_equal(load_image(val[0]), load_image(test[0]))

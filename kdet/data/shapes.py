@@ -12,8 +12,9 @@ evaluation), one hidden completely is left out.
 Generation is deterministic: the same parameters and seed give the same
 bytes (each image has its own generator seeded with ``(seed, split, index)``).
 Output: ``JPEGImages/<split>_<index>.jpg`` (quality 95), ``Annotations/*.xml``
-(VOC, 1-based), ``ImageSets/Main/{train,test,trainval}.txt`` (trainval =
-train), and ``kdet-shapes.json`` with the parameters.
+(VOC, 1-based), ``ImageSets/Main/{train,val,test,trainval}.txt`` (trainval =
+train; ``val`` is a validation split drawn like ``test``, for tuning without
+touching the reported split), and ``kdet-shapes.json`` with the parameters.
 """
 
 import hashlib
@@ -34,9 +35,9 @@ from kdet.data.voc import VOCSource
 SHAPES_CLASSES = ("circle", "square", "triangle", "cross", "ring")
 CLASS_FREQUENCIES = (0.4, 0.25, 0.15, 0.12, 0.08)
 MAX_HIDDEN_FRACTION = 0.6  # more hidden than this -> difficult
-DEFAULTS = dict(num_train=600, num_test=150, image_size=128, min_size=8, max_size=None, max_objects=6, seed=0)
+DEFAULTS = dict(num_train=600, num_test=150, num_val=0, image_size=128, min_size=8, max_size=None, max_objects=6, seed=0)
 MARKER = "kdet-shapes.json"
-_SPLIT_CODES = {"train": 0, "test": 1}
+_SPLIT_CODES = {"train": 0, "test": 1, "val": 2}
 
 
 # ------------------------------------------------------------------ drawing
@@ -175,14 +176,14 @@ def _params(**params):
 
 
 def generate_shapes(root, num_train=600, num_test=150, image_size=128, seed=0, overwrite=False,
-                    min_size=8, max_size=None, max_objects=6):
+                    min_size=8, max_size=None, max_objects=6, num_val=0):
     """Write the shapes dataset in VOC layout at ``root`` and return ``root``.
 
     An existing dataset with the same parameters is reused (``overwrite=True``
     regenerates it). A folder holding anything else is never touched.
     """
     root = Path(root)
-    params = _params(num_train=num_train, num_test=num_test, image_size=image_size, seed=seed,
+    params = _params(num_train=num_train, num_test=num_test, num_val=num_val, image_size=image_size, seed=seed,
                      min_size=min_size, max_size=max_size, max_objects=max_objects)
     marker = root / MARKER
     if root.exists() and any(root.iterdir()):
@@ -214,7 +215,8 @@ def _write_dataset(root, params):
     for folder in ("Annotations", "JPEGImages", "ImageSets/Main"):
         (root / folder).mkdir(parents=True)
     size = params["image_size"]
-    for split, count in (("train", params["num_train"]), ("test", params["num_test"])):
+    for split in _SPLIT_CODES:
+        count = params[f"num_{split}"]
         ids = []
         for index in range(count):
             rng = np.random.default_rng([params["seed"], _SPLIT_CODES[split], index])
