@@ -1,6 +1,7 @@
 """Training-step cost of SSD300-VGG16 next to the bare VGG16 forward+backward at the same batch.
 
     python tools/benchmark_train_step.py [--batch-size 8] [--steps 5] [--size 300] [--breakdown]
+                                         [--jit auto|on|off]
 
 The difference is what SSD adds on top of its backbone: the extra layers and
 heads, the anchors, the vectorised matching and the MultiBox loss.
@@ -8,6 +9,9 @@ heads, the anchors, the vectorised matching and the MultiBox loss.
 stage with the same ``tf.function`` step, interleaved, best of ``--steps``:
 bare VGG16, SSD's VGG16 trunk (conv5_3), + fc6 (dilated) / fc7, + extras and
 heads, + the MultiBox loss (matching, hard negative mining).
+``--jit``: XLA for the fit steps (``compile(jit_compile=...)``; Keras'
+default "auto" means XLA where the model allows it) and the breakdown steps
+(``tf.function(jit_compile=...)``; "auto" there means no XLA).
 """
 
 import argparse
@@ -38,14 +42,18 @@ def random_targets(rng, n, num_classes, boxes_per_image=5, max_boxes=20):
     return y
 
 
-def ssd_step(batch_size, steps, size, num_classes=20):
+JIT = {"auto": "auto", "on": True, "off": False}
+
+
+def ssd_step(batch_size, steps, size, num_classes=20, jit="auto"):
     import keras
 
     from kdet.losses import MultiBoxLoss
     from kdet.models.ssd import SSD
 
     model = SSD(num_classes=num_classes, image_size=size, backbone="vgg16", backbone_weights=None)
-    model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9), loss=MultiBoxLoss(num_classes=num_classes))
+    model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9), loss=MultiBoxLoss(num_classes=num_classes),
+                  jit_compile=JIT[jit])
     rng = np.random.default_rng(0)
     n = batch_size * steps
     x = rng.uniform(0, 255, (n, size, size, 3)).astype("float32")
@@ -53,18 +61,18 @@ def ssd_step(batch_size, steps, size, num_classes=20):
     return time_fit(model, x, y, steps, batch_size), model.anchors.shape[0]
 
 
-def vgg16_step(batch_size, steps, size):
+def vgg16_step(batch_size, steps, size, jit="auto"):
     import keras
 
     backbone = keras.applications.VGG16(include_top=False, weights=None, input_shape=(size, size, 3))
     model = keras.Model(backbone.input, keras.layers.GlobalAveragePooling2D()(backbone.output))
-    model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9), loss="mse")
+    model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9), loss="mse", jit_compile=JIT[jit])
     n = batch_size * steps
     x = np.random.default_rng(0).uniform(0, 255, (n, size, size, 3)).astype("float32")
     return time_fit(model, x, np.zeros((n, 512), "float32"), steps, batch_size)
 
 
-def breakdown(batch_size, steps, size, num_classes=20):
+def breakdown(batch_size, steps, size, num_classes=20, jit="auto"):
     """``{stage: seconds}`` for one forward+backward of each cumulative SSD stage."""
     import keras
     import tensorflow as tf
@@ -91,7 +99,7 @@ def breakdown(batch_size, steps, size, num_classes=20):
     def step_fn(model, loss):
         variables = model.trainable_variables
 
-        @tf.function
+        @tf.function(jit_compile=JIT[jit] if jit != "auto" else None)
         def step():
             with tf.GradientTape() as tape:
                 value = loss(y, model(x, training=True))
@@ -116,18 +124,20 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--size", type=int, default=300)
     p.add_argument("--breakdown", action="store_true", help="time SSD's stages one by one instead")
+    p.add_argument("--jit", choices=sorted(JIT), default="auto", help="XLA compilation (see above)")
     args = p.parse_args(argv)
     if args.breakdown:
-        times = breakdown(args.batch_size, args.steps, args.size)
-        print(f"batch {args.batch_size}, {args.size}x{args.size}, forward+backward, best of {args.steps}, float32 on CPU")
+        times = breakdown(args.batch_size, args.steps, args.size, jit=args.jit)
+        print(f"batch {args.batch_size}, {args.size}x{args.size}, forward+backward, best of {args.steps}, "
+              f"float32 on CPU, jit {args.jit}")
         base = next(iter(times.values()))
         for name, seconds in times.items():
             print(f"{name:38s} {seconds:7.2f} s/step  {args.batch_size / seconds:6.2f} images/s  {seconds / base:5.2f}x")
         return
-    vgg = vgg16_step(args.batch_size, args.steps, args.size)
-    ssd, anchors = ssd_step(args.batch_size, args.steps, args.size)
+    vgg = vgg16_step(args.batch_size, args.steps, args.size, jit=args.jit)
+    ssd, anchors = ssd_step(args.batch_size, args.steps, args.size, jit=args.jit)
     b = args.batch_size
-    print(f"batch {b}, {args.size}x{args.size}, {args.steps} timed steps, float32 on CPU")
+    print(f"batch {b}, {args.size}x{args.size}, {args.steps} timed steps, float32 on CPU, jit {args.jit}")
     print(f"bare VGG16 forward+backward: {vgg:7.2f} s/step  {b / vgg:6.2f} images/s")
     print(f"SSD300-VGG16 train step:     {ssd:7.2f} s/step  {b / ssd:6.2f} images/s  ({anchors} anchors)")
     print(f"SSD overhead over the backbone: {ssd / vgg:.2f}x the step time")
