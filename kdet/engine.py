@@ -82,8 +82,11 @@ def build_model(recipe, class_names):
         raise RecipeError(f"bad model section in the recipe: {err}") from err
 
 
-def build_loss(recipe, class_names, train_records=None, verbose=True):
-    """The MultiBox loss with the recipe's class weights (``"auto"`` computed from ``train_records``)."""
+def build_loss(recipe, class_names, train_records=None, verbose=True, anchors_per_level=None):
+    """The MultiBox loss with the recipe's class weights (``"auto"`` computed from ``train_records``).
+
+    ``anchors_per_level`` (``SSD.anchors_per_level``) is what ``loss.assigner="atss"`` needs.
+    """
     from kdet.data.class_weights import class_counts, format_class_weights, resolve_class_weights
     from kdet.losses import MultiBoxLoss
 
@@ -92,7 +95,7 @@ def build_loss(recipe, class_names, train_records=None, verbose=True):
     if verbose and weights is not None:
         counts = class_counts(train_records, len(class_names)) if train_records else None
         print(format_class_weights(weights, class_names, counts=counts))
-    return MultiBoxLoss(class_weights=weights, num_classes=len(class_names), **cfg)
+    return MultiBoxLoss(class_weights=weights, num_classes=len(class_names), anchors_per_level=anchors_per_level, **cfg)
 
 
 def build_learning_rate(train_cfg, steps_per_epoch):
@@ -118,7 +121,7 @@ def build_optimizer(recipe, model, steps_per_epoch):
     cfg = recipe["train"]
     return _build(cfg.get("optimizer", "sgd"), learning_rate=build_learning_rate(cfg, steps_per_epoch),
                   momentum=cfg.get("momentum", 0.9), weight_decay=cfg.get("weight_decay", 0.0), model=model,
-                  global_clipnorm=cfg.get("clip_grad_norm"))
+                  global_clipnorm=cfg.get("clip_grad_norm"), ema_momentum=cfg.get("ema_momentum"))
 
 
 # ------------------------------------------------------------------ detection and evaluation
@@ -278,14 +281,23 @@ def train(recipe, work_dir, resume=False):
                 print(f"--resume: no checkpoint in {work_dir}, starting from scratch")
             model = build_model(recipe, class_names)
             model.compile(optimizer=build_optimizer(recipe, model, steps_per_epoch),
-                          loss=build_loss(recipe, class_names, records["train"]),
+                          loss=build_loss(recipe, class_names, records["train"],
+                                          anchors_per_level=model.anchors_per_level),
                           jit_compile=bool(train_cfg.get("jit_compile", False)))
     callbacks = build_callbacks(recipe, work_dir, class_names, val_ds, resume)
     started = time.time()
     model.fit(train_ds, epochs=int(train_cfg["epochs"]), initial_epoch=initial_epoch,
               callbacks=callbacks, verbose=recipe.get("verbose", 1))
     train_seconds = time.time() - started
+    if val_records and train_cfg.get("ema_momentum") is not None:
+        _evaluate_averaged_weights(model, val_records, class_names, recipe)
     return finish(model, recipe, work_dir, class_names, test_records, train_seconds)
+
+
+def _evaluate_averaged_weights(model, val_records, class_names, recipe):
+    """The in-training evaluations saw the raw weights; ``fit`` has since written in their moving average."""
+    coco, _, _ = evaluate_records(model, val_records, class_names, recipe)
+    print(f"moving-average weights on {len(val_records)} validation images: AP50 {coco['AP50']:.4f}  AP {coco['AP']:.4f}")
 
 
 def _oversampled(recipe, train_records, class_names):

@@ -11,10 +11,12 @@ import numpy as np
 from keras import ops
 
 from kdet.data.class_weights import class_weight_vector
-from kdet.matching import DEFAULT_VARIANCES, encode_boxes, match_anchors
+from kdet.matching import DEFAULT_VARIANCES, atss_match, encode_boxes, match_anchors
+
+ASSIGNERS = ("max_iou", "atss")
 
 
-def resolve_class_weights(class_weights, num_classes=None, class_names=None):
+def numeric_class_weights(class_weights, num_classes=None, class_names=None):
     """``class_weights`` as a list of ``1 + C`` floats (background first), or ``None``.
 
     Accepts a sequence of length ``1 + C`` or ``C`` (background then gets 1.0),
@@ -48,10 +50,14 @@ class MultiBoxLoss(keras.losses.Loss):
     the negatives (at least ``min_negatives``, at most all background anchors).
     ``negative_iou_threshold`` (e.g. 0.4) keeps anchors that half cover an
     object out of the negatives (see ``match_anchors``).
+    ``assigner="atss"`` matches with :func:`kdet.matching.atss_match` instead
+    (a threshold per object from its ``atss_top_k`` nearest anchors per level;
+    ``iou_threshold`` and ``negative_iou_threshold`` then do not apply); it
+    needs ``anchors_per_level`` (``SSD.anchors_per_level``).
 
     ``class_weights`` multiply each anchor's cross-entropy by the weight of its
     target class (background weight for negatives); see
-    :func:`resolve_class_weights` for the accepted forms.
+    :func:`numeric_class_weights` for the accepted forms.
 
     Reduction: ``call`` already returns the batch's SSD loss as a scalar, so
     Keras's reduction leaves it unchanged ("sum_over_batch_size" divides a
@@ -69,6 +75,9 @@ class MultiBoxLoss(keras.losses.Loss):
         iou_threshold=0.5,
         negative_iou_threshold=None,
         variances=DEFAULT_VARIANCES,
+        assigner="max_iou",
+        atss_top_k=9,
+        anchors_per_level=None,
         name="multibox_loss",
         **kwargs,
     ):
@@ -77,13 +86,21 @@ class MultiBoxLoss(keras.losses.Loss):
         self.num_classes = num_classes if num_classes is not None else (
             len(self.class_names) if self.class_names is not None else None
         )
-        self.class_weights = resolve_class_weights(class_weights, self.num_classes, self.class_names)
+        self.class_weights = numeric_class_weights(class_weights, self.num_classes, self.class_names)
         self.alpha = float(alpha)
         self.neg_pos_ratio = float(neg_pos_ratio)
         self.min_negatives = int(min_negatives)
         self.iou_threshold = float(iou_threshold)
         self.negative_iou_threshold = None if negative_iou_threshold is None else float(negative_iou_threshold)
         self.variances = tuple(float(v) for v in variances)
+        if assigner not in ASSIGNERS:
+            raise ValueError(f"MultiBoxLoss: assigner must be one of {ASSIGNERS}, got {assigner!r}")
+        if assigner == "atss" and anchors_per_level is None:
+            raise ValueError("MultiBoxLoss: assigner='atss' needs anchors_per_level (the model's "
+                             "SSD.anchors_per_level: how many anchors each feature map holds)")
+        self.assigner = assigner
+        self.atss_top_k = int(atss_top_k)
+        self.anchors_per_level = None if anchors_per_level is None else [int(n) for n in anchors_per_level]
 
     def call(self, y_true, y_pred):
         return self.components(y_true, y_pred)["loss"]
@@ -106,10 +123,7 @@ class MultiBoxLoss(keras.losses.Loss):
         anchors = ops.stop_gradient(y_pred[..., 4 + num_logits:])
 
         gt_classes = ops.cast(ops.round(y_true[..., 4]), "int32")
-        matched_boxes, labels = match_anchors(
-            y_true[..., :4], gt_classes, y_true[..., 5] > 0.5, anchors, self.iou_threshold,
-            self.negative_iou_threshold,
-        )
+        matched_boxes, labels = self._match(y_true[..., :4], gt_classes, y_true[..., 5] > 0.5, anchors)
         positive = labels > 0
         num_pos_per_image = ops.sum(ops.cast(positive, "float32"), axis=1)
         num_pos = ops.maximum(ops.sum(num_pos_per_image), 1.0)
@@ -129,6 +143,12 @@ class MultiBoxLoss(keras.losses.Loss):
 
         loc, conf = loc / num_pos, conf / num_pos
         return {"loss": conf + self.alpha * loc, "loc": loc, "conf": conf, "num_positives": ops.sum(num_pos_per_image)}
+
+    def _match(self, gt_boxes, gt_classes, gt_ignore, anchors):
+        if self.assigner == "atss":
+            return atss_match(gt_boxes, gt_classes, gt_ignore, anchors, self.anchors_per_level, self.atss_top_k)
+        return match_anchors(gt_boxes, gt_classes, gt_ignore, anchors, self.iou_threshold,
+                             self.negative_iou_threshold)
 
     def _hard_negatives(self, background_loss, candidates, num_pos_per_image):
         """Per image, the ``ratio * num_pos`` candidates with the highest background loss."""
@@ -166,6 +186,9 @@ class MultiBoxLoss(keras.losses.Loss):
             iou_threshold=self.iou_threshold,
             negative_iou_threshold=self.negative_iou_threshold,
             variances=list(self.variances),
+            assigner=self.assigner,
+            atss_top_k=self.atss_top_k,
+            anchors_per_level=self.anchors_per_level,
         )
         return config
 

@@ -129,3 +129,78 @@ def match_anchors(gt_boxes, gt_classes, gt_ignore, anchors, iou_threshold=0.5, n
     boxes = ops.take_along_axis(gt_boxes, box_index, axis=1)
     boxes = ops.where(ops.expand_dims(positive, -1), boxes, 0.0)
     return boxes, ops.cast(labels, "int32")
+
+
+def atss_match(gt_boxes, gt_classes, gt_ignore, anchors, anchors_per_level, top_k=9):
+    """Adaptive Training Sample Selection (Zhang et al. 2020), for a batch at once.
+
+    Same arguments and return value as :func:`match_anchors`, plus
+    ``anchors_per_level``: how many of the ``A`` anchors each feature map
+    holds, in order (``SSD.anchors_per_level``). Instead of one IoU threshold
+    for every object, each ground truth gets its own:
+
+    1. **Candidates**: on every level, the ``top_k`` anchors whose centres lie
+       closest to the ground truth's centre (anchors sharing a centre share a
+       distance, so all anchors of the k-th nearest cell are kept).
+    2. **Threshold**: mean + standard deviation (``n - 1``) of the candidates'
+       IoU with it; small objects, whose candidates overlap little, get a low
+       threshold, large ones a high one.
+    3. **Positive**: a candidate at or above the threshold whose centre lies
+       inside the ground truth. An anchor positive for several ground truths
+       takes the one it overlaps most (ties: lowest row index); when that one
+       is flagged ignore, the anchor is ``-1`` (ignore).
+
+    Everything else is background. Padding rows never match anything.
+    """
+    gt_boxes = ops.convert_to_tensor(gt_boxes, "float32")
+    anchors = ops.convert_to_tensor(anchors, "float32")
+    gt_classes = ops.cast(gt_classes, "int32")
+    if sum(anchors_per_level) != anchors.shape[1]:
+        raise ValueError(f"atss_match: anchors_per_level {list(anchors_per_level)} sums to "
+                         f"{sum(anchors_per_level)}, but there are {anchors.shape[1]} anchors")
+    if gt_boxes.shape[1] == 0:
+        return match_anchors(gt_boxes, gt_classes, gt_ignore, anchors)
+    valid = gt_classes >= 0
+    iou = iou_matrix(anchors, gt_boxes)  # [B, A, M]
+    candidate = _nearest_centres(gt_boxes, anchors, anchors_per_level, top_k)
+    threshold = _mean_plus_std(iou, candidate)  # [B, 1, M]
+    centre = xyxy_to_cxcywh(anchors)[..., :2]  # [B or 1, A, 2]
+    inside = ops.logical_and(
+        ops.all(centre[:, :, None, :] > gt_boxes[:, None, :, :2], axis=-1),
+        ops.all(centre[:, :, None, :] < gt_boxes[:, None, :, 2:], axis=-1))
+    positive_pair = ops.logical_and(ops.logical_and(candidate, iou >= threshold),
+                                    ops.logical_and(inside, ops.expand_dims(valid, 1)))
+
+    matched_gt = ops.cast(ops.argmax(ops.where(positive_pair, iou, -1.0), axis=2), "int32")  # [B, A]
+    matched = ops.any(positive_pair, axis=2)
+    ignored = ops.logical_and(matched, ops.take_along_axis(ops.cast(gt_ignore, "bool"), matched_gt, axis=1))
+    positive = ops.logical_and(matched, ops.logical_not(ignored))
+    classes = ops.take_along_axis(gt_classes, matched_gt, axis=1)
+    labels = ops.where(positive, classes + 1, ops.where(ignored, -1, 0))
+    boxes = ops.take_along_axis(gt_boxes, ops.repeat(ops.expand_dims(matched_gt, -1), 4, axis=-1), axis=1)
+    boxes = ops.where(ops.expand_dims(positive, -1), boxes, 0.0)
+    return boxes, ops.cast(labels, "int32")
+
+
+def _nearest_centres(gt_boxes, anchors, anchors_per_level, top_k):
+    """``[B, A, M]`` bool: per level, the anchors at most the k-th smallest centre distance away."""
+    gt_centre = xyxy_to_cxcywh(gt_boxes)[..., :2]
+    anchor_centre = xyxy_to_cxcywh(anchors)[..., :2]
+    distance = ops.sqrt(ops.sum(ops.square(anchor_centre[:, :, None, :] - gt_centre[:, None, :, :]), axis=-1))
+    masks, start = [], 0
+    for count in anchors_per_level:
+        level = distance[:, start:start + count, :]
+        k = min(int(top_k), int(count))
+        nearest = -ops.top_k(-ops.transpose(level, (0, 2, 1)), k)[0]  # [B, M, k], ascending
+        masks.append(level <= ops.expand_dims(nearest[..., -1], 1))
+        start += count
+    return ops.concatenate(masks, axis=1)
+
+
+def _mean_plus_std(iou, candidate):
+    """Per ground truth, mean + sample standard deviation of the candidates' IoU, ``[B, 1, M]``."""
+    weight = ops.cast(candidate, "float32")
+    count = ops.sum(weight, axis=1, keepdims=True)
+    mean = ops.sum(iou * weight, axis=1, keepdims=True) / ops.maximum(count, 1.0)
+    variance = ops.sum(ops.square(iou - mean) * weight, axis=1, keepdims=True) / ops.maximum(count - 1.0, 1.0)
+    return mean + ops.sqrt(variance)

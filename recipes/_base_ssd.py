@@ -36,6 +36,8 @@ recipe = dict(
         alpha=1.0,
         iou_threshold=0.5,           # an anchor is positive from this IoU with its best ground truth
         negative_iou_threshold=None, # e.g. 0.4: anchors with IoU 0.4..0.5 are ignored, not background
+        assigner="max_iou",          # or "atss": a threshold per object from its nearest anchors
+        atss_top_k=9,                # ATSS candidates per feature map
     ),
     train=dict(
         epochs=120,
@@ -47,6 +49,7 @@ recipe = dict(
         lr_schedule="step",          # "step" | "cosine" | "constant"
         lr_steps=(80, 100),          # epochs at which the learning rate drops x0.1
         clip_grad_norm=None,         # e.g. 10.0: clip the global gradient norm (steadies high learning rates)
+        ema_momentum=None,           # e.g. 0.998: the final model is a moving average of the weights
         seed=0,
         freeze_backbone_epochs=0,    # backbone frozen for the first N epochs
         unfreeze_schedule=None,      # {epoch: number of top backbone stages trainable}

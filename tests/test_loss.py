@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kdet.losses import MultiBoxLoss, check_finite, resolve_class_weights
+from kdet.losses import MultiBoxLoss, check_finite, numeric_class_weights
 
 C = 2  # foreground classes
 # 16 disjoint anchors: two rows of 8 cells, each 1/8 wide and 1/2 high.
@@ -111,7 +111,7 @@ def test_class_weight_errors():
     with pytest.raises(ValueError, match="expected 2"):
         MultiBoxLoss(class_weights=[1, 2, 3, 4], num_classes=2)
     with pytest.raises(ValueError, match=">= 0"):
-        resolve_class_weights([1.0, -1.0], num_classes=2)
+        numeric_class_weights([1.0, -1.0], num_classes=2)
     y_true, y_pred, _, _ = _case()
     with pytest.raises(ValueError, match="logits"):
         MultiBoxLoss(class_weights=[1, 2, 3, 4, 5])(y_true, y_pred)
@@ -169,6 +169,28 @@ def test_serialization_and_compile():
     model.compile(loss=MultiBoxLoss())
     value = model.evaluate(y_pred, y_true, batch_size=2, verbose=0)
     np.testing.assert_allclose(value, float(MultiBoxLoss()(y_true, y_pred)), rtol=1e-5)
+
+
+def test_atss_assigner_trains_on_the_atss_matches():
+    from kdet.matching import atss_match
+
+    y_true, y_pred, _, _ = _case()
+    boxes, labels = atss_match(y_true[..., :4], np.round(y_true[..., 4]).astype(int), y_true[..., 5] > 0.5,
+                               ANCHORS[None], [8, 8], top_k=3)
+    labels = keras.ops.convert_to_numpy(labels)
+    assert (labels > 0).sum() == 3 and labels[1, 12] == -1
+    loss = MultiBoxLoss(assigner="atss", anchors_per_level=[8, 8], atss_top_k=3)
+    expected = _numpy_loss(y_pred, labels, keras.ops.convert_to_numpy(boxes))[0]
+    np.testing.assert_allclose(float(loss(y_true, y_pred)), expected, rtol=1e-5)
+    compiled = tf.function(lambda t, p: loss(t, p), jit_compile=True, input_signature=[
+        tf.TensorSpec((None, None, 6), tf.float32), tf.TensorSpec((None, 16, 11), tf.float32)])
+    np.testing.assert_allclose(float(compiled(y_true, y_pred)), expected, rtol=1e-5)
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
+    assert restored.get_config() == loss.get_config() and restored.anchors_per_level == [8, 8]
+    with pytest.raises(ValueError, match="anchors_per_level"):
+        MultiBoxLoss(assigner="atss")
+    with pytest.raises(ValueError, match="assigner"):
+        MultiBoxLoss(assigner="max-iou")
 
 
 def test_check_finite():

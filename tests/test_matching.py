@@ -4,7 +4,7 @@ import numpy as np
 from keras import ops
 
 from kdet.boxes import iou_matrix_np
-from kdet.matching import decode_boxes, encode_boxes, match_anchors
+from kdet.matching import atss_match, decode_boxes, encode_boxes, match_anchors
 
 
 def _match(gt_boxes, gt_classes, anchors, gt_ignore=None, threshold=0.5, negative_threshold=None):
@@ -192,3 +192,88 @@ def test_per_image_anchors_give_same_result_as_shared():
     shared = _match(gt, classes, anchors)[1]
     tiled = _match(gt, classes, anchors.repeat(2, axis=0))[1]
     np.testing.assert_array_equal(shared, tiled)
+
+
+# ------------------------------------------------------------------ ATSS
+def _grid(cells):
+    """One square anchor per cell of a ``cells x cells`` grid over the unit image, row-major."""
+    step = 1.0 / cells
+    return [[x * step, y * step, (x + 1) * step, (y + 1) * step] for y in range(cells) for x in range(cells)]
+
+
+TWO_LEVELS = np.array(_grid(4) + _grid(2), np.float32)  # 16 anchors of 0.25, then 4 of 0.5
+
+
+def _atss(gt_boxes, gt_classes, anchors, levels, gt_ignore=None, top_k=3):
+    gt_boxes, gt_classes = np.asarray(gt_boxes, np.float32)[None], np.asarray(gt_classes, np.int32)[None]
+    ignore = np.zeros(gt_classes.shape, bool) if gt_ignore is None else np.asarray(gt_ignore, bool)[None]
+    boxes, labels = atss_match(gt_boxes, gt_classes, ignore, np.asarray(anchors)[None], levels, top_k=top_k)
+    return ops.convert_to_numpy(boxes)[0], ops.convert_to_numpy(labels)[0]
+
+
+def test_atss_thresholds_each_object_by_its_candidates():
+    # Large object [0, 0, .5, .5]. Candidates (3 nearest centres per level, ties kept): the four
+    # 0.25-cells inside it (IoU .25 each, all at distance .177) and 2x2 cells 0, 1, 2 (IoU 1, 0, 0).
+    # Mean 2/7 = .286, sample std .336: threshold .622, so only the 0.5-cell (anchor 16) is positive.
+    # Small object [.5, .5, .75, .75]: candidates cell 10 (IoU 1), its 4 neighbours (0) and 2x2 cells
+    # 3, 1, 2 (IoU .25, 0, 0): threshold .156 + .352 = .508: cell 10 only. Padding row: nothing.
+    gt = [[0, 0, 0.5, 0.5], [0.5, 0.5, 0.75, 0.75], [0, 0, 1, 1]]
+    boxes, labels = _atss(gt, [2, 0, -1], TWO_LEVELS, [16, 4])
+    expected = np.zeros(20, int)
+    expected[16], expected[10] = 3, 1
+    np.testing.assert_array_equal(labels, expected)
+    np.testing.assert_allclose(boxes[[16, 10]], gt[:2])
+    assert np.all(boxes[labels == 0] == 0)
+    _, labels = _atss(gt, [2, 0, -1], TWO_LEVELS, [16, 4], gt_ignore=[False, True, False])
+    assert labels[10] == -1 and labels[16] == 3 and (labels == 0).sum() == 18
+
+
+def test_atss_positive_needs_its_centre_inside_the_object():
+    # [.2, .2, .55, .55] against the 0.5-cells only: candidate IoUs .319, .042, .042, .007 give a
+    # threshold of .102 + .145 = .248; cell 0 (centre .25, .25) is positive. Shifted to start at .26,
+    # cell 0's IoU .183 is still above the new threshold .092 + .064 = .157, but its centre is outside.
+    labels = _atss([[0.2, 0.2, 0.55, 0.55]], [1], _grid(2), [4])[1]
+    np.testing.assert_array_equal(labels, [2, 0, 0, 0])
+    labels = _atss([[0.26, 0.26, 0.61, 0.61]], [1], _grid(2), [4])[1]
+    np.testing.assert_array_equal(labels, [0, 0, 0, 0])
+
+
+def _reference_atss(gt, classes, ignore, anchors, levels, top_k):
+    """mmdetection's ATSSAssigner (loops, one ground truth at a time), plus kdet's ignore rule."""
+    centre = lambda b: (b[..., :2] + b[..., 2:]) / 2
+    overlaps = np.where(classes[None] >= 0, iou_matrix_np(anchors, gt), -np.inf)  # [A, M]
+    positive_iou = np.full(overlaps.shape, -np.inf)
+    for j in np.nonzero(classes >= 0)[0]:
+        distance = np.linalg.norm(centre(anchors) - centre(gt[j]), axis=1)
+        candidates, start = [], 0
+        for count in levels:
+            candidates += list(start + np.argsort(distance[start:start + count], kind="stable")[:top_k])
+            start += count
+        candidate_iou = overlaps[candidates, j]
+        threshold = candidate_iou.mean() + candidate_iou.std(ddof=1)
+        for a in candidates:
+            inside = np.all(centre(anchors[a]) > gt[j, :2]) and np.all(centre(anchors[a]) < gt[j, 2:])
+            if overlaps[a, j] >= threshold and inside:
+                positive_iou[a, j] = overlaps[a, j]
+    labels = np.zeros(len(anchors), np.int64)
+    for a in np.nonzero(np.isfinite(positive_iou).any(axis=1))[0]:
+        j = positive_iou[a].argmax()
+        labels[a] = -1 if ignore[j] else classes[j] + 1
+    return labels
+
+
+def test_atss_matches_a_loop_reference_on_random_boxes():
+    rng = np.random.default_rng(11)
+    anchors = np.array(_grid(8) + _grid(4) + _grid(2), np.float32)  # one anchor per centre: no distance ties
+    anchors += rng.uniform(-0.02, 0.02, anchors.shape).astype(np.float32)  # and no tied IoUs
+    levels = [64, 16, 4]
+    xy = rng.uniform(0, 0.7, (3, 5, 2))
+    gt = np.concatenate([xy, xy + rng.uniform(0.05, 0.3, (3, 5, 2))], -1).astype(np.float32)
+    classes = rng.integers(0, 3, (3, 5))
+    classes[1, 3:] = -1
+    ignore = rng.uniform(size=(3, 5)) < 0.2
+    boxes, labels = atss_match(gt, classes, ignore, anchors[None], levels, top_k=5)
+    labels = ops.convert_to_numpy(labels)
+    for b in range(3):
+        np.testing.assert_array_equal(labels[b], _reference_atss(gt[b], classes[b], ignore[b], anchors, levels, 5))
+    assert (labels > 0).sum() > 10 and (labels == -1).sum() > 0

@@ -27,6 +27,7 @@ def test_ssd300_feature_maps_and_8732_anchors():
     model = SSD(NUM_CLASSES, image_size=300, width_multiplier=0.125)
     assert model.feature_map_sizes == [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
     assert model.anchors.shape == (8732, 4)
+    assert model.anchors_per_level == [38 * 38 * 4, 19 * 19 * 6, 10 * 10 * 6, 5 * 5 * 6, 3 * 3 * 4, 4]
     assert model.output_shape == (None, 8732, 4 + 1 + NUM_CLASSES + 4)
     np.testing.assert_allclose(
         model.anchors, default_boxes([38, 19, 10, 5, 3, 1], ssd_scales(), SSD300_ASPECT_RATIOS))

@@ -381,3 +381,17 @@ def test_recipe_clip_grad_norm_clips_the_global_norm():
     build_optimizer(dict(train=train), model=None, steps_per_epoch=10).apply(
         [keras.ops.ones((1,)), keras.ops.ones((1,))], [w, b])
     assert float(w.numpy()[0]) == pytest.approx(2.0 - 0.1 * 0.5 / np.sqrt(2) - 0.1, abs=1e-6)
+
+
+def test_recipe_ema_momentum_leaves_the_weight_average_in_the_model_after_fit():
+    from kdet.engine import build_optimizer
+
+    train = dict(optimizer="sgd", learning_rate=0.1, momentum=0.0, weight_decay=0.0, warmup_epochs=0,
+                 lr_schedule="constant", ema_momentum=0.5)
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="ones")])
+    model.compile(optimizer=build_optimizer(dict(train=train), model, steps_per_epoch=3), loss="mse")
+    # Loss w^2 (x = 1, y = 0): gradient 2w, so SGD steps w to 0.8, 0.64, 0.512.
+    model.fit(np.ones((3, 1), "float32"), np.zeros((3, 1), "float32"), batch_size=1, shuffle=False, verbose=0)
+    # The average starts at the first step's weights: 0.8 -> 0.5 * 0.8 + 0.5 * 0.64 -> ... with 0.512.
+    expected = 0.5 * (0.5 * 0.8 + 0.5 * 0.64) + 0.5 * 0.512
+    assert float(model.get_weights()[0][0, 0]) == pytest.approx(expected, abs=1e-6)

@@ -71,7 +71,8 @@ class SSD(keras.Model):
         fpn_channels: channels of the FPN maps (FPN backbones only).
 
     Attributes: ``num_classes``, ``anchors`` (numpy ``[A, 4]``),
-    ``feature_map_sizes``, ``backbone_stages`` (lists of layer names, input
+    ``feature_map_sizes``, ``anchors_per_level`` (anchors of each map, in
+    order), ``backbone_stages`` (lists of layer names, input
     side first), ``backbone_layer_names`` (layers ImageNet weights fill) and
     ``new_layer_names`` (every other layer with weights).
     """
@@ -123,6 +124,7 @@ class SSD(keras.Model):
         # === Derived attributes ===
         self.feature_map_sizes = [tuple(s.shape[1:3]) for s in sources]
         self.anchors = anchor_layer.boxes_for(self.feature_map_sizes)
+        self.anchors_per_level = [h * w * n for (h, w), n in zip(self.feature_map_sizes, boxes_per_map)]
         self.backbone_stages = [list(stage) for stage in features.stages]
         self.backbone_layer_names = list(features.pretrained)
         pretrained = set(features.pretrained)

@@ -257,6 +257,7 @@ def build_optimizer(
     epsilon=1e-7,
     clipnorm=None,
     global_clipnorm=None,
+    ema_momentum=None,
 ):
     """Build an SGD or AdamW optimizer with weight decay that skips norm layers and biases.
 
@@ -270,6 +271,9 @@ def build_optimizer(
         model: if given, its normalisation-layer and 1-D variables are excluded
             by identity (robust to any naming); ``exclude_names`` are always
             excluded by name as well (substring of ``variable.name``).
+        ema_momentum: e.g. 0.998 keeps an exponential moving average of the
+            trainable weights (Keras ``use_ema``), written into the model when
+            ``fit`` ends; ``None``: no averaging.
     """
     name = name.lower()
     if name not in ("sgd", "adamw"):
@@ -279,6 +283,8 @@ def build_optimizer(
         raise ValueError(f"weight_decay_mode must be 'l2' or 'decoupled', got {mode!r}")
     weight_decay = float(weight_decay or 0.0)
     common = dict(learning_rate=learning_rate, clipnorm=clipnorm, global_clipnorm=global_clipnorm)
+    if ema_momentum is not None:
+        common.update(use_ema=True, ema_momentum=float(ema_momentum))
     if name == "sgd" and mode == "l2":
         optimizer = SGDWithL2(momentum=momentum, nesterov=nesterov, l2=weight_decay, **common)
     elif name == "sgd":
