@@ -123,12 +123,7 @@ def match_anchors(gt_boxes, gt_classes, gt_ignore, anchors, iou_threshold=0.5, n
         in_band = ops.logical_and(best_iou >= negative_iou_threshold, ops.logical_not(above))
         ignored = ops.logical_or(ignored, ops.logical_and(in_band, ops.logical_not(forced)))
 
-    classes = ops.take_along_axis(gt_classes, matched_gt, axis=1)
-    labels = ops.where(positive, classes + 1, ops.where(ignored, -1, 0))
-    box_index = ops.repeat(ops.expand_dims(matched_gt, -1), 4, axis=-1)
-    boxes = ops.take_along_axis(gt_boxes, box_index, axis=1)
-    boxes = ops.where(ops.expand_dims(positive, -1), boxes, 0.0)
-    return boxes, ops.cast(labels, "int32")
+    return _targets(gt_boxes, gt_classes, matched_gt, positive, ignored)
 
 
 def atss_match(gt_boxes, gt_classes, gt_ignore, anchors, anchors_per_level, top_k=9):
@@ -155,7 +150,7 @@ def atss_match(gt_boxes, gt_classes, gt_ignore, anchors, anchors_per_level, top_
     gt_boxes = ops.convert_to_tensor(gt_boxes, "float32")
     anchors = ops.convert_to_tensor(anchors, "float32")
     gt_classes = ops.cast(gt_classes, "int32")
-    if sum(anchors_per_level) != anchors.shape[1]:
+    if anchors.shape[1] is not None and sum(anchors_per_level) != anchors.shape[1]:
         raise ValueError(f"atss_match: anchors_per_level {list(anchors_per_level)} sums to "
                          f"{sum(anchors_per_level)}, but there are {anchors.shape[1]} anchors")
     if gt_boxes.shape[1] == 0:
@@ -175,9 +170,15 @@ def atss_match(gt_boxes, gt_classes, gt_ignore, anchors, anchors_per_level, top_
     matched = ops.any(positive_pair, axis=2)
     ignored = ops.logical_and(matched, ops.take_along_axis(ops.cast(gt_ignore, "bool"), matched_gt, axis=1))
     positive = ops.logical_and(matched, ops.logical_not(ignored))
+    return _targets(gt_boxes, gt_classes, matched_gt, positive, ignored)
+
+
+def _targets(gt_boxes, gt_classes, matched_gt, positive, ignored):
+    """``(boxes [B, A, 4], labels [B, A])`` from each anchor's ground-truth row and its status."""
     classes = ops.take_along_axis(gt_classes, matched_gt, axis=1)
     labels = ops.where(positive, classes + 1, ops.where(ignored, -1, 0))
-    boxes = ops.take_along_axis(gt_boxes, ops.repeat(ops.expand_dims(matched_gt, -1), 4, axis=-1), axis=1)
+    box_index = ops.repeat(ops.expand_dims(matched_gt, -1), 4, axis=-1)
+    boxes = ops.take_along_axis(gt_boxes, box_index, axis=1)
     boxes = ops.where(ops.expand_dims(positive, -1), boxes, 0.0)
     return boxes, ops.cast(labels, "int32")
 

@@ -22,8 +22,8 @@ SHAPES = dict(image_size=IMAGE_SIZE, num_train=4000, num_test=200)
 # so num_train / num_test = 0 only skip generating the split the other source does not read.
 TRAIN_SHAPES = dict(SHAPES, max_objects=12, num_test=0)
 TEST_SHAPES = dict(SHAPES, num_train=0)
-# A validation split drawn like the test split but from other seeds: the recipe was tuned on it,
-# and the test split is only read for the figure printed at the end.
+# A validation split drawn like the test split but from other seeds, for tuning (the learning
+# rate was chosen on it); the test split gives the figure printed at the end.
 VAL_SHAPES = dict(SHAPES, num_train=0, num_test=0, num_val=200)
 
 recipe = merge(base, dict(
@@ -56,7 +56,7 @@ recipe = merge(base, dict(
     train=dict(
         epochs=7,
         optimizer="adamw",
-        learning_rate=6e-3,          # 3e-3: AP50 0.42 after 6 epochs; 5e-3: 0.48 after 5 of 10 (measured)
+        learning_rate=1e-2,          # val AP50 after 7 epochs: 6e-3 0.898, 1e-2 0.917, 1.5e-2 0.904 (README)
         weight_decay=1e-4,
         warmup_epochs=0.1,
         lr_schedule="cosine",

@@ -63,7 +63,7 @@ def test_override_parses_literals_and_rejects_unknown_keys():
 def test_shipped_recipes_load(tmp_path, monkeypatch):
     monkeypatch.setenv("KDET_CACHE", str(tmp_path))
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for name in ("ssd_shapes", "ssd300_voc", "ssd300_bccd", "ssd300_fpn_voc", "ssd_fpn_bccd"):
+    for name in ("ssd_shapes", "ssd300_voc", "ssd300_bccd", "ssd300_fpn_voc", "ssd_fpn_bccd", "ssd_bccd_scratch"):
         recipe = load_recipe(os.path.join(here, "recipes", name + ".py"), ["train.epochs=2"])
         assert recipe["train"]["epochs"] == 2 and recipe["name"] == name
         assert {"model", "data", "loss", "train", "eval"} <= set(recipe)

@@ -1,6 +1,7 @@
 """Box encoding and anchor matching against hand-worked cases and a loop reference."""
 
 import numpy as np
+import pytest
 from keras import ops
 
 from kdet.boxes import iou_matrix_np
@@ -226,6 +227,8 @@ def test_atss_thresholds_each_object_by_its_candidates():
     assert np.all(boxes[labels == 0] == 0)
     _, labels = _atss(gt, [2, 0, -1], TWO_LEVELS, [16, 4], gt_ignore=[False, True, False])
     assert labels[10] == -1 and labels[16] == 3 and (labels == 0).sum() == 18
+    with pytest.raises(ValueError, match="sums to 16, but there are 20 anchors"):
+        _atss(gt, [2, 0, -1], TWO_LEVELS, [16])
 
 
 def test_atss_positive_needs_its_centre_inside_the_object():
