@@ -140,8 +140,11 @@ def test_tool_with_explicit_feature_maps(tmp_path):
     out = tmp_path / "out"
     assert analyze_anchors.main([str(recipe), "--k", "2", "--feature-maps", "38,19,10", "--out", str(out)]) == 0
     text = (out / "anchors.txt").read_text()
-    assert "model=dict(anchor_scales=[" in text
+    assert "model=dict(anchor_scales=[" in text and "assigner" not in text
     assert (out / "anchor_fit.json").is_file()
+    recipe.write_text(recipe.read_text() + "recipe['loss'] = dict(assigner='atss')\n")
+    assert analyze_anchors.main([str(recipe), "--k", "2", "--feature-maps", "38,19,10", "--out", str(out)]) == 0
+    assert "note: the recipe's loss uses assigner='atss'" in (out / "anchors.txt").read_text()
 
 
 BCCD = Path(__import__("os").environ.get("KDET_BCCD", Path(__file__).resolve().parents[2] / "shared/datasets/BCCD"))

@@ -108,6 +108,9 @@ def main(argv=None):
                       clip=clip, anchor_fn=partial(default_boxes, steps=steps),
                       match_iou=float(recipe.get("loss", {}).get("iou_threshold", 0.5)))
     fit.before_params = (list(scales), [list(r) for r in ratios])
+    if recipe.get("loss", {}).get("assigner", "max_iou") != "max_iou":
+        fit.notes.append(f"the recipe's loss uses assigner={recipe['loss']['assigner']!r}; the pos@ columns "
+                         "count anchors at its loss.iou_threshold, which that assigner does not use")
     text = (f"recipe {args.recipe}, split {args.split}: {len(records)} images, input {image_size}, "
             f"feature maps {maps}\ncurrent: anchor_scales={list(scales)}, aspect_ratios={ratios}\n\n"
             + fit.to_text())
