@@ -21,6 +21,9 @@ recipe = merge(bccd, dict(
         aspect_ratios=[[], [], [], [2, 3], [2], [2]],
     ),
     data=dict(cache_images=True),
+    # Platelets have 2.5 anchors with IoU >= 0.5 each (RBC 6.6, WBC 13.2: analyze_anchors' pos@0.5);
+    # matching at 0.3: Platelets AP50 0.603 -> 0.738, all classes 0.727 -> 0.789 (README).
+    loss=dict(iou_threshold=0.3),
     train=dict(epochs=72, optimizer="adamw", learning_rate=5e-3, weight_decay=1e-4,
                lr_schedule="cosine", warmup_epochs=1),
     eval=dict(every_n_epochs=72),
