@@ -157,9 +157,9 @@ def atss_match(gt_boxes, gt_classes, gt_ignore, anchors, anchors_per_level, top_
         return match_anchors(gt_boxes, gt_classes, gt_ignore, anchors)
     valid = gt_classes >= 0
     iou = iou_matrix(anchors, gt_boxes)  # [B, A, M]
-    candidate = _nearest_centres(gt_boxes, anchors, anchors_per_level, top_k)
-    threshold = _mean_plus_std(iou, candidate)  # [B, 1, M]
     centre = xyxy_to_cxcywh(anchors)[..., :2]  # [B or 1, A, 2]
+    candidate = _nearest_centres(xyxy_to_cxcywh(gt_boxes)[..., :2], centre, anchors_per_level, top_k)
+    threshold = _mean_plus_std(iou, candidate)  # [B, 1, M]
     inside = ops.logical_and(
         ops.all(centre[:, :, None, :] > gt_boxes[:, None, :, :2], axis=-1),
         ops.all(centre[:, :, None, :] < gt_boxes[:, None, :, 2:], axis=-1))
@@ -183,10 +183,8 @@ def _targets(gt_boxes, gt_classes, matched_gt, positive, ignored):
     return boxes, ops.cast(labels, "int32")
 
 
-def _nearest_centres(gt_boxes, anchors, anchors_per_level, top_k):
+def _nearest_centres(gt_centre, anchor_centre, anchors_per_level, top_k):
     """``[B, A, M]`` bool: per level, the anchors at most the k-th smallest centre distance away."""
-    gt_centre = xyxy_to_cxcywh(gt_boxes)[..., :2]
-    anchor_centre = xyxy_to_cxcywh(anchors)[..., :2]
     distance = ops.sqrt(ops.sum(ops.square(anchor_centre[:, :, None, :] - gt_centre[:, None, :, :]), axis=-1))
     masks, start = [], 0
     for count in anchors_per_level:
