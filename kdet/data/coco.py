@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from kdet.boxes import coco_to_xyxy, xyxy_to_coco, box_area_np
+from kdet.data.base import DatasetError, Source, check_box
 from kdet.data.records import Record
-from kdet.data.sources import DatasetError, Source, check_box
 
 # COCO 2017's 80 detection categories in category-id order (for sources that
 # only know label indices, e.g. TFDS coco/2017 without its metadata).

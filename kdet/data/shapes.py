@@ -29,7 +29,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 
 from kdet.boxes import xyxy_to_voc
-from kdet.data.sources import DatasetError
+from kdet.data.base import DatasetError
 from kdet.data.voc import VOCSource
 
 SHAPES_CLASSES = ("circle", "square", "triangle", "cross", "ring")

@@ -21,8 +21,8 @@ import io
 import numpy as np
 
 from kdet.boxes import voc_to_xyxy
+from kdet.data.base import DatasetError, Source
 from kdet.data.records import Record
-from kdet.data.sources import DatasetError, Source
 
 
 class TFDSSource(Source):

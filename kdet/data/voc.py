@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from kdet.boxes import voc_to_xyxy
+from kdet.data.base import DatasetError, Source, check_box
 from kdet.data.records import Record
-from kdet.data.sources import DatasetError, Source, check_box
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 # PASCAL VOC's 20 classes (alphabetical, as in the XML and in TFDS's voc/*)

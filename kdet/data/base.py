@@ -1,0 +1,151 @@
+"""The base types every data source builds on: ``Source``, ``DatasetError``, ``concat``'s ``ConcatSource``.
+
+A source is an object with ``.class_names`` (list of str), ``.records()``
+(a cached list of :class:`kdet.data.records.Record`), ``len()`` and a
+``.name`` for messages. Recipes build them with the factories in
+:mod:`kdet.data.sources`; the per-format modules (``voc.py``, ``coco.py``, ...)
+import this module only, so nothing imports in a circle.
+
+Every source validates its annotations when it loads (never mid-epoch) and
+raises :class:`DatasetError` naming the file and the problem. Sources that
+take ``skip_invalid=True`` drop bad boxes/images instead, count them in
+``source.skipped`` and warn once.
+"""
+
+import warnings
+from collections import Counter
+
+import numpy as np
+
+
+class DatasetError(ValueError):
+    """Bad or missing dataset input; the message names the file and the problem.
+
+    ``reason`` is a short tag (``"degenerate"``, ``"missing file"``, ...) used
+    to count what ``skip_invalid=True`` dropped.
+    """
+
+    def __init__(self, message, reason=None):
+        super().__init__(message)
+        self.reason = reason
+
+
+class Source:
+    """Base class: lazy, cached loading of records plus skip bookkeeping.
+
+    Subclasses set ``self.name`` and implement ``_load() -> (records, class_names)``.
+    """
+
+    name = "source"
+
+    def __init__(self, class_names=None):
+        self._class_names = list(class_names) if class_names is not None else None
+        self._records = None
+        self.skipped = {"boxes": Counter(), "images": Counter()}
+
+    @property
+    def class_names(self):
+        if self._class_names is None:
+            self.records()  # sources that infer their class list do it while loading
+        return self._class_names
+
+    def records(self):
+        """All records (loaded and validated on first call, then cached)."""
+        if self._records is None:
+            records, class_names = self._load()
+            self._class_names = list(class_names)
+            self._records = records
+            self._warn_skipped()
+        return self._records
+
+    def _load(self):
+        raise NotImplementedError
+
+    def __len__(self):
+        return len(self.records())
+
+    def __iter__(self):
+        return iter(self.records())
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.name!r})"
+
+    # --------------------------------------------------------- invalid input
+    def _skip_box(self, reason):
+        self.skipped["boxes"][reason] += 1
+
+    def _skip_image(self, reason):
+        self.skipped["images"][reason] += 1
+
+    def _warn_skipped(self):
+        message = skipped_message(self.skipped, self.name)
+        if message:
+            warnings.warn(message, stacklevel=3)
+
+
+def skipped_message(skipped, name):
+    """``"skipped 3 boxes (2 degenerate, 1 out of image) and 1 image (missing file) in <name>"``.
+
+    Reasons are counted when there are several kinds, else just named.
+    """
+    parts = []
+    for kind, singular in (("boxes", "box"), ("images", "image")):
+        counts = skipped.get(kind, {})
+        total = sum(counts.values())
+        if total:
+            noun = singular if total == 1 else kind
+            reasons = sorted(reason for reason, n in counts.items() if n)
+            detail = ", ".join(f"{counts[r]} {r}" for r in reasons) if len(reasons) > 1 else reasons[0]
+            parts.append(f"{total} {noun} ({detail})")
+    return f"skipped {' and '.join(parts)} in {name}" if parts else ""
+
+
+def check_box(box, width, height, tolerance=0.0):
+    """The problem with a pixel ``xyxy`` box, or None when it is fine.
+
+    ``"degenerate"``: zero or negative width/height; ``"out of image"``: a
+    corner outside ``[0, width] x [0, height]`` by more than ``tolerance``.
+    """
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if not np.all(np.isfinite([x1, y1, x2, y2])) or x2 <= x1 or y2 <= y1:
+        return "degenerate"
+    if x1 < -tolerance or y1 < -tolerance or x2 > width + tolerance or y2 > height + tolerance:
+        return "out of image"
+    return None
+
+
+# ----------------------------------------------------------------- concat
+class ConcatSource(Source):
+    """Several sources with the same class list, one after the other (VOC07+12)."""
+
+    def __init__(self, *sources):
+        if not sources:
+            raise ValueError("concat() needs at least one source")
+        super().__init__()
+        self.sources = list(sources)
+        self.name = " + ".join(s.name for s in self.sources)
+
+    def _load(self):
+        class_names = list(self.sources[0].class_names)
+        for source in self.sources[1:]:
+            if list(source.class_names) != class_names:
+                raise DatasetError(
+                    f"concat: class lists differ: {self.sources[0].name} has {class_names}, "
+                    f"{source.name} has {list(source.class_names)}; pass the same class_names to both"
+                )
+        records, seen = [], {}
+        for source in self.sources:
+            for record in source.records():
+                if record.image_id in seen:
+                    raise DatasetError(
+                        f"concat: image id {record.image_id!r} is in both {seen[record.image_id]} "
+                        f"and {source.name}; image ids must be unique"
+                    )
+                seen[record.image_id] = source.name
+                records.append(record)
+            for kind in ("boxes", "images"):
+                self.skipped[kind].update(source.skipped[kind])
+        return records, class_names
+
+    def _warn_skipped(self):
+        pass  # each part has warned for itself
