@@ -31,6 +31,8 @@ import weakref
 import cv2
 import numpy as np
 
+from kdet.data.base import DatasetError
+from kdet.data.image_check import CHANGED_HINT, apply_orientation, swaps_axes, truncation_problem
 from kdet.data.records import load_image
 
 
@@ -113,12 +115,12 @@ class _Sampler:
             return self.cache[index]
         record = self.records[index]
         if record.image is None and record.image_path:
-            image = cv2.imread(record.image_path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-            if image is None:
-                raise ValueError(f"cannot read image {record.image_path!r} (missing or not an image)")
-            image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+            image = decode_file(record)
         else:
-            image = load_image(record)
+            try:
+                image = load_image(record)
+            except ValueError as err:
+                raise DatasetError(str(err), reason="unreadable image") from None
         if self.cache is not None:
             self.cache[index] = image
         return image
@@ -139,6 +141,61 @@ class _Sampler:
         targets[:count, 4] = classes[:count]
         targets[:count, 5] = ignore[:count]
         return targets
+
+
+def decode_file(record):
+    """The record's image file as uint8 HxWx3 RGB, EXIF-oriented, decoded by OpenCV (which releases the GIL).
+
+    Raises :class:`DatasetError` naming the file when it cannot be read or decoded,
+    is truncated, or (for records checked at load) no longer has the size it had.
+    """
+    path = record.image_path
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read the image file ({err.strerror or err}; {CHANGED_HINT})",
+                           reason="unreadable image") from None
+    image_format = "JPEG" if data[:3] == b"\xff\xd8\xff" else "PNG" if data[:8] == b"\x89PNG\r\n\x1a\n" else None
+    problem = truncation_problem(data, image_format) if image_format else None
+    if problem and not _decodes_with_pil(data):  # not merely trailing data after the end marker
+        raise DatasetError(f"{path}: {problem} ({CHANGED_HINT})", reason="unreadable image")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if image is None:
+        hint = CHANGED_HINT if record.orientation is not None else "missing, empty or not an image"
+        raise DatasetError(f"{path}: cannot decode the image ({hint})", reason="unreadable image")
+    orientation = record.orientation if record.orientation is not None else _orientation_of(data)
+    if record.orientation is not None:  # checked at load: the stored size is known
+        expected = (record.width, record.height) if swaps_axes(orientation) else (record.height, record.width)
+        if image.shape[:2] != expected:
+            raise DatasetError(f"{path}: the image is now {image.shape[1]}x{image.shape[0]} (stored width x "
+                               f"height), not {expected[1]}x{expected[0]} ({CHANGED_HINT})", reason="size mismatch")
+    return apply_orientation(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), orientation)
+
+
+def _decodes_with_pil(data):
+    import io
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+        return True
+    except Exception:
+        return False
+
+
+def _orientation_of(data):
+    import io
+    from PIL import Image
+
+    from kdet.data.image_check import exif_orientation
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return exif_orientation(img)
+    except Exception:
+        return 1
 
 
 def _normalize(boxes, shape):

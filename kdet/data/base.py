@@ -37,6 +37,9 @@ class Source:
     """
 
     name = "source"
+    # Load-time image check (kdet.data.image_check): "quick" (header, EXIF, end of file),
+    # "full" (decode every image) or "off". Set it on a source before its records are read.
+    check_images = "quick"
 
     def __init__(self, class_names=None):
         self._class_names = list(class_names) if class_names is not None else None
@@ -54,7 +57,7 @@ class Source:
         if self._records is None:
             records, class_names = self._load()
             self._class_names = list(class_names)
-            self._records = records
+            self._records = self._checked_images(records)
             self._warn_skipped()
         return self._records
 
@@ -71,6 +74,29 @@ class Source:
         return f"{type(self).__name__}({self.name!r})"
 
     # --------------------------------------------------------- invalid input
+    def _checked_images(self, records):
+        """``records`` whose images pass :func:`kdet.data.image_check.check_record_image` (others raise or are skipped)."""
+        from kdet.data.image_check import check_record_image
+
+        mode = self.check_images if getattr(self, "check_files", True) else "off"
+        if mode == "off":
+            return records
+        kept = []
+        for record in records:
+            try:
+                check_record_image(record, mode, annotation=self._annotation_of(record))
+            except DatasetError as err:
+                if not getattr(self, "skip_invalid", False):
+                    raise
+                self._skip_image(err.reason)
+                continue
+            kept.append(record)
+        return kept
+
+    def _annotation_of(self, record):
+        """Where ``record``'s annotation comes from, for messages (subclasses name the file)."""
+        return f"the annotation in {self.name}"
+
     def _skip_box(self, reason):
         self.skipped["boxes"][reason] += 1
 
@@ -117,6 +143,8 @@ def check_box(box, width, height, tolerance=0.0):
 # ----------------------------------------------------------------- concat
 class ConcatSource(Source):
     """Several sources with the same class list, one after the other (VOC07+12)."""
+
+    check_images = "off"  # each part checked its own images
 
     def __init__(self, *sources):
         if not sources:

@@ -60,11 +60,16 @@ class COCOSource(Source):
         class_names: optional class list; it must name exactly the json's
             categories (any order; ids follow it). None: categories sorted by id.
         skip_invalid: drop bad boxes/images instead of raising :class:`DatasetError`.
-        check_files: check at load time that every image file exists.
+        check_files: check at load time that every image file exists (False
+            also turns off the image check).
+        check_images: load-time image check, ``"quick"``, ``"full"`` or ``"off"``
+            (see :mod:`kdet.data.image_check`).
     """
 
-    def __init__(self, annotation_file, image_dir, class_names=None, skip_invalid=False, check_files=True):
+    def __init__(self, annotation_file, image_dir, class_names=None, skip_invalid=False, check_files=True,
+                 check_images="quick"):
         super().__init__(class_names)
+        self.check_images = check_images
         self.annotation_file = Path(annotation_file)
         self.image_dir = Path(image_dir)
         self.skip_invalid = skip_invalid
@@ -84,6 +89,9 @@ class COCOSource(Source):
         return to_coco_results(image_ids, detections, self.category_ids)
 
     # ----------------------------------------------------------- loading
+    def _annotation_of(self, record):
+        return f"{self.annotation_file} (image id {record.image_id})"
+
     def _load(self):
         data = self._read_json()
         class_names, self._category_ids = self._class_mapping(data["categories"])

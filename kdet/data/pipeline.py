@@ -132,9 +132,12 @@ def make_dataset(records, image_size, batch_size, augment=None, training=True, m
 
 def _python_batches(index_batches, sampler, with_meta_of, rows, num_parallel_calls, deterministic):
     """One numpy step per batch of ``(keys, indices)``: no per-element tf.data / numpy_function overhead."""
+    many = _reporting_input_errors(sampler.many, lambda keys, indices: _empty_outputs(sampler, len(indices)))
+
     def load_batch(keys, indices):
-        images, targets, original_hw = tf.numpy_function(
-            sampler.many, [keys, indices], [tf.uint8, tf.float32, tf.int32], stateful=False)
+        images, targets, original_hw, error = tf.numpy_function(
+            many, [keys, indices], [tf.uint8, tf.float32, tf.int32, tf.string], stateful=False)
+        images, targets, original_hw = _raise_input_error(error, images, targets, original_hw)
         _set_static_shapes(sampler, [rows], images, targets, original_hw)
         return with_meta_of(images, targets, original_hw, indices)
 
@@ -142,18 +145,184 @@ def _python_batches(index_batches, sampler, with_meta_of, rows, num_parallel_cal
 
 
 def _decoded_in_graph(indices, sampler, records, with_meta_of, num_parallel_calls, deterministic):
-    """Elements decoded by ``tf.io``, then one numpy step each (``decode="graph"``)."""
+    """Elements decoded by ``tf.io``, then one numpy step each (``decode="graph"``).
+
+    ``tf.io`` ignores EXIF: each record's orientation (read at load, or now for
+    unchecked records) is applied in the graph, and the stored size checked
+    against the record's where the load-time check stored it.
+    """
+    from kdet.data.image_check import swaps_axes
+
     paths = tf.constant([r.image_path or "" for r in records])
+    orientations = [r.orientation if r.orientation is not None else _file_orientation(r.image_path) for r in records]
+    stored_hw = tf.constant([((r.width, r.height) if swaps_axes(o) else (r.height, r.width))
+                             if r.orientation is not None else (-1, -1) for r, o in zip(records, orientations)],
+                            tf.int32)
+    orientations = tf.constant(orientations, tf.int32)
+    check_end = tf.constant([r.orientation is None or _ends_with_end_mark(r.image_path) for r in records])
+    step = _reporting_input_errors(sampler, lambda image, key, index: _empty_outputs(sampler, None))
 
     def load(key, index):
-        encoded = tf.io.read_file(tf.gather(paths, index))
+        path = tf.gather(paths, index)
+        encoded = tf.io.read_file(path)
+        encoded = _assert_decodable(encoded, path, tf.gather(check_end, index))
         image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-        image, targets, original_hw = tf.numpy_function(
-            sampler, [image, key, index], [tf.uint8, tf.float32, tf.int32], stateful=False)
+        image = _assert_stored_size(image, tf.gather(stored_hw, index), path)
+        image = _orient_in_graph(image, tf.gather(orientations, index))
+        image, targets, original_hw, error = tf.numpy_function(
+            step, [image, key, index], [tf.uint8, tf.float32, tf.int32, tf.string], stateful=False)
+        image, targets, original_hw = _raise_input_error(error, image, targets, original_hw)
         _set_static_shapes(sampler, [], image, targets, original_hw)
         return with_meta_of(image, targets, original_hw, index)
 
     return indices.map(load, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
+
+
+# ------------------------------------------------------- input errors, EXIF in the graph
+# A bad image inside the pipeline (a file changed or removed after the load-time
+# check, or a broken augmentation) ends in one line naming it: the numpy steps
+# return the DatasetError's message instead of raising (a Python exception inside
+# tf.numpy_function comes out as a TensorFlow error holding a Python traceback),
+# the graph raises it with tf.debugging.Assert, and :func:`input_error` turns the
+# TensorFlow error that reaches the caller (model.fit, a loop) back into a DatasetError.
+INPUT_ERROR_MARK = "kdet input error: "
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"IEND\xaeB`\x82"
+
+
+def _reporting_input_errors(step, empty):
+    """``step`` with its DatasetError returned as a last output (b"" when fine); ``empty(*args)`` fills the rest."""
+    from kdet.data.base import DatasetError
+
+    def guarded(*args):
+        try:
+            return (*step(*args), b"")
+        except DatasetError as err:
+            return (*empty(*args), _one_line(err).encode())
+
+    return guarded
+
+
+def _empty_outputs(sampler, rows):
+    lead = () if rows is None else (rows,)
+    return (np.zeros(lead + (*sampler.size, 3), np.uint8), np.zeros(lead + (sampler.max_boxes, 6), np.float32),
+            np.zeros(lead + (2,), np.int32))
+
+
+def _one_line(err):
+    return " ".join(str(err).split("\n")).strip()
+
+
+def _raise_input_error(error, *tensors):
+    """``tensors``, after an assertion that ``error`` (a string tensor) is empty; else it is raised."""
+    check = tf.debugging.Assert(tf.equal(tf.strings.length(error), 0),
+                                [tf.strings.join([INPUT_ERROR_MARK, error])])
+    with tf.control_dependencies([check]):
+        return [tf.identity(t) for t in tensors]
+
+
+def _assert_decodable(encoded, path, check_end):
+    """``encoded`` once it looks like a complete image (tf.io's own errors do not name the file).
+
+    ``check_end``: whether a JPEG/PNG must end with its end mark (False for files
+    that passed loading with trailing data after it).
+    """
+    length = tf.strings.length(encoded)
+    head = tf.strings.substr(encoded, 0, 8)
+    jpeg, png = tf.io.is_jpeg(encoded), tf.equal(head, PNG_SIGNATURE)
+    known = jpeg | png | tf.equal(tf.strings.substr(head, 0, 2), b"BM") | tf.equal(tf.strings.substr(head, 0, 3), b"GIF")
+    tail = tf.io.decode_raw(tf.strings.substr(encoded, tf.maximum(length - 16, 0), 16), tf.uint8)
+    last = tf.reduce_max(tf.where(tf.not_equal(tail, 0), tf.range(tf.size(tail)), -1))  # zero padding allowed
+    jpeg_end = (last >= 1) & tf.equal(tf.gather(tail, tf.maximum(last - 1, 0)), 0xFF) & \
+        tf.equal(tf.gather(tail, tf.maximum(last, 0)), 0xD9)
+    png_end = tf.equal(tf.strings.substr(encoded, tf.maximum(length - 8, 0), 8), PNG_END)
+    problem = tf.case([(tf.equal(length, 0), lambda: tf.constant("empty image file (0 bytes)")),
+                       (tf.logical_not(known), lambda: tf.constant("not an image file (unknown format)")),
+                       (check_end & jpeg & tf.logical_not(jpeg_end),
+                        lambda: tf.constant("truncated JPEG (no end-of-image marker)")),
+                       (check_end & png & tf.logical_not(png_end), lambda: tf.constant("truncated PNG (no IEND chunk)"))],
+                      default=lambda: tf.constant(""))
+    message = tf.where(tf.equal(problem, ""), "", tf.strings.join([path, ": ", problem]))
+    return _raise_input_error(message, encoded)[0]
+
+
+def _assert_stored_size(image, stored_hw, path):
+    """``image`` once its stored ``(h, w)`` is ``stored_hw`` (``(-1, -1)``: not known, not checked)."""
+    hw = tf.shape(image)[:2]
+    fine = tf.reduce_all(tf.equal(hw, stored_hw)) | tf.reduce_all(tf.equal(stored_hw, -1))
+    size = lambda v: tf.strings.join([tf.strings.as_string(v[1]), "x", tf.strings.as_string(v[0])])  # noqa: E731
+    message = tf.strings.join([path, ": the image is now ", size(hw), " (stored width x height), not ", size(stored_hw),
+                               " (it was readable when the dataset loaded: was it changed or removed since?)"])
+    return _raise_input_error(tf.where(fine, "", message), image)[0]
+
+
+def _orient_in_graph(image, orientation):
+    """``image`` (``HxWxC``) as shown under EXIF ``orientation``: the same pixels as ``apply_orientation``."""
+    transpose = lambda a: tf.transpose(a, [1, 0, 2])  # noqa: E731
+    branches = [
+        lambda: image,                                          # 1 (and anything out of range)
+        lambda: image,
+        lambda: tf.reverse(image, [1]),                         # 2 mirrored left-right
+        lambda: tf.reverse(image, [0, 1]),                      # 3 turned 180
+        lambda: tf.reverse(image, [0]),                         # 4 mirrored top-bottom
+        lambda: transpose(image),                               # 5 transposed
+        lambda: tf.image.rot90(image, k=3),                     # 6 turned 90 clockwise
+        lambda: transpose(tf.reverse(image, [0, 1])),           # 7 transversed
+        lambda: tf.image.rot90(image, k=1),                     # 8 turned 90 counter-clockwise
+    ]
+    index = tf.where((orientation >= 1) & (orientation <= 8), orientation, 0)
+    return tf.switch_case(index, branches)
+
+
+def _ends_with_end_mark(path):
+    """False for a JPEG/PNG that does not end with its end mark now (trailing data), else True."""
+    from kdet.data.image_check import truncation_problem
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 16))
+            tail = f.read()
+    except OSError:
+        return True  # the read in the graph reports it
+    image_format = "JPEG" if head[:3] == b"\xff\xd8\xff" else "PNG" if head == PNG_SIGNATURE else None
+    return image_format is None or truncation_problem(tail, image_format) is None
+
+
+def _file_orientation(path):
+    from PIL import Image
+
+    from kdet.data.image_check import exif_orientation
+
+    try:
+        with Image.open(path) as img:
+            return exif_orientation(img)
+    except Exception:  # unreadable: the decode reports it
+        return 1
+
+
+def input_error(err):
+    """The :class:`~kdet.data.base.DatasetError` an input-pipeline TensorFlow error stands for, or None.
+
+    ``err`` is what iterating a kdet dataset raised (say, from ``model.fit``): a
+    bad image names its file in one line, without TensorFlow's traceback.
+    """
+    import re
+
+    from kdet.data.base import DatasetError
+
+    if not isinstance(err, tf.errors.OpError):
+        return None
+    text = err.message or str(err)
+    found = re.search(re.escape(INPUT_ERROR_MARK) + r"(.+?)\]\s*(?:\n|\[\[|$)", text)
+    if found:
+        return DatasetError(found.group(1).strip())
+    missing = re.search(r"(\S+); No such file or directory", text)
+    if isinstance(err, tf.errors.NotFoundError) and missing:  # decode="graph": tf.io.read_file
+        return DatasetError(f"{missing.group(1)}: image file not found (it was there when the dataset loaded: "
+                            "was it removed since?)", reason="missing file")
+    return None
 
 
 def _set_static_shapes(sampler, leading, images, targets, original_hw):
@@ -251,8 +420,9 @@ def _process_batches(sampler, count, batch_size, training, shuffle, seed, cv2_th
     rows = batch_size if training else None
 
     def fetch(pass_id, b):
-        images, targets, sizes, indices = tf.numpy_function(
-            feeder.fetch, [pass_id, b], [tf.uint8, tf.float32, tf.int32, tf.int64], stateful=True)
+        images, targets, sizes, indices, error = tf.numpy_function(
+            feeder.fetch, [pass_id, b], [tf.uint8, tf.float32, tf.int32, tf.int64, tf.string], stateful=True)
+        images, targets, sizes, indices = _raise_input_error(error, images, targets, sizes, indices)
         _set_static_shapes(sampler, [rows], images, targets, sizes)
         indices.set_shape([rows])
         return images, targets, sizes, indices
@@ -278,6 +448,7 @@ class _Feeder:
 
     def __init__(self, sampler, batch_size, training, cv2_threads, workers, chunksize):
         self.payload = _workers.Payload(sampler)
+        self.sampler = sampler  # its sizes, for the placeholder batch that carries an input error
         # the CPU set now (make_dataset's caller), not that of the tf.data thread that starts the pool
         self.pool_args = (workers, _workers.usable_cpus(), cv2_threads, not self.payload.uses_main)
         self.batch_size, self.training, self.workers, self.chunksize = batch_size, training, workers, chunksize
@@ -310,14 +481,20 @@ class _Feeder:
         if state is None:
             raise RuntimeError(f"input pipeline pass {pass_id} was dropped: more than {self._KEEP_PASSES} "
                                "iterators of one dataset at once")
+        from kdet.data.base import DatasetError
+
         try:
             batch = state.batch(b)
+        except DatasetError as err:  # from a worker: reported by the graph, see _raise_input_error
+            self._end(pass_id)
+            indices = np.asarray(state.batches[b], np.int64)
+            return (*_empty_outputs(self.sampler, len(indices)), indices, _one_line(err).encode())
         except BaseException:
             self._end(pass_id)
             raise
         if b == len(state.batches) - 1:
             self._end(pass_id)
-        return batch
+        return (*batch, b"")
 
     def _end(self, pass_id):
         with self.lock:

@@ -26,6 +26,9 @@ class Record:
     iscrowd: np.ndarray = field(default_factory=lambda: np.zeros((0,), bool))
     area: Optional[np.ndarray] = None
     image: Optional[Union[np.ndarray, bytes]] = None  # uint8 HxWx3 or encoded bytes, for sources without files
+    # EXIF orientation (1-8) of the stored pixels, set by the load-time image check
+    # (kdet.data.image_check); None: not checked, decoders read it from the file.
+    orientation: Optional[int] = None
 
     def __post_init__(self):
         self.boxes = np.asarray(self.boxes, np.float32).reshape(-1, 4)
@@ -52,9 +55,15 @@ def _flags(values, n):
 
 
 def load_image(record):
-    """The record's image as uint8 ``HxWx3`` RGB, from memory or from its file."""
+    """The record's image as uint8 ``HxWx3`` RGB, from memory or from its file, EXIF-oriented.
+
+    The orientation is the record's (set when its source loaded) or else the file's
+    (docs/CONVENTIONS.md: kdet uses images as labelling tools show them).
+    """
     from PIL import Image  # local: only host-side readers need it
     import io
+
+    from kdet.data.image_check import apply_orientation, exif_orientation
 
     if isinstance(record.image, np.ndarray):
         return record.image
@@ -66,6 +75,7 @@ def load_image(record):
         raise ValueError(f"record {record.image_id!r} has neither an image nor an image_path")
     try:
         with Image.open(source) as img:
-            return np.asarray(img.convert("RGB"))
+            orientation = record.orientation if record.orientation is not None else exif_orientation(img)
+            return apply_orientation(np.asarray(img.convert("RGB")), orientation)
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot read image {record.image_path or record.image_id!r}: {err}") from err

@@ -70,10 +70,13 @@ class VOCSource(Source):
             names found in the annotations, sorted.
         skip_invalid: drop bad boxes/images (counted in ``.skipped``, one
             warning) instead of raising :class:`DatasetError`.
+        check_images: load-time image check, ``"quick"``, ``"full"`` or ``"off"``
+            (see :mod:`kdet.data.image_check`).
     """
 
-    def __init__(self, root, split, class_names=None, skip_invalid=False):
+    def __init__(self, root, split, class_names=None, skip_invalid=False, check_images="quick"):
         super().__init__(class_names)
+        self.check_images = check_images
         self.root = Path(root)
         self.split = split
         self.splits = split_names(split)
@@ -143,6 +146,9 @@ class VOCSource(Source):
             f"{xml_path}: image file not found (looked for {folder / candidates[0]})", reason="missing file"
         )
 
+    def _annotation_of(self, record):
+        return self.root / "Annotations" / f"{record.image_id}.xml"
+
     def _to_record(self, image, class_ids):
         boxes, classes, difficult = [], [], []
         for k, obj in enumerate(image.objects):
@@ -192,14 +198,13 @@ def _xml_size(root):
 
 
 def _image_header_size(image_path, xml_path):
-    from PIL import Image
+    """The image's size as shown (after EXIF orientation), for XMLs without a ``<size>``."""
+    from kdet.data.image_check import image_info
 
     try:
-        with Image.open(image_path) as img:
-            return img.size
-    except (OSError, ValueError) as err:
-        raise DatasetError(f"{xml_path}: no <size> and cannot read image {image_path} ({err})",
-                           reason="unreadable image") from None
+        return image_info(str(image_path))[:2]
+    except DatasetError as err:
+        raise DatasetError(f"{xml_path}: no <size>, and {err}", reason=err.reason) from None
 
 
 def _parse_object(obj):
