@@ -354,3 +354,9 @@ def train_from_recipe_file(path, overrides=(), work_dir=None, resume=False):
         return train(recipe, work_dir, resume=resume)
     except (RecipeError, FloatingPointError) as err:  # FloatingPointError: the non-finite loss guard
         raise UserError(str(err)) from err
+    except Exception as err:  # a bad image met inside the input pipeline (say, changed since loading)
+        from kdet.data.pipeline import input_error
+
+        if input_error(err) is None:
+            raise
+        raise UserError(str(input_error(err))) from None

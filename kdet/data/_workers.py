@@ -158,7 +158,7 @@ def decode_file(record):
                            reason="unreadable image") from None
     image_format = "JPEG" if data[:3] == b"\xff\xd8\xff" else "PNG" if data[:8] == b"\x89PNG\r\n\x1a\n" else None
     problem = truncation_problem(data, image_format) if image_format else None
-    if problem and not _decodes_with_pil(data):  # not merely trailing data after the end marker
+    if problem and not decodes_with_pil(data):  # not merely trailing data after the end marker
         raise DatasetError(f"{path}: {problem} ({CHANGED_HINT})", reason="unreadable image")
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None:
@@ -173,12 +173,13 @@ def decode_file(record):
     return apply_orientation(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), orientation)
 
 
-def _decodes_with_pil(data):
+def decodes_with_pil(data_or_path):
+    """Whether PIL decodes these image bytes (or this file) to the end."""
     import io
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else data_or_path) as img:
             img.load()
         return True
     except Exception:

@@ -500,6 +500,7 @@ class Augmenter:
                 self.transforms.append(t)
             else:
                 raise TypeError(f"augmentation entry {i} is not an albumentations transform: {t!r}")
+        _check_keeps_uint8_rgb(self.transforms)
         self.image_size = None if image_size is None else _size_hw(image_size)
         self.min_visibility = min_visibility
         self.fuse = fuse
@@ -550,6 +551,7 @@ class Augmenter:
         finally:
             with self._lock:
                 self._idle.append(compose)
+        _check_output_image(out["image"])
         index = np.asarray(out["box_index"], np.int64).reshape(-1)
         result = (out["image"], np.asarray(out["bboxes"], np.float32).reshape(-1, 4), classes[index], ignore[index])
         return result + (out["mask"],) if mask is not None else result
@@ -565,3 +567,68 @@ def _check_sample(image, boxes, classes, ignore):
     if not len(boxes) == len(classes) == len(ignore):
         raise ValueError(f"boxes, classes, ignore differ in length: {len(boxes)}, {len(classes)}, {len(ignore)}")
     return image, boxes, classes, ignore
+
+
+# ------------------------------------------------- augmentations must keep uint8 RGB
+_NOT_FOR_KDET = ("Normalize", "ToFloat", "ToTensorV2", "ToTensor")
+_UINT8_RGB_RULE = ("kdet's model takes uint8 0..255 RGB and normalises it itself, so augmentations must "
+                   "return uint8 HxWx3 images: remove it from data.augment")
+
+
+def _leaves(transforms):
+    for t in transforms:
+        children = getattr(t, "transforms", None)
+        if isinstance(t, A.BaseCompose) and children is not None:
+            yield from _leaves(children)
+        else:
+            yield t
+
+
+def _check_keeps_uint8_rgb(transforms):
+    """A :class:`~kdet.config.RecipeError` naming the first transform that does not return uint8 HxWx3.
+
+    Known offenders (``A.Normalize``, ``A.ToFloat``, tensor conversions) by name;
+    every other transform is run once, alone and forced on, on a small uint8
+    image with a box (a transform that cannot run on it is left to run time,
+    where the output is checked too).
+    """
+    from kdet.config import RecipeError
+
+    rng = np.random.default_rng(0)
+    probe = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    for t in _leaves(transforms):
+        name = type(t).__name__
+        if name in _NOT_FOR_KDET:
+            raise RecipeError(f"data.augment: A.{name} changes the image to float or a tensor; {_UINT8_RGB_RULE}")
+        try:
+            single = copy.deepcopy(t)
+            single.p = 1.0
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                compose = A.Compose([single], bbox_params=A.BboxParams(format="pascal_voc", label_fields=["box_index"]),
+                                    is_check_shapes=False, seed=0)
+                out = compose(image=probe.copy(), bboxes=np.array([[16.0, 12.0, 80.0, 60.0]]),
+                              box_index=np.arange(1))["image"]
+        except Exception:  # needs other inputs or a larger image: checked on the real samples
+            continue
+        problem = _image_problem(out)
+        if problem:
+            raise RecipeError(f"data.augment: {name} returns {problem}; {_UINT8_RGB_RULE}")
+
+
+def _image_problem(image):
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        return f"{image.dtype} images (not uint8)"
+    if image.ndim != 3 or image.shape[2] != 3:
+        return f"images of shape {image.shape} (not HxWx3)"
+    return None
+
+
+def _check_output_image(image):
+    problem = _image_problem(image)
+    if problem:
+        from kdet.data.base import DatasetError
+
+        raise DatasetError(f"data.augment: an augmentation returned {problem}; {_UINT8_RGB_RULE}",
+                           reason="augmentation")

@@ -159,7 +159,8 @@ def _decoded_in_graph(indices, sampler, records, with_meta_of, num_parallel_call
                              if r.orientation is not None else (-1, -1) for r, o in zip(records, orientations)],
                             tf.int32)
     orientations = tf.constant(orientations, tf.int32)
-    check_end = tf.constant([r.orientation is None or _ends_with_end_mark(r.image_path) for r in records])
+    check_end = tf.constant([r.orientation is None or _ends_with_end_mark(r.image_path)
+                             or not _workers.decodes_with_pil(r.image_path) for r in records])
     step = _reporting_input_errors(sampler, lambda image, key, index: _empty_outputs(sampler, None))
 
     def load(key, index):
