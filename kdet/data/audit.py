@@ -349,7 +349,7 @@ def _check_image_file(img, findings):
             if not img.image_path or not os.path.isfile(img.image_path):
                 raise OSError("missing file")
             with Image.open(img.image_path) as pil:
-                size = pil.size
+                size = _shown_size(pil)  # after EXIF orientation, as kdet reads images
                 pil.verify()
     except Exception as err:  # PIL raises many types for broken files
         findings["unreadable_images"].append(dict(where, error=str(err) or type(err).__name__))
@@ -368,9 +368,15 @@ def _in_memory_size(image):
     from PIL import Image
 
     with Image.open(io.BytesIO(image)) as pil:
-        size = pil.size
+        size = _shown_size(pil)
         pil.verify()
     return size
+
+
+def _shown_size(pil):
+    from kdet.data.image_check import exif_orientation, swaps_axes
+
+    return pil.size[::-1] if swaps_axes(exif_orientation(pil)) else pil.size
 
 
 def _check_boxes(img, class_names, findings, min_size, out_tolerance, duplicate_iou):
