@@ -242,7 +242,7 @@ def load_resume_point(work_dir, steps_per_epoch):
     have_state = os.path.exists(state_path)
     state = _read_state(state_path) if have_state else dict(epochs_done=0, iterations=0)
     model = _load_checkpoint(last)
-    steps = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    steps = int(model.optimizer.iterations.numpy())
     epochs_done, saved_steps = state["epochs_done"], state.get("iterations")
     if saved_steps is not None and steps != saved_steps:
         if not saved_steps < steps <= saved_steps + steps_per_epoch:

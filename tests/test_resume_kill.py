@@ -169,3 +169,21 @@ def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
         atomic_write(str(target), interrupted)
     assert target.read_text() == "old"
     assert not [n for n in os.listdir(tmp_path) if n.startswith(TEMP_PREFIX)]
+
+
+def test_csv_log_columns_appear_later_and_resume_keeps_finished_epochs(tmp_path):
+    from kdet.training.callbacks import CSVLog
+
+    path = str(tmp_path / "log.csv")
+    log = CSVLog(path)
+    log.on_epoch_end(0, {"loss": 2.5})
+    log.on_epoch_end(1, {"loss": 2.0, "val_AP": 0.25})
+    log.on_epoch_end(2, {"loss": 1.5, "loss_box": 0.75})
+    assert open(path).read().splitlines() == [
+        "epoch,loss,val_AP,loss_box", "0,2.5,,", "1,2.0,0.25,", "2,1.5,,0.75"]
+    # resumed after epoch 2 (state.json said 2): epoch 2's row is repeated by the new run, so dropped
+    resumed = CSVLog(path, keep_epochs=2)
+    resumed.on_epoch_end(2, {"loss": 1.25})
+    assert [row.split(",")[:2] for row in open(path).read().splitlines()[1:]] == [["0", "2.5"], ["1", "2.0"],
+                                                                                 ["2", "1.25"]]
+    assert CSVLog(path).rows == []   # a run that does not resume starts a new log

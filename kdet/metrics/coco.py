@@ -182,7 +182,7 @@ def _check_finite(d_xywh, d_score, dets, det_name):
             i = int(np.flatnonzero(mask)[0])
             value = dets[i]["score"] if mask is bad_score else dets[i]["bbox"]
             raise CocoInputError(f"{det_name}: detection {i} (image id {dets[i]['image_id']!r}) has {problem} "
-                                 f"{value!r} ({int(mask.sum())} such detections)")
+                                 f"{value!r}" + (f" ({int(mask.sum())} detections like it)" if mask.sum() > 1 else ""))
 
 
 def _detection_arrays(dets, det_name):

@@ -240,7 +240,7 @@ class Checkpoints(keras.callbacks.Callback):
             save_model_atomic(self.model, os.path.join(self.work_dir, "best.keras"))
             self.best = dict(monitor=self.monitor, value=float(value), epoch=epoch + 1)
         save_model_atomic(self.model, os.path.join(self.work_dir, "last.keras"))
-        state = dict(epochs_done=epoch + 1, iterations=int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)))
+        state = dict(epochs_done=epoch + 1, iterations=int(self.model.optimizer.iterations.numpy()))
         if self.best:
             state["best"] = self.best
         atomic_write_text(os.path.join(self.work_dir, "state.json"), json.dumps(state, indent=1))
