@@ -12,7 +12,7 @@ Use it as::
         sys.exit(main())
 
 ``tool_main`` makes ``main`` return 2 after printing one line ``error: <message>`` on
-stderr when kdet raises one of its user-facing errors (:data:`USER_ERRORS`: a bad recipe,
+stderr when kdet raises one of its user-facing errors (`user_errors`: a bad recipe,
 dataset, results file or checkpoint, a missing file), instead of a traceback. Anything
 else is a bug and keeps its traceback.
 
@@ -121,6 +121,11 @@ def load_keras_model(path):
         raise ToolError(f"{path}: no such model file")
     if os.path.isdir(path):
         raise ToolError(f"{path}: a folder, not a .keras model file")
+    import zipfile
+
+    if str(path).endswith(".keras") and not zipfile.is_zipfile(path):
+        raise ToolError(f"{path}: not a .keras model file (not a complete zip archive: cut off mid-write, "
+                        "or another format)")
     from kdet.models.ssd import load_model
 
     try:

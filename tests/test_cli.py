@@ -127,13 +127,14 @@ def test_eval_zero_based_classes_warn_with_counts(bccd_coco):
 
 
 # ------------------------------------------------------------------ the TensorFlow tools
-def _garbage_keras(tmp_path):
-    """A .keras file cut off mid-write: the first half of a real zip."""
+def _garbage_keras(tmp_path, truncate=True):
+    """A .keras zip with nonsense inside; ``truncate``: cut off mid-write (its first half)."""
     path = tmp_path / "model.keras"
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("config.json", json.dumps({"class_name": "SSD"}) * 200)
         z.writestr("model.weights.h5", os.urandom(20000))
-    path.write_bytes(path.read_bytes()[:9000])
+    if truncate:
+        path.write_bytes(path.read_bytes()[:9000])
     return path
 
 
@@ -160,12 +161,12 @@ def test_infer_bad_inputs(tmp_path):
     images.mkdir()
     shutil.copy(BCCD / "JPEGImages" / "BloodImage_00000.jpg", images)
     last_error_line(run_tool("infer", tmp_path / "model.keras", images, "--out", tmp_path / "o"),
-                    "model.keras", "cannot load the model")
+                    "model.keras", "not a .keras model file", "cut off mid-write")
 
 
 def test_export_bad_model_file(tmp_path):
-    proc = run_tool("export", _garbage_keras(tmp_path), tmp_path / "out", "--classes", "RBC,WBC,Platelets")
-    last_error_line(proc, "model.keras", "cannot load the model")
+    proc = run_tool("export", _garbage_keras(tmp_path, truncate=False), tmp_path / "out", "--classes", "RBC,WBC")
+    last_error_line(proc, "model.keras", "cannot load the model", "not a kdet .keras model")
     proc = run_tool("export", tmp_path / "nope.keras", tmp_path / "out", "--classes", "RBC")
     last_error_line(proc, "nope.keras", "no such model file")
 
