@@ -168,9 +168,13 @@ def evaluate_records(model, records, class_names, recipe):
 
 
 # ------------------------------------------------------------------ training
-def build_callbacks(recipe, work_dir, class_names, val_dataset, resume):
-    """Checkpoints, logs, COCO evaluation, early stopping, freezing and the non-finite guard."""
-    from kdet.training.callbacks import StopOnNonFiniteLoss
+def build_callbacks(recipe, work_dir, class_names, val_dataset, resume_point=None):
+    """Checkpoints, logs, COCO evaluation, early stopping, freezing and the non-finite guard.
+
+    ``resume_point`` (from `load_resume_point`) keeps ``log.csv``'s rows of the finished
+    epochs and the best value ``best.keras`` was saved at.
+    """
+    from kdet.training.callbacks import Checkpoints, CSVLog, EarlyStoppingOnEvaluations, StopOnNonFiniteLoss
 
     train_cfg, eval_cfg = recipe["train"], recipe.get("eval", {})
     callbacks = [StopOnNonFiniteLoss(raise_error=True)]
@@ -184,17 +188,15 @@ def build_callbacks(recipe, work_dir, class_names, val_dataset, resume):
                                           class_names=class_names,
                                           detect_fn=lambda model, images: model.detect(images, **settings)))
         monitor = eval_cfg.get("monitor", "val_AP")
-        callbacks.append(keras.callbacks.ModelCheckpoint(
-            os.path.join(work_dir, "best.keras"), monitor=monitor, mode="max", save_best_only=True))
         if train_cfg.get("early_stopping_patience"):
-            callbacks.append(keras.callbacks.EarlyStopping(
+            callbacks.append(EarlyStoppingOnEvaluations(
                 monitor=monitor, mode="max", patience=int(train_cfg["early_stopping_patience"]),
                 restore_best_weights=True))
+    epochs_done, best = (resume_point["epochs_done"], resume_point.get("best")) if resume_point else (0, None)
     callbacks += [
         _image_logger(work_dir, val_dataset, eval_cfg.get("every_n_epochs", 1)),
-        keras.callbacks.ModelCheckpoint(os.path.join(work_dir, "last.keras")),
-        EpochRecorder(os.path.join(work_dir, "state.json")),
-        keras.callbacks.CSVLogger(os.path.join(work_dir, "log.csv"), append=resume),
+        CSVLog(os.path.join(work_dir, "log.csv"), keep_epochs=epochs_done),   # written before state.json
+        Checkpoints(work_dir, monitor=monitor, mode="max", best=best),         # best, last, state.json
         keras.callbacks.TensorBoard(os.path.join(work_dir, "tensorboard"), write_graph=False),
     ]
     return callbacks
@@ -226,16 +228,59 @@ def _freezing_callbacks(train_cfg):
     return []
 
 
-class EpochRecorder(keras.callbacks.Callback):
-    """Writes the number of finished epochs next to ``last.keras`` (for ``--resume``)."""
+def load_resume_point(work_dir, steps_per_epoch):
+    """``{"model", "epochs_done", "best"}`` from ``last.keras`` + ``state.json``; None without a checkpoint.
 
-    def __init__(self, path):
-        super().__init__()
-        self.path = path
+    The files are written in the order ``last.keras`` then ``state.json`` (each atomically),
+    so after a kill ``state.json`` is either right or one epoch behind ``last.keras``; the
+    optimizer step count written in ``state.json`` tells the two apart. A checkpoint that
+    does not load or a ``state.json`` that disagrees with it is a `UserError` naming the file.
+    """
+    last, state_path = os.path.join(work_dir, "last.keras"), os.path.join(work_dir, "state.json")
+    if not os.path.exists(last):
+        return None
+    have_state = os.path.exists(state_path)
+    state = _read_state(state_path) if have_state else dict(epochs_done=0, iterations=0)
+    model = _load_checkpoint(last)
+    steps = int(model.optimizer.iterations.numpy())
+    epochs_done, saved_steps = state["epochs_done"], state.get("iterations")
+    if saved_steps is not None and steps != saved_steps:
+        if not saved_steps < steps <= saved_steps + steps_per_epoch:
+            said = (f"says {epochs_done} epochs ({saved_steps} optimizer steps) are done" if have_state
+                    else "is missing (so no epoch is known to be done)")
+            raise UserError(f"{state_path} {said}, but "
+                            f"{last} holds {steps} steps: they are not from the same run; remove the work dir's "
+                            "state.json and last.keras to start over")
+        epochs_done += 1   # killed between writing last.keras and state.json
+        print(f"{last} is one epoch ahead of {state_path} (the run was stopped between the two writes)")
+    return dict(model=model, epochs_done=epochs_done, best=state.get("best"))
 
-    def on_epoch_end(self, epoch, logs=None):
-        with open(self.path, "w") as f:
-            json.dump({"epochs_done": epoch + 1}, f)
+
+def _read_state(path):
+    try:
+        with open(path) as f:
+            state = json.load(f)
+        epochs = state["epochs_done"]
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+            raise ValueError(f"epochs_done must be a whole number >= 0, got {epochs!r}")
+        return state
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        reason = f"no field {err}" if isinstance(err, KeyError) else str(err).splitlines()[0]
+        raise UserError(f"{path}: not a kdet training state ({reason}); remove it and last.keras "
+                        "to start over") from err
+
+
+def _load_checkpoint(path):
+    """``last.keras`` through kdet's loader (kdet's classes registered); a damaged file is a `UserError`."""
+    from kdet.cli import ToolError, load_keras_model
+
+    try:
+        model = load_keras_model(path)
+    except ToolError as err:
+        raise UserError(f"{err}: restore it, or remove it to start over") from err
+    if getattr(model, "optimizer", None) is None:
+        raise UserError(f"{path}: the checkpoint has no optimizer state (not written by kdet's training)")
+    return model
 
 
 def train(recipe, work_dir, resume=False):
@@ -269,13 +314,16 @@ def train(recipe, work_dir, resume=False):
     train_ds = train_ds.apply(tf.data.experimental.assert_cardinality(steps_per_epoch))  # a known epoch length
     val_ds = build_eval_dataset(recipe, val_records) if val_records else None
 
-    initial_epoch, last = 0, os.path.join(work_dir, "last.keras")
+    from kdet.training.callbacks import remove_stale_temp_files
+
+    remove_stale_temp_files(work_dir)   # partial saves of a killed run
+    resume_point, initial_epoch = None, 0
     with strategy.scope():
-        if resume and os.path.exists(last):
-            model = keras.models.load_model(last)
-            with open(os.path.join(work_dir, "state.json")) as f:
-                initial_epoch = json.load(f)["epochs_done"]
-            print(f"resuming from {last} after epoch {initial_epoch}")
+        if resume:
+            resume_point = load_resume_point(work_dir, steps_per_epoch)
+        if resume_point:
+            model, initial_epoch = resume_point["model"], resume_point["epochs_done"]
+            print(f"resuming from {os.path.join(work_dir, 'last.keras')} after epoch {initial_epoch}")
         else:
             if resume:
                 print(f"--resume: no checkpoint in {work_dir}, starting from scratch")
@@ -284,10 +332,11 @@ def train(recipe, work_dir, resume=False):
                           loss=build_loss(recipe, class_names, records["train"],
                                           anchors_per_level=model.anchors_per_level),
                           jit_compile=bool(train_cfg.get("jit_compile", False)))
-    callbacks = build_callbacks(recipe, work_dir, class_names, val_ds, resume)
+    callbacks = build_callbacks(recipe, work_dir, class_names, val_ds, resume_point)
     started = time.time()
     model.fit(train_ds, epochs=int(train_cfg["epochs"]), initial_epoch=initial_epoch,
-              callbacks=callbacks, verbose=recipe.get("verbose", 1))
+              callbacks=callbacks, verbose=recipe.get("verbose", 1),
+              shuffle=False)   # train_ds shuffles itself; Keras' default True only warns for a tf.data input
     train_seconds = time.time() - started
     if val_records and train_cfg.get("ema_momentum") is not None:
         _evaluate_averaged_weights(model, val_records, class_names, recipe)

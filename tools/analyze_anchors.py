@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from kdet.analysis.anchors import fit_anchors  # noqa: E402
+from kdet.cli import ToolError, tool_main  # noqa: E402
 from kdet.data.audit import load_recipe, recipe_sources  # noqa: E402
 
 
@@ -79,6 +80,7 @@ def plot_sizes(path, records, fit):
     plt.close(fig)
 
 
+@tool_main
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe", help="recipe .py file")
@@ -95,7 +97,7 @@ def main(argv=None):
     recipe = load_recipe(args.recipe, args.set)
     sources = recipe_sources(recipe, (args.split,))
     if args.split not in sources:
-        raise SystemExit(f"{args.recipe}: recipe['data'][{args.split!r}] is not set")
+        raise ToolError(f"{args.recipe}: recipe['data'][{args.split!r}] is not set")
     source = sources[args.split]
     records = source.records()
     class_names = list(recipe.get("data", {}).get("class_names") or source.class_names)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kdet.cli import ToolError, tool_main  # noqa: E402
 from kdet.data.audit import audit_sources, audit_voc_dir, load_recipe, recipe_sources  # noqa: E402
 
 
@@ -26,12 +27,15 @@ def build_report(target, splits=None, class_names=None, check_images=True, overr
         recipe = load_recipe(path, overrides)
         sources = recipe_sources(recipe, splits or ("train", "val", "test"))
         if not sources:
-            raise SystemExit(f"{path}: the recipe's data section has no train/val/test source")
+            raise ToolError(f"{path}: the recipe's data section has no train/val/test source")
         class_names = class_names or recipe.get("data", {}).get("class_names")
         return audit_sources(sources, class_names, check_images=check_images)
-    raise SystemExit(f"{target}: neither a VOC directory nor a recipe .py file")
+    if not path.exists():
+        raise ToolError(f"{target}: no such file or folder")
+    raise ToolError(f"{target}: neither a VOC directory nor a recipe .py file")
 
 
+@tool_main(needs_tensorflow=False)
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("target", help="a VOC directory or a recipe .py file")

@@ -3,6 +3,9 @@
     python tools/eval.py --gt instances_val.json --dets results.json [--json metrics.json] [--device]
 
 Prints the 12-line pycocotools-style summary and a per-class AP / AP50 table.
+A results file kdet cannot score (not JSON, not a list, missing fields, NaN boxes,
+no detection on a ground-truth image or category id) ends in one ``error:`` line
+naming the file and the detection, exit status 2.
 """
 
 import argparse
@@ -12,9 +15,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kdet.cli import tool_main  # noqa: E402
 from kdet.metrics.coco import coco_evaluate, format_per_class, format_summary  # noqa: E402
 
 
+@tool_main(needs_tensorflow=False)
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gt", required=True, help="COCO ground-truth json")
@@ -24,6 +29,10 @@ def main(argv=None):
     parser.add_argument("--float32", action="store_true", help="with --device: float32 instead of float64")
     args = parser.parse_args(argv)
 
+    if args.device:
+        from kdet.cli import import_tensorflow
+
+        import_tensorflow()
     result = coco_evaluate(args.gt, args.dets, use_device=args.device,
                            dtype="float32" if args.float32 else "float64")
     print(format_summary(result))
@@ -31,8 +40,8 @@ def main(argv=None):
     print(format_per_class(result["per_class"]))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
-    return result
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

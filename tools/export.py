@@ -10,6 +10,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from kdet.cli import ToolError, load_keras_model, tool_main  # noqa: E402
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,21 +45,17 @@ def export_settings(args):
     return class_names, settings
 
 
+@tool_main
 def main(argv=None):
     args = parse_args(argv)
-    from kdet.config import RecipeError
     from kdet.export import export_saved_model
-    from kdet.models.ssd import load_model
 
-    try:
-        class_names, settings = export_settings(args)
-        model = load_model(args.model)
-    except (RecipeError, OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    class_names, settings = export_settings(args)
+    if not class_names:
+        raise ToolError("--classes names no class")
+    model = load_keras_model(args.model)
     if len(class_names) != model.num_classes:
-        print(f"error: {len(class_names)} class names for a model with {model.num_classes} classes", file=sys.stderr)
-        return 2
+        raise ToolError(f"{len(class_names)} class names for {args.model}, a model with {model.num_classes} classes")
     export_saved_model(model, args.out, class_names, max_detections=args.max_detections, **settings)
     print(f"SavedModel written to {args.out} (signature serving_default: uint8 images -> detections)")
     return 0

@@ -12,6 +12,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from kdet.cli import ToolError, load_keras_model, tool_main  # noqa: E402
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
@@ -27,10 +29,13 @@ def parse_args(argv=None):
 
 def image_paths(path):
     if os.path.isdir(path):
-        return sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_SUFFIXES))
+        paths = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_SUFFIXES))
+        if not paths:
+            raise ToolError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+        return paths
     if os.path.isfile(path):
         return [path]
-    raise FileNotFoundError(f"no such image or folder: {path}")
+    raise ToolError(f"{path}: no such image or folder")
 
 
 def load_detector(path, classes=None):
@@ -38,15 +43,20 @@ def load_detector(path, classes=None):
     import tensorflow as tf
 
     if os.path.isdir(path):
-        loaded = tf.saved_model.load(path)
-        serve = loaded.signatures["serving_default"]
-        names = [n.decode() for n in loaded.class_names.numpy()]
+        try:
+            loaded = tf.saved_model.load(path)
+            serve = loaded.signatures["serving_default"]
+            names = [n.decode() for n in loaded.class_names.numpy()]
+        except Exception as err:  # not a SavedModel, or not one kdet exported
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise ToolError(f"{path}: not a SavedModel exported by kdet ({type(err).__name__}: {reason})") from err
     else:
         from kdet.export import DetectorModule
-        from kdet.models.ssd import load_model
 
-        model = load_model(path)
-        names = classes.split(",") if classes else [str(i) for i in range(model.num_classes)]
+        model = load_keras_model(path)
+        names = [c.strip() for c in classes.split(",")] if classes else [str(i) for i in range(model.num_classes)]
+        if len(names) != model.num_classes:
+            raise ToolError(f"--classes gives {len(names)} names for {path}, a model with {model.num_classes} classes")
         serve = DetectorModule(model, names, dict(score_threshold=0.01, iou_threshold=0.45,
                                                    max_detections=100)).serve
 
@@ -74,22 +84,32 @@ def draw(image, boxes, scores, classes, names, threshold):
     return canvas
 
 
+def read_image(path):
+    """RGB uint8 pixels, EXIF orientation applied; None (with a warning line) when the file is not an image."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as err:  # PIL: UnidentifiedImageError, truncated data
+        print(f"warning: {path}: not a readable image ({err}); skipped", file=sys.stderr)
+        return None
+
+
+@tool_main
 def main(argv=None):
     import json
 
-    from PIL import Image
-
     args = parse_args(argv)
-    try:
-        paths = image_paths(args.images)
-        detect, names = load_detector(args.model, args.classes)
-    except (OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    paths = image_paths(args.images)
+    detect, names = load_detector(args.model, args.classes)
     os.makedirs(args.out, exist_ok=True)
-    results = {}
+    results, skipped = {}, []
     for path in paths:
-        image = np.asarray(Image.open(path).convert("RGB"))
+        image = read_image(path)
+        if image is None:
+            skipped.append(path)
+            continue
         boxes, scores, classes = detect(image)
         draw(image, boxes, scores, classes, names, args.score_threshold).save(
             os.path.join(args.out, os.path.splitext(os.path.basename(path))[0] + ".png"))
@@ -99,7 +119,10 @@ def main(argv=None):
             for b, s, c in zip(boxes[keep], scores[keep], classes[keep])]
     with open(os.path.join(args.out, "detections.json"), "w") as f:
         json.dump(results, f, indent=1)
-    print(f"{len(paths)} images drawn into {args.out}")
+    if skipped and not results:
+        raise ToolError(f"{args.images}: none of the {len(paths)} files is a readable image")
+    note = f" ({len(skipped)} unreadable files skipped)" if skipped else ""
+    print(f"{len(results)} images drawn into {args.out}{note}")
     return 0
 
 

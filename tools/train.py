@@ -6,6 +6,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from kdet.cli import tool_main  # noqa: E402
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
@@ -20,20 +22,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@tool_main
 def main(argv=None):
     args = parse_args(argv)
-    from kdet.engine import UserError, train_from_recipe_file
+    from kdet.engine import train_from_recipe_file
 
     overrides = list(args.overrides)
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")
     if args.strategy is not None:
         overrides.append(f"train.strategy={args.strategy}")
-    try:
-        train_from_recipe_file(args.recipe, overrides, work_dir=args.work_dir, resume=args.resume)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    train_from_recipe_file(args.recipe, overrides, work_dir=args.work_dir, resume=args.resume)
     return 0
 
 

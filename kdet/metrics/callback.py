@@ -76,6 +76,7 @@ class COCOEvalCallback(keras.callbacks.Callback):
         self.last_result = None
         self._accumulator = None
         self._update_fn = None
+        self._result_fn = None
         self._predict_fn = None
         self._batch_size = None
 
@@ -106,7 +107,7 @@ class COCOEvalCallback(keras.callbacks.Callback):
         if self._accumulator is None:
             raise ValueError("COCOEvalCallback: the validation dataset is empty")
         self._accumulator.check()
-        precision, recall = tf.function(self._accumulator.result, jit_compile=self.jit_compile)()
+        precision, recall = self._result_fn()
         precision, recall = precision.numpy().astype(np.float64), recall.numpy().astype(np.float64)
         result = summarize(precision, recall)
         result["per_class"] = per_class(precision, self.class_names)
@@ -170,6 +171,8 @@ class COCOEvalCallback(keras.callbacks.Callback):
             bigger.count.assign(acc.count)
         self._accumulator = bigger
         self._update_fn = tf.function(bigger.update, jit_compile=self.jit_compile)
+        # built once per accumulator: a new tf.function at every evaluation retraces each time (and warns)
+        self._result_fn = tf.function(bigger.result, jit_compile=self.jit_compile)
 
 
 def _pad_batch(x, pad, fill):

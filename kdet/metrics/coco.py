@@ -27,8 +27,15 @@ Where pycocotools breaks, kdet does the right thing instead:
 * an empty detection list gives AP/AR 0 (pycocotools raises IndexError);
 * a ground-truth annotation with ``id`` 0 counts as matched (pycocotools uses gt id 0
   as its "unmatched" sentinel, so such a match becomes a false positive);
-* detections on an image that is not in the ground truth raise ``ValueError`` naming
-  the image id (pycocotools: a bare AssertionError);
+* detections on images that are not in the ground truth: see the next point
+  (pycocotools: a bare AssertionError);
+* kdet is stricter than pycocotools about the results file (``CocoInputError``, a
+  ``ValueError``, naming the file and the detection): NaN/inf boxes or scores and
+  negative widths/heights are errors (pycocotools scores them as if they were boxes);
+  when no detection's category id (or image id) is in the ground truth it is an error
+  naming the unknown and the known ids (pycocotools silently drops such detections, so
+  the classic 0- vs 1-based category mistake scores AP 0.000 without a word); when only
+  some are unknown, a ``CocoIdWarning`` with the counts, and those detections are dropped;
 * a ground truth without ``area`` uses its box area, one without ``iscrowd`` is not
   crowd (pycocotools raises KeyError).
 
@@ -37,7 +44,9 @@ engine of :mod:`kdet.metrics.coco_device` (``use_device=True``).
 """
 
 import json
+import numbers
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +57,7 @@ from kdet.metrics._coco_common import (
     format_per_class, format_summary, per_class, summarize,
 )
 
-__all__ = ["coco_evaluate", "load_coco_arrays", "evaluate_arrays", "CocoArrays",
+__all__ = ["coco_evaluate", "load_coco_arrays", "CocoInputError", "CocoIdWarning", "evaluate_arrays", "CocoArrays",
            "format_summary", "format_per_class", "STAT_NAMES"]
 
 
@@ -77,6 +86,14 @@ class CocoArrays:
     det_rank: np.ndarray     # [D] int, position within its image and category
 
 
+class CocoInputError(ValueError):
+    """A ground truth or results file kdet cannot evaluate; the message names the file and the problem."""
+
+
+class CocoIdWarning(UserWarning):
+    """Some detections carry image or category ids the ground truth does not have (they are dropped)."""
+
+
 def _read_json(source, what):
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -84,16 +101,16 @@ def _read_json(source, what):
             with open(path) as f:
                 return json.load(f)
         except OSError as err:
-            raise ValueError(f"cannot read {what} file {path}: {err}") from err
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{what} file {path} is not valid JSON: {err}") from err
+            raise CocoInputError(f"cannot read {what} file {path}: {err.strerror or err}") from err
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CocoInputError(f"{what} file {path} is not valid JSON: {err}") from err
     return source
 
 
 def _boxes(rows, what):
     boxes = np.asarray(rows, dtype=np.float64) if rows else np.zeros((0, 4))
     if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"{what}: every 'bbox' must be [x, y, w, h]")
+        raise CocoInputError(f"{what}: every 'bbox' must be [x, y, w, h]")
     return boxes
 
 
@@ -106,45 +123,139 @@ def _positions(sorted_ids, ids):
     return pos, sorted_ids[pos] == ids
 
 
+def _id_list(ids, limit=8):
+    ids = sorted(set(ids))
+    text = ", ".join(str(i) for i in ids[:limit])
+    return text + (f", ... ({len(ids)} in all)" if len(ids) > limit else "")
+
+
+def _is_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _ids_of(rows, field, name, what):
+    """``rows[i][field]`` for every row; a missing field or a non-number id is an error naming the row."""
+    try:
+        ids = np.asarray([row[field] for row in rows])
+        if len(rows) == 0 or ids.ndim == 1 and ids.dtype.kind in "iuf":
+            return ids if len(rows) else np.zeros(0, np.int64)
+    except (KeyError, TypeError, IndexError, ValueError):
+        pass
+    for i, row in enumerate(rows):  # the slow path only names the culprit
+        if not isinstance(row, dict):
+            raise CocoInputError(f"{name}: {what} {i} is not a dict but {type(row).__name__}")
+        if field not in row:
+            raise CocoInputError(f"{name}: {what} {i} lacks the field {field!r}")
+        if not _is_number(row[field]):
+            raise CocoInputError(f"{name}: {what} {i} has {field} {row[field]!r}, not a number")
+    raise CocoInputError(f"{name}: the {what}s' {field} values are not numbers")
+
+
+def _check_ids(found, known, ids, kind, det_name, gt_name):
+    """Detection ids that are not in the ground truth: an error when none is, a warning with counts when some are.
+
+    pycocotools drops detections of unknown categories without a word (an off-by-one
+    category id then scores AP 0.000) and asserts on unknown images; kdet names them.
+    """
+    if found.all():
+        return
+    unknown = ids[~found].tolist()
+    where = f"the ground truth {gt_name}" if gt_name != "ground truth" else "the ground truth"
+    has = f"{kind} id {unknown[0]}" if len(set(unknown)) == 1 else f"{kind} ids {_id_list(unknown)}"
+    known_text = f"{where} has {kind} ids {_id_list(known.tolist())}"
+    if not found.any():
+        hint = " (0- vs 1-based ids?)" if kind == "category" else ""
+        raise CocoInputError(f"{det_name}: no detection's {kind} id is in {where}{hint}: the detections have "
+                             f"{has}, {known_text}")
+    warnings.warn(f"{det_name}: {len(unknown)} of {len(ids)} detections have {has}, not in {where}, and are "
+                  f"dropped; {known_text}", CocoIdWarning, stacklevel=4)
+
+
+def _check_finite(d_xywh, d_score, dets, det_name):
+    """NaN/inf boxes or scores and negative widths/heights are errors naming the detection."""
+    bad_box = ~np.isfinite(d_xywh).all(axis=1)
+    bad_size = np.isfinite(d_xywh).all(axis=1) & ((d_xywh[:, 2] < 0) | (d_xywh[:, 3] < 0))
+    bad_score = ~np.isfinite(d_score)
+    for mask, problem in ((bad_box, "a non-finite bbox"), (bad_size, "a negative width or height"),
+                          (bad_score, "a non-finite score")):
+        if mask.any():
+            i = int(np.flatnonzero(mask)[0])
+            value = dets[i]["score"] if mask is bad_score else dets[i]["bbox"]
+            raise CocoInputError(f"{det_name}: detection {i} (image id {dets[i]['image_id']!r}) has {problem} "
+                                 f"{value!r}" + (f" ({int(mask.sum())} detections like it)" if mask.sum() > 1 else ""))
+
+
+def _detection_arrays(dets, det_name):
+    """``(image ids, category ids, boxes [D, 4], scores)`` of a results list, each entry checked."""
+    d_image = _ids_of(dets, "image_id", det_name, "detection")
+    d_cat = _ids_of(dets, "category_id", det_name, "detection")
+    for field in ("bbox", "score"):
+        missing = [i for i, d in enumerate(dets) if field not in d]
+        if missing:
+            raise CocoInputError(f"{det_name}: detection {missing[0]} lacks the field {field!r}")
+    try:
+        d_xywh = np.asarray([d["bbox"] for d in dets], np.float64).reshape(-1, 4) if dets else np.zeros((0, 4))
+        d_score = np.asarray([d["score"] for d in dets], np.float64).reshape(len(dets))
+    except (TypeError, ValueError):
+        _name_bad_entry(dets, det_name)
+        raise
+    if d_xywh.shape[0] != len(dets):
+        _name_bad_entry(dets, det_name)
+    _check_finite(d_xywh, d_score, dets, det_name)
+    return d_image, d_cat, d_xywh, d_score
+
+
+def _name_bad_entry(dets, det_name):
+    """Raise for the first detection whose bbox is not 4 numbers or whose score is not a number."""
+    for i, d in enumerate(dets):
+        bbox = d["bbox"]
+        if not isinstance(bbox, (list, tuple, np.ndarray)) or len(bbox) != 4 or not all(map(_is_number, bbox)):
+            raise CocoInputError(f"{det_name}: detection {i} has bbox {bbox!r}; it must be 4 numbers [x, y, w, h]")
+        if not _is_number(d["score"]):
+            raise CocoInputError(f"{det_name}: detection {i} has score {d['score']!r}, not a number")
+    raise CocoInputError(f"{det_name}: every 'bbox' must be [x, y, w, h]")
+
+
 def load_coco_arrays(ground_truth, detections):
-    """Read a COCO ground truth and detection results (dicts / lists or json paths) into `CocoArrays`."""
+    """Read a COCO ground truth and detection results (dicts / lists or json paths) into `CocoArrays`.
+
+    Stricter than pycocotools (which drops unknown categories silently and accepts NaN
+    boxes): see :func:`_check_ids` and :func:`_check_finite`; every error is a
+    `CocoInputError` naming the file and the detection.
+    """
     gt_name = str(ground_truth) if isinstance(ground_truth, (str, os.PathLike)) else "ground truth"
     det_name = str(detections) if isinstance(detections, (str, os.PathLike)) else "detections"
     gt = _read_json(ground_truth, "ground truth")
     dets = _read_json(detections, "detections")
     if not isinstance(gt, dict) or "images" not in gt or "categories" not in gt:
-        raise ValueError(f"{gt_name}: not a COCO ground truth (needs 'images' and 'categories')")
+        raise CocoInputError(f"{gt_name}: not a COCO ground truth (needs 'images' and 'categories')")
     if not isinstance(dets, list):
-        raise ValueError(f"{det_name}: detections must be a list of result dicts")
+        hint = " (a COCO ground truth, not results?)" if isinstance(dets, dict) and "annotations" in dets else ""
+        raise CocoInputError(f"{det_name}: detections must be a list of result dicts, got {type(dets).__name__}{hint}")
 
-    image_ids = np.unique(np.asarray([im["id"] for im in gt["images"]]))
-    cats = sorted(gt["categories"], key=lambda c: c["id"])
-    category_ids = np.asarray([c["id"] for c in cats])
+    image_ids = np.unique(_ids_of(gt["images"], "id", gt_name, "image"))
+    cats = sorted(gt["categories"], key=lambda c: c["id"] if isinstance(c, dict) and "id" in c else 0)
+    category_ids = _ids_of(cats, "id", gt_name, "category")
     class_names = [c.get("name", str(c["id"])) for c in cats]
 
     anns = gt.get("annotations", [])
+    g_img, g_ok_img = _positions(image_ids, _ids_of(anns, "image_id", gt_name, "annotation"))
+    g_cls, g_ok_cls = _positions(category_ids, _ids_of(anns, "category_id", gt_name, "annotation"))
     try:
-        g_img, g_ok_img = _positions(image_ids, [a["image_id"] for a in anns])
-        g_cls, g_ok_cls = _positions(category_ids, [a["category_id"] for a in anns])
         g_xywh = _boxes([a["bbox"] for a in anns], gt_name)
     except KeyError as err:
-        raise ValueError(f"{gt_name}: an annotation lacks the field {err}") from err
+        raise CocoInputError(f"{gt_name}: an annotation lacks the field {err}") from err
     g_area = np.asarray([a.get("area", a["bbox"][2] * a["bbox"][3]) for a in anns], np.float64)
     g_crowd = np.asarray([bool(a.get("iscrowd", 0)) for a in anns], bool)
     keep = np.flatnonzero(g_ok_img & g_ok_cls)
     keep = keep[np.lexsort((keep, g_cls[keep], g_img[keep]))]
 
-    try:
-        d_img, d_ok_img = _positions(image_ids, [d["image_id"] for d in dets])
-        d_cls, d_ok_cls = _positions(category_ids, [d["category_id"] for d in dets])
-        d_xywh = _boxes([d["bbox"] for d in dets], det_name)
-        d_score = np.asarray([d["score"] for d in dets], np.float64)
-    except KeyError as err:
-        raise ValueError(f"{det_name}: a detection lacks the field {err}") from err
-    if not d_ok_img.all():
-        bad = dets[int(np.flatnonzero(~d_ok_img)[0])]["image_id"]
-        raise ValueError(f"{det_name}: detections on image id {bad!r}, which is not in the ground truth {gt_name}")
-    dkeep = np.flatnonzero(d_ok_cls)
+    d_image, d_cat, d_xywh, d_score = _detection_arrays(dets, det_name)
+    d_img, d_ok_img = _positions(image_ids, d_image)
+    d_cls, d_ok_cls = _positions(category_ids, d_cat)
+    _check_ids(d_ok_img, image_ids, d_image, "image", det_name, gt_name)
+    _check_ids(d_ok_cls, category_ids, d_cat, "category", det_name, gt_name)
+    dkeep = np.flatnonzero(d_ok_cls & d_ok_img)
     dkeep = dkeep[np.lexsort((dkeep, -d_score[dkeep], d_cls[dkeep], d_img[dkeep]))]
     rank = _rank_in_groups(d_img[dkeep] * len(category_ids) + d_cls[dkeep])
     dkeep, rank = dkeep[rank < MAX_DETS[-1]], rank[rank < MAX_DETS[-1]]

@@ -1,6 +1,18 @@
-"""Training callbacks: a non-finite loss guard and a TensorBoard image logger."""
+"""Training callbacks: a non-finite loss guard, a TensorBoard image logger, and what ``--resume`` needs.
 
+The resume files of a work dir are written so that a kill at any moment (SIGKILL, a
+pre-empted machine) leaves a usable set: each is written to a temporary file in the
+same folder and renamed over the old one (``os.replace``, atomic on POSIX), in the
+order ``log.csv`` -> ``best.keras`` -> ``last.keras`` -> ``state.json``. ``state.json`` says how
+many epochs ``last.keras`` holds (and its optimizer step count, to check they agree).
+"""
+
+import csv
+import io
+import json
 import math
+import os
+import tempfile
 
 import keras
 import numpy as np
@@ -164,3 +176,126 @@ class ImageLogger(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self._writer is not None:
             self._writer.close()
+
+
+# ---------------------------------------------------------------- atomic files, checkpoints, log
+TEMP_PREFIX = ".kdet-tmp-"
+
+
+def atomic_write(path, write, suffix=""):
+    """Call ``write(temp_path)``, then rename the temp file over ``path``; a kill leaves the old file intact."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, temp = tempfile.mkstemp(prefix=TEMP_PREFIX + os.path.basename(path) + ".", suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        write(temp)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+
+
+def atomic_write_text(path, text):
+    def write(temp):
+        with open(temp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
+
+
+def remove_stale_temp_files(folder):
+    """Temporary files a killed run left behind (they are never the only copy of anything)."""
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if name.startswith(TEMP_PREFIX):
+                os.remove(os.path.join(folder, name))
+
+
+def save_model_atomic(model, path):
+    atomic_write(path, model.save, suffix=".keras")   # keras wants the .keras suffix on the temp file
+
+
+class Checkpoints(keras.callbacks.Callback):
+    """``last.keras`` every epoch, ``best.keras`` when ``monitor`` improves, then ``state.json``; all atomic.
+
+    Epochs whose logs lack ``monitor`` (no evaluation that epoch) leave ``best.keras`` alone
+    without a warning. ``best`` (from a previous run's ``state.json``) keeps a resumed run
+    from overwriting a better ``best.keras``.
+    """
+
+    def __init__(self, work_dir, monitor=None, mode="max", best=None):
+        super().__init__()
+        self.work_dir = work_dir
+        self.monitor = monitor
+        self.better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
+        self.best = dict(best) if best else None
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        value = logs.get(self.monitor) if self.monitor else None
+        if value is not None and math.isfinite(float(value)) and (
+                self.best is None or self.better(float(value), self.best["value"])):
+            save_model_atomic(self.model, os.path.join(self.work_dir, "best.keras"))
+            self.best = dict(monitor=self.monitor, value=float(value), epoch=epoch + 1)
+        save_model_atomic(self.model, os.path.join(self.work_dir, "last.keras"))
+        state = dict(epochs_done=epoch + 1, iterations=int(self.model.optimizer.iterations.numpy()))
+        if self.best:
+            state["best"] = self.best
+        atomic_write_text(os.path.join(self.work_dir, "state.json"), json.dumps(state, indent=1))
+
+
+class EarlyStoppingOnEvaluations(keras.callbacks.EarlyStopping):
+    """``EarlyStopping`` that skips, without a warning, epochs whose logs lack ``monitor`` (no evaluation)."""
+
+    def get_monitor_value(self, logs):
+        return (logs or {}).get(self.monitor)
+
+
+class CSVLog(keras.callbacks.Callback):
+    """``log.csv``: one row per epoch, a column for every key that ever appears in the epoch logs.
+
+    Columns are ``epoch`` then the keys in order of first appearance; a key missing from an
+    epoch (``val_AP`` on epochs without evaluation) is an empty cell. The whole file is
+    rewritten atomically each epoch (so a column appearing later is added to the header).
+    ``keep_epochs`` rows of an existing file are kept (a resumed run; later rows are the
+    epochs it repeats and are dropped), ``keep_epochs=0`` starts a new file.
+    """
+
+    def __init__(self, path, keep_epochs=0):
+        super().__init__()
+        self.path = path
+        self.rows = [row for row in read_log(path) if int(float(row["epoch"])) < keep_epochs] if keep_epochs else []
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": epoch}
+        row.update({key: _cell(value) for key, value in (logs or {}).items()})
+        self.rows = [r for r in self.rows if int(float(r["epoch"])) != epoch] + [row]
+        atomic_write_text(self.path, format_log(self.rows))
+
+
+def _cell(value):
+    value = keras.ops.convert_to_numpy(value) if not isinstance(value, (int, float, str)) else value
+    if isinstance(value, np.ndarray):
+        value = value.item() if value.size == 1 else " ".join(str(v) for v in value.ravel())
+    return repr(float(value)) if isinstance(value, (float, np.floating)) else value
+
+
+def read_log(path):
+    """The rows of a ``log.csv`` as dicts (strings; empty cells ``""``); none when there is no file."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return [row for row in csv.DictReader(f) if row.get("epoch") not in (None, "")]
+
+
+def format_log(rows):
+    columns = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
