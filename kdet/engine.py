@@ -299,15 +299,15 @@ def train(recipe, work_dir, resume=False):
     train_cfg = recipe["train"]
     _print_data_summary(records, class_names)
     records["train"] = _oversampled(recipe, records["train"], class_names)
-    records["train"] = _repeated_to_epoch_size(recipe, records["train"])
     val_records = records["val"] or None
     test_records = records["test"] or val_records
 
     strategy = make_strategy(train_cfg.get("strategy", "default"))
-    train_ds = build_train_dataset(recipe, records["train"], seed=train_cfg.get("seed"))
-    steps_per_epoch = len(records["train"]) // recipe["data"]["batch_size"]
+    epoch_records = _repeated_to_epoch_size(recipe, records["train"])  # class weights count each image once
+    train_ds = build_train_dataset(recipe, epoch_records, seed=train_cfg.get("seed"))
+    steps_per_epoch = len(epoch_records) // recipe["data"]["batch_size"]
     if steps_per_epoch < 1:
-        raise RecipeError(f"{len(records['train'])} training images are fewer than one batch "
+        raise RecipeError(f"{len(epoch_records)} training images are fewer than one batch "
                           f"({recipe['data']['batch_size']})")
     train_ds = train_ds.apply(tf.data.experimental.assert_cardinality(steps_per_epoch))  # a known epoch length
     _resolve_auto_epochs(train_cfg, steps_per_epoch)
@@ -358,14 +358,16 @@ def _oversampled(recipe, train_records, class_names):
 
 
 def _repeated_to_epoch_size(recipe, train_records):
-    """Whole copies of a small training set so one epoch has at least ``data.min_images_per_epoch`` images.
+    """Whole copies of a small training set so one epoch has about ``data.min_images_per_epoch`` images.
 
     Keeps per-epoch work (checkpoint, log, evaluation) in proportion to training on tiny sets.
     """
     minimum = recipe["data"].get("min_images_per_epoch")
     if not minimum or not train_records or len(train_records) >= minimum:
         return train_records
-    copies = -(-int(minimum) // len(train_records))
+    copies = max(1, int(round(minimum / len(train_records))))
+    if copies == 1:
+        return train_records
     print(f"train: {len(train_records)} images repeated {copies}x per epoch (data.min_images_per_epoch={minimum})")
     return list(train_records) * copies
 

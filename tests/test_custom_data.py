@@ -326,12 +326,31 @@ def test_ssd_custom_recipe_trains_on_a_yolo_folder(tmp_path):
     (root / "data.yaml").write_text("train: images/train\nval: images/val\nnames: [square]\n")
     work = tmp_path / "work"
     sets = ["data.root=" + str(root), "model.image_size=64", "model.width_multiplier=0.125",
-            "model.backbone_weights=None", "train.epochs=1", "data.min_images_per_epoch=16", "data.batch_size=4"]
+            "model.backbone_weights=None", "train.epochs=1", "data.min_images_per_epoch=16", "data.batch_size=4",
+            "data.max_boxes=8", "eval.max_detections=20"]
     result = subprocess.run([sys.executable, "tools/train.py", "recipes/ssd_custom.py", "--work-dir", str(work),
                              *[arg for s in sets for arg in ("--set", s)]],
                             cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
-                            timeout=300)
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "YOLO layout" in result.stdout and "['square']" in result.stdout
     metrics = json.loads((work / "metrics.json").read_text())
     assert "AP50" in metrics
+
+
+def test_auto_epochs_and_small_set_repetition():
+    from kdet.config import load_recipe
+    from kdet.engine import _repeated_to_epoch_size, _resolve_auto_epochs
+
+    recipe = load_recipe(str(REPO / "recipes" / "ssd_custom.py"))
+    assert recipe["train"]["epochs"] == "auto" and recipe["model"]["backbone_weights"] == "auto"
+    records = records_with([[0]] * 10)
+    repeated = _repeated_to_epoch_size(recipe, records)  # min_images_per_epoch 256: round(256 / 10) = 26 copies
+    assert len(repeated) == 260 and repeated[:10] == records
+    assert _repeated_to_epoch_size(recipe, records_with([[0]] * 205)) == records_with([[0]] * 205)  # round(1.25) = 1
+    train_cfg = dict(epochs="auto", auto_steps=3000)
+    _resolve_auto_epochs(train_cfg, steps_per_epoch=32)  # 3000 / 32 = 93.75 -> 94 epochs
+    assert train_cfg["epochs"] == 94
+    fixed = dict(epochs=7, auto_steps=3000)
+    _resolve_auto_epochs(fixed, steps_per_epoch=32)
+    assert fixed["epochs"] == 7
