@@ -23,17 +23,7 @@ class UserError(Exception):
 def load_sources(recipe):
     """The recipe's train/val/test sources (None where absent)."""
     data = recipe["data"]
-    return {split: resolve_source(_with_recipe_data(data.get(split), data), data.get("root"))
-            for split in ("train", "val", "test")}
-
-
-def _with_recipe_data(entry, data):
-    """Source factories marked ``reads_recipe_data`` (``sources.auto``) get the data section as ``data=``."""
-    import functools
-
-    if callable(entry) and getattr(getattr(entry, "func", entry), "reads_recipe_data", False):
-        return functools.partial(entry, data=data)
-    return entry
+    return {split: resolve_source(data.get(split), data.get("root"), data) for split in ("train", "val", "test")}
 
 
 def class_names_of(recipe, sources):

@@ -355,3 +355,19 @@ def test_auto_epochs_and_small_set_repetition():
     fixed = dict(epochs=7, auto_steps=3000)
     _resolve_auto_epochs(fixed, steps_per_epoch=32)
     assert fixed["epochs"] == 7
+
+
+def test_recipe_data_options_reach_the_auto_source(tmp_path):
+    from kdet.config import load_recipe
+    from kdet.data.audit import recipe_sources
+
+    root = tmp_path / "folder"
+    for stem in TRAIN + VAL:
+        write_image(root / f"{stem}.jpg", stem)
+        (root / f"{stem}.xml").write_text(voc_xml(stem))
+    recipe = load_recipe(str(REPO / "recipes" / "ssd_custom.py"),
+                         [f"data.root={root}", "data.val_fraction=0.4", "data.split_seed=3"])
+    sources = recipe_sources(recipe)
+    assert sorted(sources) == ["train", "val"]  # no test split in the data
+    assert len(sources["val"]) >= 2 and len(sources["train"]) + len(sources["val"]) == 5  # 40% of 5
+    assert sources["train"].class_names == CLASSES

@@ -299,7 +299,7 @@ def _coco_annotations_folder(root):
         if split is None or split in files:
             continue
         data = _coco_json(path)
-        if data is None:
+        if data is None or "annotations" not in data:  # image_info_test*.json: no labels to train or score
             continue
         image_dir = _coco_image_dir(root, path.stem.replace("instances_", ""), data, folder)
         files[split] = (path, image_dir)

@@ -83,4 +83,4 @@ def auto(root, split="train", class_names=None, val_fraction=None, seed=None, sk
     return dataset.source(split)
 
 
-auto.reads_recipe_data = True  # the engine passes the recipe's data section as data=
+auto.reads_recipe_data = True  # kdet.config.resolve_source passes the recipe's data section as data=
