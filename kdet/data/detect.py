@@ -107,7 +107,7 @@ def _yolo_with_yaml(root):
         folders = _yolo_split_folders(base) or _yolo_split_folders(root)
         if folders is None:
             raise DatasetError(f"{yaml_path}: no 'train' entry and no images/train or train/images folder")
-        splits = {split: folder for split, folder in folders.items()}
+        splits = folders
         where += " + folders"
     return Layout("YOLO", where, {s: _yolo_factory(images, f"{root} [{s}]") for s, images in splits.items()},
                   lambda: names, yaml_path.name)
