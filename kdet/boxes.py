@@ -33,6 +33,20 @@ def xyxy_to_coco(boxes):
     return np.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], axis=1)
 
 
+def yolo_to_xyxy(yolo_boxes, width, height):
+    """YOLO txt ``(cx, cy, w, h)`` normalised to the image -> kdet pixel corners (float64)."""
+    b = np.asarray(yolo_boxes, dtype=np.float64).reshape(-1, 4)
+    cx, cy, w, h = b[:, 0] * width, b[:, 1] * height, b[:, 2] * width, b[:, 3] * height
+    return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+
+
+def xyxy_to_yolo(boxes, width, height):
+    """kdet pixel corners -> YOLO txt ``(cx, cy, w, h)`` normalised to the image (float64)."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return np.stack([(b[:, 0] + b[:, 2]) / 2 / width, (b[:, 1] + b[:, 3]) / 2 / height,
+                     (b[:, 2] - b[:, 0]) / width, (b[:, 3] - b[:, 1]) / height], axis=1)
+
+
 def normalize(boxes, width, height):
     """Pixel corners -> normalised corners."""
     scale = np.array([width, height, width, height], dtype=np.float32)

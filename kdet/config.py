@@ -80,12 +80,18 @@ def parse_value(raw):
         return raw
 
 
-def resolve_source(source, root):
-    """A data source from a recipe entry: a source object, or a callable of the data root."""
+def resolve_source(source, root, data=None):
+    """A data source from a recipe entry: a source object, or a callable of the data root.
+
+    Factories marked ``reads_recipe_data`` (``kdet.data.sources.auto``) also get
+    the recipe's data section ``data`` (its ``val_fraction``, ``split_seed``, ...).
+    """
     if source is None or hasattr(source, "records"):
         return source
     if callable(source):
         if root is None:
             raise RecipeError("the recipe's data sources need data.root (set it with --set data.root=PATH)")
+        if getattr(getattr(source, "func", source), "reads_recipe_data", False):
+            return source(os.path.expanduser(str(root)), data=data)
         return source(os.path.expanduser(str(root)))
     raise RecipeError(f"data source {source!r} is neither a source nor a callable of the data root")

@@ -23,7 +23,7 @@ class UserError(Exception):
 def load_sources(recipe):
     """The recipe's train/val/test sources (None where absent)."""
     data = recipe["data"]
-    return {split: resolve_source(data.get(split), data.get("root")) for split in ("train", "val", "test")}
+    return {split: resolve_source(data.get(split), data.get("root"), data) for split in ("train", "val", "test")}
 
 
 def class_names_of(recipe, sources):
@@ -76,10 +76,40 @@ def build_model(recipe, class_names):
     """The recipe's detector, a ``kdet.models.ssd.SSD`` (a ``keras.Model``)."""
     from kdet.models.ssd import SSD
 
+    recipe = resolve_backbone_weights(recipe, class_names)
     try:
         return SSD(num_classes=len(class_names), **recipe["model"])
     except TypeError as err:
         raise RecipeError(f"bad model section in the recipe: {err}") from err
+
+
+def resolve_backbone_weights(recipe, class_names):
+    """``model.backbone_weights="auto"``: ImageNet weights when they can be fetched, else from scratch.
+
+    With the weights, the recipe's ``pretrained`` section (model and training
+    settings for a pretrained backbone) is merged in; without them (offline),
+    the recipe trains as written with ``backbone_weights=None``, and a note says
+    so. Returns the recipe with concrete weights (unchanged when not "auto").
+    """
+    from kdet.config import merge
+    from kdet.models.backbones import WeightsDownloadError
+    from kdet.models.ssd import SSD
+
+    if recipe["model"].get("backbone_weights") != "auto":
+        return recipe
+    pretrained = merge(recipe, recipe.get("pretrained") or {})
+    pretrained["model"]["backbone_weights"] = "imagenet"
+    try:
+        SSD(num_classes=len(class_names), **pretrained["model"])  # fetches (and caches) the weights
+    except WeightsDownloadError as err:
+        scratch = merge(recipe, dict(model=dict(backbone_weights=None)))
+        print(f"note: model.backbone_weights='auto': {err}. Training {scratch['model']['backbone']} (width "
+              f"{scratch['model'].get('width_multiplier', 1.0)}) from scratch instead; "
+              "set model.backbone_weights=None to skip the attempt")
+        return scratch
+    print(f"model.backbone_weights='auto': ImageNet weights found; using the recipe's pretrained settings "
+          f"({pretrained['model']['backbone']}, width {pretrained['model'].get('width_multiplier', 1.0)})")
+    return pretrained
 
 
 def build_loss(recipe, class_names, train_records=None, verbose=True, anchors_per_level=None):
@@ -300,18 +330,22 @@ def train(recipe, work_dir, resume=False):
         raise RecipeError("the recipe has no data.train source")
     class_names = class_names_of(recipe, sources)
     records = load_records(sources)
+    recipe = resolve_backbone_weights(recipe, class_names)
+    train_cfg = recipe["train"]
     _print_data_summary(records, class_names)
     records["train"] = _oversampled(recipe, records["train"], class_names)
     val_records = records["val"] or None
     test_records = records["test"] or val_records
 
     strategy = make_strategy(train_cfg.get("strategy", "default"))
-    train_ds = build_train_dataset(recipe, records["train"], seed=train_cfg.get("seed"))
-    steps_per_epoch = len(records["train"]) // recipe["data"]["batch_size"]
+    epoch_records = _repeated_to_epoch_size(recipe, records["train"])  # class weights count each image once
+    train_ds = build_train_dataset(recipe, epoch_records, seed=train_cfg.get("seed"))
+    steps_per_epoch = len(epoch_records) // recipe["data"]["batch_size"]
     if steps_per_epoch < 1:
-        raise RecipeError(f"{len(records['train'])} training images are fewer than one batch "
+        raise RecipeError(f"{len(epoch_records)} training images are fewer than one batch "
                           f"({recipe['data']['batch_size']})")
     train_ds = train_ds.apply(tf.data.experimental.assert_cardinality(steps_per_epoch))  # a known epoch length
+    _resolve_auto_epochs(train_cfg, steps_per_epoch)
     val_ds = build_eval_dataset(recipe, val_records) if val_records else None
 
     from kdet.training.callbacks import remove_stale_temp_files
@@ -360,6 +394,31 @@ def _oversampled(recipe, train_records, class_names):
                                                 seed=int(recipe["train"].get("seed") or 0))
     print(summary)
     return repeated
+
+
+def _repeated_to_epoch_size(recipe, train_records):
+    """Whole copies of a small training set so one epoch has about ``data.min_images_per_epoch`` images.
+
+    Keeps per-epoch work (checkpoint, log, evaluation) in proportion to training on tiny sets.
+    """
+    minimum = recipe["data"].get("min_images_per_epoch")
+    if not minimum or not train_records or len(train_records) >= minimum:
+        return train_records
+    copies = max(1, int(round(minimum / len(train_records))))
+    if copies == 1:
+        return train_records
+    print(f"train: {len(train_records)} images repeated {copies}x per epoch (data.min_images_per_epoch={minimum})")
+    return list(train_records) * copies
+
+
+def _resolve_auto_epochs(train_cfg, steps_per_epoch):
+    """``train.epochs="auto"``: about ``train.auto_steps`` optimizer steps, in whole epochs (written back)."""
+    if train_cfg.get("epochs") != "auto":
+        return
+    steps = int(train_cfg.get("auto_steps") or 3000)
+    train_cfg["epochs"] = max(1, int(round(steps / steps_per_epoch)))
+    print(f"train.epochs='auto': {train_cfg['epochs']} epochs of {steps_per_epoch} steps "
+          f"(train.auto_steps={steps})")
 
 
 def finish(model, recipe, work_dir, class_names, test_records, train_seconds):

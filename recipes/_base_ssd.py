@@ -11,7 +11,8 @@ recipe = dict(
         backbone="vgg16",            # "vgg16" | "vgg16_bn" (from scratch) | "resnet50_fpn" | "mobilenetv2_fpn"
         image_size=300,
         width_multiplier=1.0,        # < 1 scales every conv of the backbone and extras
-        backbone_weights="imagenet", # None trains from scratch (offline machines)
+        backbone_weights="imagenet", # None trains from scratch (offline machines); "auto": ImageNet when the
+                                     # weights can be fetched (then the `pretrained` section applies), else None
         anchor_scales=None,          # None: 0.1 for conv4_3, then 0.2..0.9 (SSD paper)
         aspect_ratios=None,          # None: [[2], [2, 3], [2, 3], [2, 3], [2], [2]]
         fpn_channels=256,            # FPN backbones only
@@ -29,6 +30,11 @@ recipe = dict(
         repeat_factor_threshold=None,  # e.g. 0.3: images with classes in < 30% of images repeat (LVIS)
         cache_images=False,          # True: keep decoded images in memory after the first epoch
         workers=None,                # input worker processes; None: 0 below 4 CPUs, else min(CPUs, 4)
+        min_images_per_epoch=None,   # e.g. 256: a smaller training set is repeated (whole copies) per epoch
+        # read by sources.auto only (data in any layout, kdet/data/detect.py):
+        val_fraction=0.2,            # share of the training images in the seeded validation split, when the data has none
+        split_seed=0,                # seed of that split
+        skip_invalid=False,          # True: drop bad boxes/images with a counted warning instead of stopping
     ),
     loss=dict(
         class_weights=None,          # None | list | {name: weight} | "auto" (effective number)
@@ -40,7 +46,8 @@ recipe = dict(
         atss_top_k=9,                # ATSS candidates per feature map
     ),
     train=dict(
-        epochs=120,
+        epochs=120,                  # or "auto": about auto_steps optimizer steps, whatever the dataset size
+        auto_steps=3000,             # optimizer steps for epochs="auto"
         optimizer="sgd",             # "sgd" (momentum) | "adamw"
         learning_rate=1e-3,
         momentum=0.9,
@@ -59,6 +66,8 @@ recipe = dict(
         strategy="default",          # "mirrored" | "multiworker" | "tpu"
         early_stopping_patience=None,  # epochs without val_AP improvement
     ),
+    pretrained=None,                 # with model.backbone_weights="auto": recipe settings merged in when ImageNet
+                                     # weights can be fetched, e.g. dict(model=dict(backbone="vgg16"), train=...)
     eval=dict(
         every_n_epochs=5,
         score_threshold=0.01,

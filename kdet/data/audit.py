@@ -200,7 +200,7 @@ def recipe_sources(recipe, splits=("train", "val", "test")):
     data = recipe.get("data", {})
     sources = {}
     for split in splits:
-        source = resolve_source(data.get(split), data.get("root"))
+        source = resolve_source(data.get(split), data.get("root"), data)
         if source is not None:
             sources[split] = source
     return sources

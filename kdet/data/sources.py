@@ -46,3 +46,41 @@ def shapes(root=None, split="train", **params):
 def concat(*sources):
     """Sources one after the other; their class lists must agree."""
     return ConcatSource(*sources)
+
+
+def yolo(images, class_names, skip_invalid=False, **kwargs):
+    """YOLO txt labels for an image folder (or list of image paths); labels by Ultralytics' images/ -> labels/ rule."""
+    from kdet.data.yolo import YOLOSource
+
+    return YOLOSource(images, class_names, skip_invalid=skip_invalid, **kwargs)
+
+
+def voc_folder(image_dir, xml_dir=None, class_names=None, skip_invalid=False):
+    """Images with PASCAL VOC XMLs beside them or in ``xml_dir``, no ImageSets (LabelImg, CVAT, Label Studio)."""
+    from kdet.data.voc_folder import VOCFolderSource
+
+    return VOCFolderSource(image_dir, xml_dir, class_names=class_names, skip_invalid=skip_invalid)
+
+
+def auto(root, split="train", class_names=None, val_fraction=None, seed=None, skip_invalid=None, data=None):
+    """The ``split`` source of whichever layout is under ``root`` (YOLO, VOC, VOC folder, COCO).
+
+    See :mod:`kdet.data.detect`. Without a validation split in the data,
+    ``val_fraction`` (default 0.2) of the training images become one, seeded by
+    ``seed`` (default 0) and stratified by class. ``split="test"`` gives None
+    when the data has no test split. Unset arguments are taken from ``data``,
+    the recipe's data section (``class_names``, ``val_fraction``,
+    ``split_seed``, ``skip_invalid``), which the engine passes in.
+    """
+    from kdet.data.detect import custom_dataset
+
+    data = data or {}
+    pick = lambda value, key, default: value if value is not None else (  # noqa: E731
+        data.get(key) if data.get(key) is not None else default)
+    dataset = custom_dataset(root, class_names=pick(class_names, "class_names", None),
+                             val_fraction=pick(val_fraction, "val_fraction", 0.2), seed=pick(seed, "split_seed", 0),
+                             skip_invalid=pick(skip_invalid, "skip_invalid", False))
+    return dataset.source(split)
+
+
+auto.reads_recipe_data = True  # kdet.config.resolve_source passes the recipe's data section as data=

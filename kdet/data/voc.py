@@ -116,19 +116,7 @@ class VOCSource(Source):
         return [self._to_record(image, class_ids) for image in images], class_names
 
     def _parse_image(self, image_id):
-        xml_path = self.root / "Annotations" / f"{image_id}.xml"
-        if not xml_path.is_file():
-            raise DatasetError(f"{xml_path}: annotation file not found", reason="missing annotation")
-        try:
-            root = ET.parse(xml_path).getroot()
-        except ET.ParseError as err:
-            raise DatasetError(f"{xml_path}: cannot parse XML ({err})", reason="unparsable XML") from None
-        image_path = self._image_path(image_id, root.findtext("filename"), xml_path)
-        width, height = _xml_size(root)
-        if not (width > 0 and height > 0):
-            width, height = _image_header_size(image_path, xml_path)
-        objects = [_parse_object(obj) for obj in root.findall("object")]
-        return _VOCImage(image_id, xml_path, image_path, width, height, objects)
+        return parse_voc_xml(self.root / "Annotations" / f"{image_id}.xml", image_id, self._image_path)
 
     def _image_path(self, image_id, filename, xml_path):
         """``JPEGImages/<filename>`` when the XML names one, else ``<id>.jpg``."""
@@ -188,6 +176,28 @@ class VOCSource(Source):
             raise DatasetError(f"{where}: box outside the {image.width}x{image.height} image",
                                reason="out of image")
         return box
+
+
+def parse_voc_xml(xml_path, image_id, find_image):
+    """One VOC annotation file -> ``_VOCImage`` (raw 1-based boxes; checked later by the source).
+
+    ``find_image(image_id, filename_in_xml, xml_path)`` returns the image's path
+    (or raises :class:`DatasetError`). The size comes from ``<size>``, else from
+    the image header.
+    """
+    xml_path = Path(xml_path)
+    if not xml_path.is_file():
+        raise DatasetError(f"{xml_path}: annotation file not found", reason="missing annotation")
+    try:
+        root = ET.parse(xml_path).getroot()
+    except ET.ParseError as err:
+        raise DatasetError(f"{xml_path}: cannot parse XML ({err})", reason="unparsable XML") from None
+    image_path = find_image(image_id, root.findtext("filename"), xml_path)
+    width, height = _xml_size(root)
+    if not (width > 0 and height > 0):
+        width, height = _image_header_size(image_path, xml_path)
+    objects = [_parse_object(obj) for obj in root.findall("object")]
+    return _VOCImage(image_id, xml_path, image_path, width, height, objects)
 
 
 def _xml_size(root):
