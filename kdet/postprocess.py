@@ -8,19 +8,20 @@ the TensorFlow and JAX backends. Layouts follow docs/CONVENTIONS.md.
 from keras import ops
 
 from kdet.boxes import iou_matrix
+from kdet.defaults import NMS_DEFAULTS
 from kdet.matching import DEFAULT_VARIANCES, decode_boxes
 
 
 def decode_detections(
     y_pred,
-    score_threshold=0.01,
-    iou_threshold=0.45,
-    max_detections=200,
-    pre_nms_top_k=400,
-    class_agnostic=False,
-    per_class_top_k=False,
+    score_threshold: float = NMS_DEFAULTS["score_threshold"],
+    iou_threshold: float = NMS_DEFAULTS["iou_threshold"],
+    max_detections: int = NMS_DEFAULTS["max_detections"],
+    pre_nms_top_k: int = NMS_DEFAULTS["pre_nms_top_k"],
+    class_agnostic: bool = NMS_DEFAULTS["class_agnostic"],
+    per_class_top_k: bool = NMS_DEFAULTS["per_class_top_k"],
     variances=DEFAULT_VARIANCES,
-):
+) -> dict:
     """Raw predictions ``[B, A, 4 + (1 + C) + 4]`` -> padded detections.
 
     1. Boxes are decoded from the offsets and anchors and clipped to ``[0, 1]``;

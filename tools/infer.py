@@ -42,13 +42,13 @@ def load_detector(path, classes=None):
         serve = loaded.signatures["serving_default"]
         names = [n.decode() for n in loaded.class_names.numpy()]
     else:
+        from kdet.defaults import NMS_DEFAULTS
         from kdet.export import DetectorModule
         from kdet.models.ssd import load_model
 
         model = load_model(path)
         names = classes.split(",") if classes else [str(i) for i in range(model.num_classes)]
-        serve = DetectorModule(model, names, dict(score_threshold=0.01, iou_threshold=0.45,
-                                                   max_detections=100)).serve
+        serve = DetectorModule(model, names, NMS_DEFAULTS).serve
 
     def detect(image):
         out = serve(images=tf.constant(image[None]))

@@ -132,16 +132,22 @@ class SSD(keras.Model):
                                 if layer.weights and layer.name not in pretrained]
 
     # === Inference and training hooks ===
-    def detect(self, images, score_threshold=0.01, iou_threshold=0.45, max_detections=200, **nms):
+    def detect(self, images, **nms) -> dict:
         """Decoded, NMS-ed detections for RGB 0..255 images at the model's input size.
 
-        Returns docs/CONVENTIONS.md "Detections": ``boxes`` (normalised xyxy),
-        ``scores``, ``classes`` (0-based, -1 padding), ``num_detections``.
+        Args:
+            images: ``[B, H, W, 3]`` RGB 0..255 (uint8 or float) at the model's input size.
+            **nms: settings of `kdet.postprocess.decode_detections` (``score_threshold``,
+                ``iou_threshold``, ``max_detections``, ``pre_nms_top_k``, ``class_agnostic``,
+                ``per_class_top_k``); each defaults to ``kdet.defaults.NMS_DEFAULTS``.
+
+        Returns:
+            docs/CONVENTIONS.md "Detections": ``boxes`` (normalised xyxy), ``scores``,
+            ``classes`` (0-based, -1 padding), ``num_detections``.
         """
         from kdet.postprocess import decode_detections
 
-        return decode_detections(self(images, training=False), score_threshold=score_threshold,
-                                 iou_threshold=iou_threshold, max_detections=max_detections, **nms)
+        return decode_detections(self(images, training=False), **nms)
 
     def compile(self, optimizer="adam", loss=None, **kwargs):
         """``keras.Model.compile`` whose ``loss`` defaults to the SSD MultiBox loss."""
