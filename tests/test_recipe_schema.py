@@ -104,7 +104,8 @@ def test_shipped_recipes_load_and_build(tmp_path, monkeypatch):
     import kdet.engine as engine
 
     monkeypatch.setenv("KDET_CACHE", str(tmp_path))
-    offline = ["model.backbone_weights=None", "model.width_multiplier=0.125", "train.unfreeze_schedule=None"]
+    offline = ["model.backbone_weights=None", "model.width_multiplier=0.125", "train.unfreeze_schedule=None",
+               "loss.class_weights=None"]
     for name in ("ssd_shapes", "ssd300_voc", "ssd300_bccd", "ssd300_fpn_voc", "ssd_fpn_bccd", "ssd_bccd_scratch"):
         recipe = load_recipe(os.path.join(RECIPES, name + ".py"), offline)
         model = engine.build_model(recipe, ["a", "b"])
@@ -185,6 +186,7 @@ def test_train_evaluate_export_and_infer_use_the_recipes_nms_settings(tmp_path, 
     assert calls and all(c == expected for c in calls), calls
     # final evaluation and export
     calls.clear()
+    os.makedirs(tmp_path / "w", exist_ok=True)
     engine.finish(model, recipe, str(tmp_path / "w"), names, records["test"], 0.0)
     assert len(calls) >= 2 and all(c == expected for c in calls), calls
     export_dir = tmp_path / "w" / "saved_model"

@@ -156,6 +156,10 @@ class COCOEvalCallback(keras.callbacks.Callback):
         det_classes = tf.cast(detections["classes"], tf.int32)
         det_scores = detections["scores"]
         if not self.eval_params.use_cats:  # one category: matching across classes
+            # pycocotools breaks score ties between categories by category: rows in class order first
+            order = tf.argsort(tf.where(det_classes >= 0, det_classes, tf.int32.max), axis=-1, stable=True)
+            det_boxes, det_scores, det_classes = (tf.gather(x, order, batch_dims=1)
+                                                  for x in (det_boxes, det_scores, det_classes))
             gt_classes, det_classes = (tf.where(c >= 0, 0, -1) for c in (gt_classes, det_classes))
         if self.ignore_as_crowd:
             gt_crowd, gt_ignore = gt_ignore, tf.zeros_like(gt_ignore)

@@ -482,6 +482,7 @@ class MatchRecords:
     gt_index: np.ndarray     # [D, T, A] position of the matched annotation in the ground truth's list, -1: none
     ignored: np.ndarray      # [D, T, A] bool: neither TP nor FP
     outcome: np.ndarray      # [D, T, A] int8: index into OUTCOMES
+    category_names: dict = None  # {category_id: name}
 
     def outcome_names(self, iou=0.5, area=None):
         """The outcome name of each row at IoU threshold ``iou`` and area range ``area`` (default: the first)."""
@@ -549,7 +550,8 @@ def match_records(ground_truth, detections, *, iou_thresholds=None, max_dets=Non
     return MatchRecords(
         params=params, det_index=arr.det_source, image_id=arr.image_ids[arr.det_image],
         category_id=arr.category_ids[arr.det_class], score=arr.det_score,
-        gt_index=np.where(m.gt_index >= 0, source, -1), ignored=m.ignored, outcome=outcome)
+        gt_index=np.where(m.gt_index >= 0, source, -1), ignored=m.ignored, outcome=outcome,
+        category_names=dict(zip(arr.category_ids.tolist(), arr.class_names)))
 
 
 def _best_overlaps(arr):
@@ -576,9 +578,12 @@ def _best_overlaps(arr):
 
 
 def format_outcomes(records, class_names=None, iou=0.5, area=None):
-    """A per-category table of the detections' outcomes at ``iou`` (TPs and the kinds of FP)."""
+    """A per-category table of the detections' outcomes at ``iou`` (TPs and the kinds of FP).
+
+    ``class_names``: ``{category_id: name}``; default the ground truth's names.
+    """
     counts = records.counts(iou=iou, area=area)
-    names = dict(class_names or {})
+    names = dict(class_names or records.category_names or {})
     columns = ["tp", "fp_duplicate", "fp_other_class", "fp_localization", "fp_background", "ignored_crowd", "ignored"]
     heads = ["TP", "dup", "other_cls", "loc", "backgr", "crowd", "ign"]
     labels = {c: str(names.get(c, c)) for c in counts}
