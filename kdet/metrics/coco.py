@@ -518,6 +518,10 @@ def match_records(ground_truth, detections, *, iou_thresholds=None, max_dets=Non
     Same inputs and parameters as `coco_evaluate` (and the same matching: counting the
     ``"tp"`` and ``fp_*`` outcomes per category reproduces its precision and recall).
 
+    Args:
+        ground_truth, detections: as `coco_evaluate` (dicts / lists or json paths).
+        iou_thresholds, max_dets, area_ranges, use_cats: pycocotools' ``Params`` (`eval_params`).
+
     Returns:
         `MatchRecords`; ``records.counts(iou=0.5)`` gives ``{category_id: {outcome: n}}``.
 

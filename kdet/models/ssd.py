@@ -75,11 +75,24 @@ class SSD(keras.Model):
     order), ``backbone_stages`` (lists of layer names, input
     side first), ``backbone_layer_names`` (layers ImageNet weights fill) and
     ``new_layer_names`` (every other layer with weights).
+
+    Returns:
+        a ``keras.Model`` whose one output is ``[B, A, 4 + (1 + num_classes) + 4]``
+        (docs/CONVENTIONS.md "Raw predictions"); ``detect`` decodes it.
+
+    Example:
+        A small SSD from scratch (no download), its anchors and its output layout:
+
+        >>> model = SSD(num_classes=3, image_size=64, backbone="vgg16_bn", width_multiplier=0.125)
+        >>> model.feature_map_sizes[:3], model.anchors.shape
+        ([(8, 8), (4, 4), (2, 2)], (390, 4))
+        >>> model.output_shape
+        (None, 390, 12)
     """
 
-    def __init__(self, num_classes, image_size=300, backbone="vgg16", width_multiplier=1.0,
+    def __init__(self, num_classes: int, image_size=300, backbone: str = "vgg16", width_multiplier: float = 1.0,
                  backbone_weights=None, anchor_scales=None, aspect_ratios=None,
-                 clip_anchors=True, anchor_steps=None, fpn_channels=256, **kwargs):
+                 clip_anchors: bool = True, anchor_steps=None, fpn_channels: int = 256, **kwargs):
         if int(num_classes) < 1:
             raise ValueError(f"SSD: num_classes must be >= 1, got {num_classes}")
         height, width = _image_hw(image_size)
@@ -144,6 +157,13 @@ class SSD(keras.Model):
         Returns:
             docs/CONVENTIONS.md "Detections": ``boxes`` (normalised xyxy), ``scores``,
             ``classes`` (0-based, -1 padding), ``num_detections``.
+
+        Example:
+            >>> import numpy as np
+            >>> model = SSD(num_classes=2, image_size=64, backbone="vgg16_bn", width_multiplier=0.125)
+            >>> dets = model.detect(np.zeros((2, 64, 64, 3), "uint8"), max_detections=5, score_threshold=0.2)
+            >>> tuple(dets["boxes"].shape), tuple(dets["classes"].shape), tuple(dets["num_detections"].shape)
+            ((2, 5, 4), (2, 5), (2,))
         """
         from kdet.postprocess import decode_detections
 
