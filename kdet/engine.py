@@ -131,7 +131,11 @@ def eval_settings(recipe):
 
     Training's val_AP, the final evaluation and the SavedModel export all use these.
     """
-    return nms_settings(recipe.get("eval"))
+    settings = nms_settings(recipe.get("eval"))
+    if settings["class_agnostic"] and settings["per_class_top_k"]:
+        raise RecipeError("eval.class_agnostic=True needs eval.per_class_top_k=False (class-agnostic NMS "
+                          "takes the best candidates over all classes)")
+    return settings
 
 
 def predict_records(model, records, recipe):

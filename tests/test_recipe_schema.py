@@ -197,3 +197,11 @@ def test_train_evaluate_export_and_infer_use_the_recipes_nms_settings(tmp_path, 
     detect, infer_names = infer.load_detector(str(export_dir))
     boxes, scores, classes = detect(np.full((80, 96, 3), 127, np.uint8))
     assert infer_names == names and len(scores) <= 7 and np.all(scores > 0.02)
+
+
+def test_conflicting_nms_settings_fail_early():
+    import kdet.engine as engine
+
+    with pytest.raises(RecipeError, match="class_agnostic=True needs eval.per_class_top_k=False"):
+        engine.eval_settings(dict(eval=dict(class_agnostic=True, per_class_top_k=True)))
+    assert engine.eval_settings(dict()) == dict(NMS_DEFAULTS)  # a recipe without eval: the defaults
