@@ -13,6 +13,7 @@ import keras
 import numpy as np
 
 from kdet.config import RecipeError, load_recipe, resolve_source
+from kdet.defaults import default_of, nms_settings
 
 
 class UserError(Exception):
@@ -148,17 +149,23 @@ def build_learning_rate(train_cfg, steps_per_epoch):
 def build_optimizer(recipe, model, steps_per_epoch):
     from kdet.training.optim import build_optimizer as _build
 
-    cfg = recipe["train"]
-    return _build(cfg.get("optimizer", "sgd"), learning_rate=build_learning_rate(cfg, steps_per_epoch),
-                  momentum=cfg.get("momentum", 0.9), weight_decay=cfg.get("weight_decay", 0.0), model=model,
+    cfg = {**{k: default_of("train", k) for k in ("optimizer", "momentum", "weight_decay")}, **recipe["train"]}
+    return _build(cfg["optimizer"], learning_rate=build_learning_rate(cfg, steps_per_epoch),
+                  momentum=cfg["momentum"], weight_decay=cfg["weight_decay"], model=model,
                   global_clipnorm=cfg.get("clip_grad_norm"), ema_momentum=cfg.get("ema_momentum"))
 
 
 # ------------------------------------------------------------------ detection and evaluation
 def eval_settings(recipe):
-    cfg = recipe.get("eval", {})
-    return dict(score_threshold=cfg.get("score_threshold", 0.01), iou_threshold=cfg.get("iou_threshold", 0.45),
-                max_detections=cfg.get("max_detections", 200))
+    """The recipe's NMS settings (its ``eval`` section, kdet.defaults.NMS_DEFAULTS elsewhere).
+
+    Training's val_AP, the final evaluation and the SavedModel export all use these.
+    """
+    settings = nms_settings(recipe.get("eval"))
+    if settings["class_agnostic"] and settings["per_class_top_k"]:
+        raise RecipeError("eval.class_agnostic=True needs eval.per_class_top_k=False (class-agnostic NMS "
+                          "takes the best candidates over all classes)")
+    return settings
 
 
 def predict_records(model, records, recipe):
@@ -346,7 +353,8 @@ def train(recipe, work_dir, resume=False):
                           f"({recipe['data']['batch_size']})")
     train_ds = train_ds.apply(tf.data.experimental.assert_cardinality(steps_per_epoch))  # a known epoch length
     _resolve_auto_epochs(train_cfg, steps_per_epoch)
-    val_ds = build_eval_dataset(recipe, val_records) if val_records else None
+    # with meta: val_AP's small / medium / large ranges use the original image sizes, as the final evaluation
+    val_ds = build_eval_dataset(recipe, val_records, with_meta=True) if val_records else None
 
     from kdet.training.callbacks import remove_stale_temp_files
 
@@ -436,8 +444,7 @@ def finish(model, recipe, work_dir, class_names, test_records, train_seconds):
         print(f"mAP@0.5 (COCO AP50) on {len(test_records)} held-out images: {coco['AP50']:.4f}"
               f"   VOC all-point mAP50: {coco['VOC_mAP50']:.4f}")
     export_dir = os.path.join(work_dir, "saved_model")
-    export_saved_model(model, export_dir, class_names, score_threshold=recipe["eval"].get("score_threshold", 0.01),
-                       iou_threshold=recipe["eval"].get("iou_threshold", 0.45))
+    export_saved_model(model, export_dir, class_names, **eval_settings(recipe))
     metrics["saved_model"] = export_dir
     with open(os.path.join(work_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2, default=float)

@@ -15,6 +15,7 @@ import os
 
 import tensorflow as tf
 
+from kdet.defaults import NMS_DEFAULTS
 from kdet.postprocess import decode_detections
 
 
@@ -51,11 +52,16 @@ def _model_size(model):
     return int(height), int(width)
 
 
-def export_saved_model(model, export_dir, class_names, score_threshold=0.01, iou_threshold=0.45,
-                       max_detections=100):
-    """Write ``model`` as a SavedModel serving raw images; returns ``export_dir``."""
-    nms = dict(score_threshold=score_threshold, iou_threshold=iou_threshold,
-               max_detections=max_detections)
+def export_saved_model(model, export_dir, class_names, **nms):
+    """Write ``model`` as a SavedModel serving raw images; returns ``export_dir``.
+
+    ``nms``: settings of `kdet.postprocess.decode_detections` baked into the SavedModel
+    (``kdet.defaults.NMS_DEFAULTS`` where not given); ``kdet_export.json`` records them.
+    """
+    unknown = sorted(set(nms) - set(NMS_DEFAULTS))
+    if unknown:
+        raise ValueError(f"export_saved_model: unknown NMS settings {unknown} (known: {sorted(NMS_DEFAULTS)})")
+    nms = {**NMS_DEFAULTS, **nms}
     module = DetectorModule(model, class_names, nms)
     tf.saved_model.save(module, export_dir,
                         signatures={"serving_default": module.serve, "class_names": module.labels})

@@ -113,6 +113,7 @@ class MultiBoxLoss(keras.losses.Loss):
         """
         y_true = ops.convert_to_tensor(y_true, "float32")
         y_pred = ops.cast(y_pred, "float32")
+        _check_shapes(y_true, y_pred)
         num_logits = y_pred.shape[-1] - 8
         if self.num_classes is not None and num_logits != self.num_classes + 1:
             raise ValueError(
@@ -208,3 +209,15 @@ def check_finite(values, step=None):
         "rate or a longer warmup), ground-truth boxes with zero or negative width/height or "
         "outside [0, 1] after augmentation, or float16 overflow under mixed precision."
     )
+
+
+def _check_shapes(y_true, y_pred):
+    """Clear errors for targets / predictions not laid out as docs/CONVENTIONS.md says (static shapes)."""
+    if len(y_true.shape) != 3 or y_true.shape[-1] not in (None, 6):
+        raise ValueError(
+            f"MultiBoxLoss: y_true of shape {tuple(y_true.shape)} is not [B, max_boxes, 6] "
+            "(normalised x1, y1, x2, y2, class id, ignore flag; padding rows class -1), see docs/CONVENTIONS.md")
+    if len(y_pred.shape) != 3 or (y_pred.shape[-1] is not None and y_pred.shape[-1] < 10):
+        raise ValueError(
+            f"MultiBoxLoss: y_pred of shape {tuple(y_pred.shape)} is not [B, A, 4 + (1 + C) + 4] with C >= 1 "
+            "(the SSD model's output), see docs/CONVENTIONS.md")

@@ -8,19 +8,20 @@ the TensorFlow and JAX backends. Layouts follow docs/CONVENTIONS.md.
 from keras import ops
 
 from kdet.boxes import iou_matrix
+from kdet.defaults import NMS_DEFAULTS
 from kdet.matching import DEFAULT_VARIANCES, decode_boxes
 
 
 def decode_detections(
     y_pred,
-    score_threshold=0.01,
-    iou_threshold=0.45,
-    max_detections=200,
-    pre_nms_top_k=400,
-    class_agnostic=False,
-    per_class_top_k=False,
+    score_threshold: float = NMS_DEFAULTS["score_threshold"],
+    iou_threshold: float = NMS_DEFAULTS["iou_threshold"],
+    max_detections: int = NMS_DEFAULTS["max_detections"],
+    pre_nms_top_k: int = NMS_DEFAULTS["pre_nms_top_k"],
+    class_agnostic: bool = NMS_DEFAULTS["class_agnostic"],
+    per_class_top_k: bool = NMS_DEFAULTS["per_class_top_k"],
     variances=DEFAULT_VARIANCES,
-):
+) -> dict:
     """Raw predictions ``[B, A, 4 + (1 + C) + 4]`` -> padded detections.
 
     1. Boxes are decoded from the offsets and anchors and clipped to ``[0, 1]``;
@@ -33,10 +34,33 @@ def decode_detections(
        class if ``class_agnostic``).
     4. The ``max_detections`` highest-scoring survivors, sorted by score.
 
-    Returns a dict ``boxes [B, K, 4]`` (normalised xyxy), ``scores [B, K]``,
-    ``classes [B, K]`` int32 (0-based) and ``num_detections [B]`` int32, with
-    ``K = max_detections``; rows past ``num_detections`` hold score 0, class -1
-    and a zero box.
+    Args:
+        y_pred: the SSD model's raw output ``[B, A, 4 + (1 + C) + 4]`` (docs/CONVENTIONS.md).
+        score_threshold, iou_threshold, max_detections, pre_nms_top_k, class_agnostic,
+            per_class_top_k: as above; defaults ``kdet.defaults.NMS_DEFAULTS`` (a recipe's
+            ``eval`` section sets them all).
+        variances: the box-offset variances of the encoding (SSD's 0.1, 0.2).
+
+    Returns:
+        a dict ``boxes [B, K, 4]`` (normalised xyxy), ``scores [B, K]``,
+        ``classes [B, K]`` int32 (0-based) and ``num_detections [B]`` int32, with
+        ``K = max_detections``; rows past ``num_detections`` hold score 0, class -1
+        and a zero box.
+
+    Example:
+        Two anchors, one class: zero offsets decode to the anchors themselves, and only
+        the first anchor scores its class.
+
+        >>> import numpy as np
+        >>> offsets = np.zeros((1, 2, 4))
+        >>> logits = np.array([[[0.0, 5.0], [5.0, 0.0]]])             # background first
+        >>> anchors = np.array([[[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]]])
+        >>> y_pred = np.concatenate([offsets, logits, anchors], axis=-1).astype("float32")
+        >>> out = decode_detections(y_pred, max_detections=3)
+        >>> int(out["num_detections"][0]), np.round(np.asarray(out["boxes"][0, 0]), 3).tolist()
+        (1, [0.0, 0.0, 0.5, 0.5])
+        >>> round(float(out["scores"][0, 0]), 4), np.asarray(out["classes"][0]).tolist()
+        (0.9933, [0, -1, -1])
     """
     y_pred = ops.cast(y_pred, "float32")
     num_logits = y_pred.shape[-1] - 8

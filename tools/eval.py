@@ -2,7 +2,9 @@
 
     python tools/eval.py --gt instances_val.json --dets results.json [--json metrics.json] [--device]
 
-Prints the 12-line pycocotools-style summary and a per-class AP / AP50 table.
+Prints the 12-line pycocotools-style summary, a per-class AP / AP50 table and, per class, the
+detections at IoU 0.5 that are true positives and why the others are false positives
+(duplicate, another class's object, poor localisation, background; kdet.metrics.coco.match_records).
 A results file kdet cannot score (not JSON, not a list, missing fields, NaN boxes,
 no detection on a ground-truth image or category id) ends in one ``error:`` line
 naming the file and the detection, exit status 2.
@@ -16,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kdet.cli import tool_main  # noqa: E402
-from kdet.metrics.coco import coco_evaluate, format_per_class, format_summary  # noqa: E402
+from kdet.metrics.coco import coco_evaluate, format_outcomes, format_per_class, format_summary, match_records  # noqa: E402
 
 
 @tool_main(needs_tensorflow=False)
@@ -38,6 +40,8 @@ def main(argv=None):
     print(format_summary(result))
     print()
     print(format_per_class(result["per_class"]))
+    print()
+    print(format_outcomes(match_records(args.gt, args.dets), iou=0.5))  # why the false positives are false
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

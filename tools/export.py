@@ -21,25 +21,27 @@ def parse_args(argv=None):
     names.add_argument("--classes", help="comma-separated class names, in class-id order")
     names.add_argument("--recipe", help="take class names (and NMS settings) from this recipe")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--score-threshold", type=float)
-    p.add_argument("--iou-threshold", type=float)
-    p.add_argument("--max-detections", type=int, default=100)
+    p.add_argument("--score-threshold", type=float, help="default: the recipe's, else kdet.defaults.NMS_DEFAULTS")
+    p.add_argument("--iou-threshold", type=float, help="default: the recipe's, else kdet.defaults.NMS_DEFAULTS")
+    p.add_argument("--max-detections", type=int, help="default: the recipe's, else kdet.defaults.NMS_DEFAULTS")
     return p.parse_args(argv)
 
 
 def export_settings(args):
-    """Class names and NMS settings from the command line or the recipe."""
-    settings = dict(score_threshold=0.01, iou_threshold=0.45)
+    """Class names and NMS settings (all of them: the recipe's eval section, else kdet's defaults)."""
+    from kdet.defaults import NMS_DEFAULTS
+
+    settings = dict(NMS_DEFAULTS)
     if args.recipe:
         from kdet.config import load_recipe
-        from kdet.engine import class_names_of, load_sources
+        from kdet.engine import class_names_of, eval_settings, load_sources
 
         recipe = load_recipe(args.recipe, args.overrides)
-        settings.update({k: recipe["eval"][k] for k in settings if k in recipe["eval"]})
+        settings = eval_settings(recipe)
         class_names = class_names_of(recipe, load_sources(recipe))
     else:
         class_names = [c.strip() for c in args.classes.split(",") if c.strip()]
-    for key in settings:
+    for key in ("score_threshold", "iou_threshold", "max_detections"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     return class_names, settings
@@ -56,7 +58,7 @@ def main(argv=None):
     model = load_keras_model(args.model)
     if len(class_names) != model.num_classes:
         raise ToolError(f"{len(class_names)} class names for {args.model}, a model with {model.num_classes} classes")
-    export_saved_model(model, args.out, class_names, max_detections=args.max_detections, **settings)
+    export_saved_model(model, args.out, class_names, **settings)
     print(f"SavedModel written to {args.out} (signature serving_default: uint8 images -> detections)")
     return 0
 

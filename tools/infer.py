@@ -51,14 +51,14 @@ def load_detector(path, classes=None):
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             raise ToolError(f"{path}: not a SavedModel exported by kdet ({type(err).__name__}: {reason})") from err
     else:
+        from kdet.defaults import NMS_DEFAULTS
         from kdet.export import DetectorModule
 
         model = load_keras_model(path)
         names = [c.strip() for c in classes.split(",")] if classes else [str(i) for i in range(model.num_classes)]
         if len(names) != model.num_classes:
             raise ToolError(f"--classes gives {len(names)} names for {path}, a model with {model.num_classes} classes")
-        serve = DetectorModule(model, names, dict(score_threshold=0.01, iou_threshold=0.45,
-                                                   max_detections=100)).serve
+        serve = DetectorModule(model, names, NMS_DEFAULTS).serve
 
     def detect(image):
         out = serve(images=tf.constant(image[None]))

@@ -46,38 +46,56 @@ from kdet.data.augment import DEFAULT_MIN_VISIBILITY, Augmenter, _size_hw
 AUTOTUNE = tf.data.AUTOTUNE
 
 
-def make_dataset(records, image_size, batch_size, augment=None, training=True, max_boxes=100, shuffle=True,
+def make_dataset(records, image_size, batch_size: int, augment=None, training: bool = True, max_boxes: int = 100,
+                 shuffle: bool = True,
                  seed=None, num_parallel_calls=AUTOTUNE, cache_images=False, with_meta=False,
                  min_visibility=DEFAULT_MIN_VISIBILITY, cv2_threads=0, decode="auto", workers=None,
                  worker_chunksize=8):
     """A batched ``tf.data.Dataset`` of ``(images, targets)`` (plus ``meta`` when ``with_meta``).
 
-    ``records``: a list of :class:`~kdet.data.records.Record` or a data source.
-    ``image_size``: int or ``(height, width)`` of the output images.
-    ``augment``: list of augmentation entries (or an ``Augmenter``), used only
-    when ``training``; every image is finally resized to ``image_size``.
-    ``training=False`` (evaluation): no augmentation, no shuffle, keeps the last
-    partial batch. ``training=True`` drops it so batch shapes are static.
-    ``meta`` is a dict of ``[B]`` tensors: ``index`` (into ``records``),
-    ``image_id`` (string), ``width``/``height`` of the original image.
-    ``cache_images`` keeps decoded originals in memory (Python side) after first use.
-    ``decode``: ``"python"`` (OpenCV inside the per-batch numpy step; ``"auto"``,
-    the default, is this) or ``"graph"`` (``tf.io`` then a numpy step per
-    element; only for file records, measured slower).
-    ``cv2_threads``: passed to ``cv2.setNumThreads`` (process-wide; 0 = OpenCV
-    single-threaded, as tf.data already runs elements in parallel); None leaves it.
-    ``workers``: worker processes for the Python step (decode + augmentation),
-    which otherwise runs on tf.data threads and, holding the GIL for its
-    Python parts, scales poorly with cores. ``None`` (auto): ``min(CPUs, 4)``
-    when training with augmentation on 4 or more usable CPUs (the process's
-    affinity set) and ``decode`` is not ``"graph"``, else 0; ``0``: in-thread.
-    Workers decode with OpenCV (as ``decode="python"``) and give the same
-    elements as the in-thread path for the same seed, whatever their number.
-    They are shared by every dataset with the same worker count (see
-    ``kdet.data._workers``; :func:`close_worker_pools` stops them early).
-    ``num_parallel_calls`` does not apply to them; a worker gets up to
-    ``worker_chunksize`` elements (of one batch) at a time; ``cache_images``
-    then caches in each worker (memory times ``workers``).
+    Args:
+        ``records``: a list of :class:`~kdet.data.records.Record` or a data source.
+        ``image_size``: int or ``(height, width)`` of the output images.
+        ``augment``: list of augmentation entries (or an ``Augmenter``), used only
+        when ``training``; every image is finally resized to ``image_size``.
+        ``training=False`` (evaluation): no augmentation, no shuffle, keeps the last
+        partial batch. ``training=True`` drops it so batch shapes are static.
+        ``meta`` is a dict of ``[B]`` tensors: ``index`` (into ``records``),
+        ``image_id`` (string), ``width``/``height`` of the original image.
+        ``cache_images`` keeps decoded originals in memory (Python side) after first use.
+        ``decode``: ``"python"`` (OpenCV inside the per-batch numpy step; ``"auto"``,
+        the default, is this) or ``"graph"`` (``tf.io`` then a numpy step per
+        element; only for file records, measured slower).
+        ``cv2_threads``: passed to ``cv2.setNumThreads`` (process-wide; 0 = OpenCV
+        single-threaded, as tf.data already runs elements in parallel); None leaves it.
+        ``workers``: worker processes for the Python step (decode + augmentation),
+        which otherwise runs on tf.data threads and, holding the GIL for its
+        Python parts, scales poorly with cores. ``None`` (auto): ``min(CPUs, 4)``
+        when training with augmentation on 4 or more usable CPUs (the process's
+        affinity set) and ``decode`` is not ``"graph"``, else 0; ``0``: in-thread.
+        Workers decode with OpenCV (as ``decode="python"``) and give the same
+        elements as the in-thread path for the same seed, whatever their number.
+        They are shared by every dataset with the same worker count (see
+        ``kdet.data._workers``; :func:`close_worker_pools` stops them early).
+        ``num_parallel_calls`` does not apply to them; a worker gets up to
+        ``worker_chunksize`` elements (of one batch) at a time; ``cache_images``
+        then caches in each worker (memory times ``workers``).
+
+    Returns:
+        a ``tf.data.Dataset`` of ``(images uint8 [B, H, W, 3], targets float32 [B, max_boxes, 6])``
+        (plus ``meta``), docs/CONVENTIONS.md "Tensors between stages".
+
+    Example:
+        >>> import numpy as np
+        >>> from kdet.data.records import Record
+        >>> records = [Record(i, None, 80, 40, boxes=[[10, 10, 30, 20]], classes=[0],
+        ...                   image=np.zeros((40, 80, 3), np.uint8)) for i in range(3)]
+        >>> ds = make_dataset(records, image_size=32, batch_size=2, training=False, max_boxes=4, with_meta=True)
+        >>> images, targets, meta = next(iter(ds))
+        >>> images.shape, images.dtype.name, targets.shape
+        (TensorShape([2, 32, 32, 3]), 'uint8', TensorShape([2, 4, 6]))
+        >>> targets[0, 0].numpy().tolist(), meta["width"].numpy().tolist()
+        ([0.125, 0.25, 0.375, 0.5, 0.0, 0.0], [80, 80])
     """
     records = _as_records(records)
     if batch_size < 1:

@@ -15,36 +15,130 @@ from kdet.data.base import ConcatSource, DatasetError, Source, check_box, skippe
 
 
 # ---------------------------------------------------------- recipe factories
-def voc(root, split, class_names=None, skip_invalid=False, **kwargs):
-    """PASCAL VOC layout at ``root`` (``split`` may join sets: ``"trainval+test"``)."""
+# Each returns a `kdet.data.base.Source`: ``.class_names`` and ``.records()`` (a list of
+# `kdet.data.records.Record`, read and validated on first call; DatasetError names the file).
+
+def voc(root, split: str, class_names=None, skip_invalid: bool = False, **kwargs) -> Source:
+    """PASCAL VOC layout at ``root`` (``split`` may join sets: ``"trainval+test"``).
+
+    Args:
+        root: the folder holding ``Annotations/``, ``JPEGImages/`` and ``ImageSets/Main/``.
+        split: image-set name(s) in ``ImageSets/Main``, joined by ``+``.
+        class_names: class order (0-based ids); default: the names found, sorted.
+        skip_invalid: drop bad boxes / images with a counted warning instead of raising.
+
+    Returns:
+        a source (``VOCSource``) of records with pixel ``xyxy`` boxes.
+
+    Example:
+        >>> import tempfile
+        >>> root = tempfile.mkdtemp()
+        >>> _ = shapes(root, "train", num_train=2, num_test=0, image_size=64).records()  # writes VOC files
+        >>> src = voc(root, "train", class_names=["circle", "square", "triangle", "cross", "ring"])
+        >>> records = src.records()
+        >>> len(records), records[0].width, records[0].boxes.shape[1]
+        (2, 64, 4)
+    """
     from kdet.data.voc import VOCSource
 
     return VOCSource(root, split, class_names=class_names, skip_invalid=skip_invalid, **kwargs)
 
 
-def coco(annotation_file, image_dir, class_names=None, skip_invalid=False, **kwargs):
-    """COCO json annotations plus an image folder."""
+def coco(annotation_file, image_dir, class_names=None, skip_invalid: bool = False, **kwargs) -> Source:
+    """COCO json annotations plus an image folder.
+
+    Args:
+        annotation_file: an ``instances_*.json``.
+        image_dir: the folder of its ``file_name`` images.
+        class_names: class order; default the json's categories in id order.
+        skip_invalid: drop bad boxes / images with a counted warning instead of raising.
+        **kwargs: ``check_files=False`` skips the check that every image file exists.
+
+    Returns:
+        a source (``COCOSource``); ``iscrowd`` objects are ignore-flagged.
+
+    Example:
+        >>> import json, os, tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> gt = {"images": [{"id": 5, "file_name": "a.jpg", "width": 64, "height": 48}],
+        ...       "categories": [{"id": 3, "name": "cat"}],
+        ...       "annotations": [{"id": 1, "image_id": 5, "category_id": 3, "bbox": [4, 4, 20, 10],
+        ...                        "area": 200, "iscrowd": 0}]}
+        >>> with open(os.path.join(folder, "gt.json"), "w") as f:
+        ...     json.dump(gt, f)
+        >>> src = coco(os.path.join(folder, "gt.json"), folder, check_files=False)
+        >>> record = src.records()[0]
+        >>> src.class_names, record.boxes.tolist(), record.classes.tolist()
+        (['cat'], [[4.0, 4.0, 24.0, 14.0]], [0])
+    """
     from kdet.data.coco import COCOSource
 
     return COCOSource(annotation_file, image_dir, class_names=class_names, skip_invalid=skip_invalid, **kwargs)
 
 
-def tfds(name, split, data_dir=None, **kwargs):
-    """A TFDS detection dataset (``voc/2007``, ``voc/2012``, ``coco/2017``)."""
+def tfds(name: str, split: str, data_dir=None, **kwargs) -> Source:
+    """A TFDS detection dataset (``voc/2007``, ``voc/2012``, ``coco/2017``).
+
+    Args:
+        name: the TFDS builder name.
+        split: a TFDS split expression (``"train+validation"``).
+        data_dir: TFDS's data folder; None: its default (``~/tensorflow_datasets``).
+
+    Returns:
+        a source (``TFDSSource``); TFDS downloads and prepares the data on first use.
+
+    Example:
+        Needs the data (a download on first use), so not run by the tests:
+
+        >>> src = tfds("voc/2007", "test")  # doctest: +SKIP
+        >>> len(src.records())  # doctest: +SKIP
+        4952
+    """
     from kdet.data.tfds_source import TFDSSource
 
     return TFDSSource(name, split, data_dir=data_dir, **kwargs)
 
 
-def shapes(root=None, split="train", **params):
-    """The synthetic shapes dataset, generated into a cache folder when missing."""
+def shapes(root=None, split: str = "train", **params) -> Source:
+    """The synthetic shapes dataset, generated into a cache folder when missing.
+
+    Args:
+        root: the folder for the generated VOC layout; None: ``$KDET_CACHE`` or ``~/.cache/kdet``.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        **params: ``kdet.data.shapes.generate_shapes``'s (``num_train``, ``num_test``,
+            ``image_size``, ``max_objects``, ...).
+
+    Returns:
+        a VOC source over the generated folder (five classes: circle, square, triangle, cross, ring).
+
+    Example:
+        >>> import tempfile
+        >>> src = shapes(tempfile.mkdtemp(), "test", num_train=0, num_test=3, image_size=64)
+        >>> len(src.records()), src.class_names
+        (3, ['circle', 'square', 'triangle', 'cross', 'ring'])
+    """
     from kdet.data.shapes import shapes as _shapes
 
     return _shapes(root, split, **params)
 
 
-def concat(*sources):
-    """Sources one after the other; their class lists must agree."""
+def concat(*sources) -> Source:
+    """Sources one after the other; their class lists must agree.
+
+    Args:
+        *sources: sources with the same ``class_names``.
+
+    Returns:
+        a source whose records are those of each source in turn.
+
+    Example:
+        >>> import tempfile
+        >>> root = tempfile.mkdtemp()
+        >>> both = concat(shapes(root, "train", num_train=2, num_test=1, image_size=64),
+        ...               shapes(root, "test", num_train=2, num_test=1, image_size=64))
+        >>> len(both.records())
+        3
+    """
     return ConcatSource(*sources)
 
 

@@ -1,7 +1,7 @@
 """Keras callback: COCO bbox AP on a validation set, streamed on the device.
 
 Every ``every_n_epochs`` epochs the callback runs the model over ``val_dataset``
-(``(images, targets)`` batches, further elements ignored; targets ``[B, M, 6]`` as in
+(``(images, targets)`` or ``(images, targets, meta)`` batches; targets ``[B, M, 6]`` as in
 docs/CONVENTIONS.md: normalised ``xyxy``, class id, ignore flag; padding class -1), matches the detections
 with `kdet.metrics.coco_device.COCOAccumulator` and writes the 12 COCO numbers into
 the epoch ``logs`` with a ``val_`` prefix (``val_AP``, ``val_AP50``, ..., ``val_AR_large``),
@@ -10,9 +10,12 @@ see them. Put this callback *before* those in the ``callbacks`` list.
 
 Conventions:
 
-* boxes are scaled to pixels of the model input (the images' ``H x W``), so COCO's
-  small / medium / large ranges use the box area in input pixels; a 7th target column,
-  when present, is taken as the area instead;
+* boxes are scaled to pixels of the **original images** when the batches carry ``meta``
+  with ``width`` and ``height`` (``make_dataset(..., with_meta=True)``, what the engine
+  feeds it), so COCO's small / medium / large ranges use the same areas as the final
+  evaluation (``coco_evaluate`` on ``records_to_coco_json``) and the 12 numbers agree;
+  without ``meta``, pixels of the model input (the images' ``H x W``). A 7th target
+  column, when present, is taken as the area instead;
 * ignore-flagged ground truths (VOC ``difficult``, ``iscrowd``) are, by default, COCO crowd
   regions, exactly as ``kdet.data.coco.records_to_coco_json`` writes them for pycocotools
   (which has no other way to ignore an object), so ``val_AP`` equals ``coco_evaluate`` on
@@ -29,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-from kdet.metrics._coco_common import STAT_NAMES, format_per_class, per_class, summarize
+from kdet.metrics._coco_common import EvalParams, format_per_class, per_class, summarize
 from kdet.metrics.coco_device import COCOAccumulator
 
 __all__ = ["COCOEvalCallback", "default_detect"]
@@ -55,11 +58,15 @@ class COCOEvalCallback(keras.callbacks.Callback):
       prefix: prefix of the log keys.
       ignore_as_crowd: evaluate ignore-flagged ground truths as COCO crowd regions (default,
         matches ``records_to_coco_json`` + pycocotools) or as non-crowd ignored objects.
+      iou_thresholds, max_dets, area_ranges, use_cats: pycocotools' ``Params`` (see
+        `kdet.metrics.coco.eval_params`); the logged names follow them (``val_AR1000``...).
     """
 
     def __init__(self, val_dataset, every_n_epochs=1, class_names=None, detect_fn=None,
-                 dtype="float64", jit_compile=True, verbose=1, prefix="val_", ignore_as_crowd=True):
+                 dtype="float64", jit_compile=True, verbose=1, prefix="val_", ignore_as_crowd=True,
+                 iou_thresholds=None, max_dets=None, area_ranges=None, use_cats=True):
         super().__init__()
+        self.eval_params = EvalParams.make(iou_thresholds, max_dets, area_ranges, use_cats)
         self.ignore_as_crowd = ignore_as_crowd
         if not class_names:
             raise ValueError("COCOEvalCallback needs class_names")
@@ -86,11 +93,12 @@ class COCOEvalCallback(keras.callbacks.Callback):
             return
         result = self.evaluate()
         if logs is not None:
-            logs.update({self.prefix + name: result[name] for name in STAT_NAMES})
+            logs.update({self.prefix + name: result[name] for name in self.eval_params.stat_names})
         if self.verbose:
             print(f"\nCOCO evaluation after epoch {epoch + 1}:")
-            print("  " + "  ".join(f"{n}={result[n]:.4f}" for n in STAT_NAMES))
-            print(format_per_class(result["per_class"]))
+            print("  " + "  ".join(f"{n}={result[n]:.4f}" for n in self.eval_params.stat_names))
+            if result["per_class"]:
+                print(format_per_class(result["per_class"]))
 
     # ------------------------------------------------------------ evaluation
     def evaluate(self):
@@ -101,36 +109,42 @@ class COCOEvalCallback(keras.callbacks.Callback):
         if self._accumulator is not None:
             self._accumulator.reset()
         for batch in strategy.experimental_distribute_dataset(self.val_dataset):
-            images, targets = batch[0], batch[1]  # further elements (e.g. metadata) are not used
-            detections, targets, size = self._predict_fn(images, targets)
+            images, targets = batch[0], batch[1]
+            hw = _original_hw(batch[2]) if len(batch) > 2 else None  # the original images' sizes
+            detections, targets, size = self._predict_fn(images, targets, hw)
             self._update(*_gather(strategy, detections, targets, size))
         if self._accumulator is None:
             raise ValueError("COCOEvalCallback: the validation dataset is empty")
         self._accumulator.check()
         precision, recall = self._result_fn()
         precision, recall = precision.numpy().astype(np.float64), recall.numpy().astype(np.float64)
-        result = summarize(precision, recall)
-        result["per_class"] = per_class(precision, self.class_names)
+        result = summarize(precision, recall, self.eval_params)
+        result["per_class"] = per_class(precision, self.class_names, self.eval_params) if self.eval_params.use_cats else {}
         self.last_result = result
         return result
 
     def _make_predict_fn(self, strategy):
         model, detect_fn = self.model, self.detect_fn
 
-        def step(images, targets):
+        def step(images, targets, height=None, width=None):
             detections = detect_fn(model, images)
-            size = tf.shape(images)[1:3]
-            return {k: detections[k] for k in ("boxes", "scores", "classes")}, targets, size
+            if height is None:  # no meta: pixels of the model input
+                sizes = tf.broadcast_to(tf.shape(images)[1:3], [tf.shape(images)[0], 2])
+            else:
+                sizes = tf.stack([tf.cast(height, tf.int32), tf.cast(width, tf.int32)], axis=-1)
+            return {k: detections[k] for k in ("boxes", "scores", "classes")}, targets, sizes
 
         @tf.function(reduce_retracing=True)
-        def predict(images, targets):
-            return strategy.run(step, args=(images, targets))
+        def predict(images, targets, hw):
+            args = (images, targets) if hw is None else (images, targets, *hw)
+            return strategy.run(step, args=args)
 
         return predict
 
-    def _update(self, detections, targets, height, width):
-        """Scale one gathered batch to pixels and stream it into the accumulator."""
-        scale = tf.constant([width, height, width, height], tf.float64)
+    def _update(self, detections, targets, sizes):
+        """Scale one gathered batch to pixels (``sizes [B, 2]``: height, width) and stream it in."""
+        height, width = (tf.cast(sizes[:, i, None], tf.float64) for i in (0, 1))
+        scale = tf.stack([width, height, width, height], axis=-1)                # [B, 1, 4]
         targets = tf.cast(targets, tf.float64)
         gt_boxes = targets[..., :4] * scale
         gt_classes = tf.cast(targets[..., 4], tf.int32)
@@ -142,6 +156,12 @@ class COCOEvalCallback(keras.callbacks.Callback):
         det_boxes = tf.cast(detections["boxes"], tf.float64) * scale
         det_classes = tf.cast(detections["classes"], tf.int32)
         det_scores = detections["scores"]
+        if not self.eval_params.use_cats:  # one category: matching across classes
+            # pycocotools breaks score ties between categories by category: rows in class order first
+            order = tf.argsort(tf.where(det_classes >= 0, det_classes, tf.int32.max), axis=-1, stable=True)
+            det_boxes, det_scores, det_classes = (tf.gather(x, order, batch_dims=1)
+                                                  for x in (det_boxes, det_scores, det_classes))
+            gt_classes, det_classes = (tf.where(c >= 0, 0, -1) for c in (gt_classes, det_classes))
         if self.ignore_as_crowd:
             gt_crowd, gt_ignore = gt_ignore, tf.zeros_like(gt_ignore)
         else:
@@ -162,7 +182,8 @@ class COCOEvalCallback(keras.callbacks.Callback):
             return
         used = 0 if acc is None else int(acc.count.numpy())
         capacity = max(2 * (used + rows), 1024)
-        bigger = COCOAccumulator(len(self.class_names), capacity, dtype=self.dtype)
+        num_classes = len(self.class_names) if self.eval_params.use_cats else 1
+        bigger = COCOAccumulator(num_classes, capacity, dtype=self.dtype, params=self.eval_params)
         if acc is not None:
             for name in ("scores", "classes", "ranks", "codes"):
                 old = getattr(acc, name)[:used]
@@ -180,10 +201,16 @@ def _pad_batch(x, pad, fill):
     return tf.concat([x, padding], axis=0)
 
 
-def _gather(strategy, detections, targets, size):
+def _original_hw(meta):
+    """``(height, width)`` ``[B]`` of the original images from a batch's ``meta`` dict, else None."""
+    if isinstance(meta, dict) and "height" in meta and "width" in meta:
+        return meta["height"], meta["width"]
+    return None
+
+
+def _gather(strategy, detections, targets, sizes):
     """Concatenate per-replica results on the host side."""
     local = strategy.experimental_local_results
     cat = lambda x: tf.concat(local(x), axis=0)
     detections = {k: cat(v) for k, v in detections.items()}
-    height, width = (int(v) for v in local(size)[0].numpy())
-    return detections, cat(targets), height, width
+    return detections, cat(targets), cat(sizes)

@@ -53,11 +53,12 @@ from pathlib import Path
 import numpy as np
 
 from kdet.metrics._coco_common import (
-    AREA_RANGES, IOU_THRESHOLDS, MAX_DETS, RECALL_THRESHOLDS, STAT_NAMES,
+    DEFAULT_PARAMS, MAX_DETS, RECALL_THRESHOLDS, STAT_NAMES, EvalParams,
     format_per_class, format_summary, per_class, summarize,
 )
 
 __all__ = ["coco_evaluate", "load_coco_arrays", "CocoInputError", "CocoIdWarning", "evaluate_arrays", "CocoArrays",
+           "EvalParams", "match_records", "MatchRecords", "OUTCOMES", "format_outcomes",
            "format_summary", "format_per_class", "STAT_NAMES"]
 
 
@@ -84,6 +85,8 @@ class CocoArrays:
     det_xywh: np.ndarray     # [D, 4] float64
     det_score: np.ndarray    # [D] float64
     det_rank: np.ndarray     # [D] int, position within its image and category
+    gt_source: np.ndarray = None   # [G] int, position in the json's annotations list
+    det_source: np.ndarray = None  # [D] int, position in the detections list
 
 
 class CocoInputError(ValueError):
@@ -216,12 +219,13 @@ def _name_bad_entry(dets, det_name):
     raise CocoInputError(f"{det_name}: every 'bbox' must be [x, y, w, h]")
 
 
-def load_coco_arrays(ground_truth, detections):
+def load_coco_arrays(ground_truth, detections, max_dets=MAX_DETS[-1]):
     """Read a COCO ground truth and detection results (dicts / lists or json paths) into `CocoArrays`.
 
     Stricter than pycocotools (which drops unknown categories silently and accepts NaN
     boxes): see :func:`_check_ids` and :func:`_check_finite`; every error is a
-    `CocoInputError` naming the file and the detection.
+    `CocoInputError` naming the file and the detection. Detections are cut to ``max_dets`` per
+    image and category (pycocotools' ``maxDets[-1]``).
     """
     gt_name = str(ground_truth) if isinstance(ground_truth, (str, os.PathLike)) else "ground truth"
     det_name = str(detections) if isinstance(detections, (str, os.PathLike)) else "detections"
@@ -258,14 +262,34 @@ def load_coco_arrays(ground_truth, detections):
     dkeep = np.flatnonzero(d_ok_cls & d_ok_img)
     dkeep = dkeep[np.lexsort((dkeep, -d_score[dkeep], d_cls[dkeep], d_img[dkeep]))]
     rank = _rank_in_groups(d_img[dkeep] * len(category_ids) + d_cls[dkeep])
-    dkeep, rank = dkeep[rank < MAX_DETS[-1]], rank[rank < MAX_DETS[-1]]
+    dkeep, rank = dkeep[rank < max_dets], rank[rank < max_dets]
 
     return CocoArrays(
         image_ids=image_ids, category_ids=category_ids, class_names=class_names,
         gt_image=g_img[keep], gt_class=g_cls[keep], gt_xywh=g_xywh[keep].reshape(-1, 4),
         gt_area=g_area[keep], gt_crowd=g_crowd[keep],
         det_image=d_img[dkeep], det_class=d_cls[dkeep], det_xywh=d_xywh[dkeep].reshape(-1, 4),
-        det_score=d_score[dkeep], det_rank=rank,
+        det_score=d_score[dkeep], det_rank=rank, gt_source=keep, det_source=dkeep,
+    )
+
+
+def single_category(arr, max_dets=MAX_DETS[-1]):
+    """`CocoArrays` evaluated as one category (pycocotools' ``useCats=0``).
+
+    As pycocotools: per image, ground truths stay in (category, json) order; detections
+    are sorted by score with ties in (category, json) order and cut to ``max_dets``.
+    """
+    order = np.lexsort((np.arange(len(arr.det_score)), -arr.det_score, arr.det_image))
+    rank = _rank_in_groups(arr.det_image[order])
+    order, rank = order[rank < max_dets], rank[rank < max_dets]
+    pick = lambda x: None if x is None else x[order]  # noqa: E731
+    return CocoArrays(
+        image_ids=arr.image_ids, category_ids=np.asarray([-1]), class_names=["all classes"],
+        gt_image=arr.gt_image, gt_class=np.zeros_like(arr.gt_class), gt_xywh=arr.gt_xywh,
+        gt_area=arr.gt_area, gt_crowd=arr.gt_crowd,
+        det_image=arr.det_image[order], det_class=np.zeros(len(order), arr.det_class.dtype),
+        det_xywh=arr.det_xywh[order], det_score=arr.det_score[order], det_rank=rank,
+        gt_source=arr.gt_source, det_source=pick(arr.det_source),
     )
 
 
@@ -300,12 +324,14 @@ def _last_argmax(values, mask):
     return last, mask.any(axis=-1)
 
 
-def greedy_match(ious, gt_valid, gt_crowd, gt_ignore, det_valid, thresholds=IOU_THRESHOLDS):
+def greedy_match(ious, gt_valid, gt_crowd, gt_ignore, det_valid, thresholds=DEFAULT_PARAMS.thresholds,
+                 return_index=False):
     """pycocotools' per-image greedy matching, vectorised over groups, thresholds and area ranges.
 
     ious [P, D, G] (detections in score order), gt_valid / gt_crowd [P, G],
     gt_ignore [P, A, G], det_valid [P, D]. Returns ``matched`` and ``matched_ignored``,
-    both [P, D, T, A]: the detection found a ground truth / that ground truth is ignored.
+    both [P, D, T, A]: the detection found a ground truth / that ground truth is ignored;
+    with ``return_index`` also ``index`` [P, D, T, A], the matched ground truth (-1: none).
     """
     P, D, G = ious.shape
     A = gt_ignore.shape[1]
@@ -313,6 +339,7 @@ def greedy_match(ious, gt_valid, gt_crowd, gt_ignore, det_valid, thresholds=IOU_
     taken = np.zeros((P, T, A, G), bool)
     matched = np.zeros((P, D, T, A), bool)
     matched_ignored = np.zeros((P, D, T, A), bool)
+    index = np.full((P, D, T, A), -1, np.int64)
     usable = gt_valid[:, None, None, :]
     crowd = gt_crowd[:, None, None, :]
     ignored = gt_ignore[:, None, :, :]
@@ -328,13 +355,15 @@ def greedy_match(ious, gt_valid, gt_crowd, gt_ignore, det_valid, thresholds=IOU_
         taken |= has[..., None] & (g_index == m[..., None])
         matched[:, d] = has
         matched_ignored[:, d] = has_ign & ~has_reg
+        index[:, d] = np.where(has, m, -1)
+    if return_index:
+        return matched, matched_ignored, index
     return matched, matched_ignored
 
 
-def _area_ignore(area):
-    """[N, A]: area outside each COCO area range (bounds inclusive)."""
-    lo = np.asarray([r[0] for r in AREA_RANGES], np.float64)
-    hi = np.asarray([r[1] for r in AREA_RANGES], np.float64)
+def _area_ignore(area, params=DEFAULT_PARAMS):
+    """[N, A]: area outside each area range (bounds inclusive)."""
+    lo, hi = params.area_bounds
     return (area[:, None] < lo) | (area[:, None] > hi)
 
 
@@ -344,14 +373,26 @@ def _runs(keys):
     return uniq, start, count
 
 
-def _match_all(arr):
-    """Per-detection ``tp`` and ``fp`` [D, T, A] for every detection of ``arr``."""
+@dataclass
+class _Matches:
+    """Per-detection matching of `CocoArrays`, [D, T, A] each, and the ground-truth counts."""
+
+    gt_index: np.ndarray      # matched ground truth (row of the CocoArrays gt arrays), -1: none
+    ignored: np.ndarray       # neither TP nor FP (matched an ignored gt, or unmatched outside the area)
+    tp: np.ndarray
+    fp: np.ndarray
+    gt_ignore: np.ndarray     # [G, A]
+    npig: np.ndarray          # [K, A] non-ignored ground truths
+
+
+def _match_all(arr, params=DEFAULT_PARAMS):
+    """Match every detection of ``arr`` (pycocotools' ``evaluateImg`` for all images at once)."""
     K = len(arr.category_ids)
-    T, A = len(IOU_THRESHOLDS), len(AREA_RANGES)
+    T, A = len(params.iou_thresholds), len(params.area_ranges)
     n_det = len(arr.det_score)
-    gt_ignore = arr.gt_crowd[:, None] | _area_ignore(arr.gt_area)                  # [G, A]
-    det_out = _area_ignore(arr.det_xywh[:, 2] * arr.det_xywh[:, 3])              # [D, A]
-    matched = np.zeros((n_det, T, A), bool)
+    gt_ignore = arr.gt_crowd[:, None] | _area_ignore(arr.gt_area, params)              # [G, A]
+    det_out = _area_ignore(arr.det_xywh[:, 2] * arr.det_xywh[:, 3], params)          # [D, A]
+    gt_index = np.full((n_det, T, A), -1, np.int64)
     matched_ignored = np.zeros((n_det, T, A), bool)
 
     d_keys, d_start, d_count = _runs(arr.det_image * K + arr.det_class)
@@ -368,16 +409,19 @@ def _match_all(arr):
         crowd = arr.gt_crowd[g_idx] & g_valid
         with np.errstate(divide="ignore", invalid="ignore"):
             ious = iou_xywh(arr.det_xywh[d_idx], arr.gt_xywh[g_idx], crowd)
-        m, mi = greedy_match(ious, g_valid, crowd, np.moveaxis(gt_ignore[g_idx], -1, 1), d_valid)
-        matched[d_idx[d_valid]] = m[d_valid]
+        _, mi, m = greedy_match(ious, g_valid, crowd, np.moveaxis(gt_ignore[g_idx], -1, 1), d_valid,
+                                params.thresholds, return_index=True)
+        rows = np.arange(len(sel))[:, None, None, None]
+        global_m = np.where(m >= 0, g_idx[rows, np.maximum(m, 0)], -1)               # [P, D, T, A]
+        gt_index[d_idx[d_valid]] = global_m[d_valid]
         matched_ignored[d_idx[d_valid]] = mi[d_valid]
 
+    matched = gt_index >= 0
     det_ignored = matched_ignored | (~matched & det_out[:, None, :])
-    tp = matched & ~det_ignored
-    fp = ~matched & ~det_ignored
     npig = np.zeros((K, A), np.int64)
     np.add.at(npig, arr.gt_class, (~gt_ignore).astype(np.int64))
-    return tp, fp, npig
+    return _Matches(gt_index=gt_index, ignored=det_ignored, tp=matched & ~det_ignored,
+                    fp=~matched & ~det_ignored, gt_ignore=gt_ignore, npig=npig)
 
 
 def _padded_index(start, count, size):
@@ -387,7 +431,7 @@ def _padded_index(start, count, size):
 
 
 # ------------------------------------------------------------------ accumulation
-def accumulate(det_class, det_score, det_image, det_rank, tp, fp, npig):
+def accumulate(det_class, det_score, det_image, det_rank, tp, fp, npig, params=DEFAULT_PARAMS):
     """``precision [T,R,K,A,M]`` and ``recall [T,K,A,M]`` as ``COCOeval.accumulate``, vectorised.
 
     Equivalent form of pycocotools' loop, exact in float64: at recall point ``r`` the
@@ -398,7 +442,7 @@ def accumulate(det_class, det_score, det_image, det_rank, tp, fp, npig):
     (column, class, bin) and a suffix max over the bins give all 101 points at once.
     """
     K, A = npig.shape
-    T, R, M = len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS), len(MAX_DETS)
+    T, R, M = len(params.iou_thresholds), len(RECALL_THRESHOLDS), len(params.max_dets)
     C = T * A  # columns t * A + a
     precision = -np.ones((T, R, K, A, M))
     recall = -np.ones((T, K, A, M))
@@ -409,7 +453,7 @@ def accumulate(det_class, det_score, det_image, det_rank, tp, fp, npig):
     fp = np.ascontiguousarray(fp[order].reshape(n_rows, C).T)
     class_start = np.searchsorted(cls, cls, side="left")
     present = npig > 0                                                            # [K, A]
-    for m, max_det in enumerate(MAX_DETS):
+    for m, max_det in enumerate(params.max_dets):
         kept = (rank < max_det)[None, :]
         col, pos = np.nonzero(tp & kept)          # true positives, by column then row (-> class)
         fp_key = np.flatnonzero(fp & kept)        # false positives as col * N + row, sorted
@@ -437,33 +481,231 @@ def accumulate(det_class, det_score, det_image, det_rank, tp, fp, npig):
     return precision, recall
 
 
-def evaluate_arrays(arr):
-    """``(precision, recall)`` of `CocoArrays` with the numpy engine."""
-    tp, fp, npig = _match_all(arr)
-    return accumulate(arr.det_class, arr.det_score, arr.det_image, arr.det_rank, tp, fp, npig)
+def evaluate_arrays(arr, params=DEFAULT_PARAMS):
+    """``(precision, recall)`` of `CocoArrays` with the numpy engine (``arr`` prepared for ``params``)."""
+    m = _match_all(arr, params)
+    return accumulate(arr.det_class, arr.det_score, arr.det_image, arr.det_rank, m.tp, m.fp, m.npig, params)
 
 
 # ------------------------------------------------------------------ entry point
-def coco_evaluate(ground_truth, detections, *, use_device=False, dtype="float64",
-                  batch_size=64, jit_compile=True, return_arrays=False):
-    """COCO bbox evaluation of ``detections`` against ``ground_truth`` (dicts/lists or json paths).
+def eval_params(iou_thresholds=None, max_dets=None, area_ranges=None, use_cats=True):
+    """`EvalParams` (pycocotools' ``Params``): ``None`` keeps pycocotools' default.
 
-    Returns ``{"AP": .., "AP50": .., ..., "AR_large": .., "per_class": {name: {"AP", "AP50"}}}``.
-    ``use_device=True`` runs the matching and accumulation with the XLA-compiled
-    TensorFlow engine (`kdet.metrics.coco_device`) in ``dtype``, ``batch_size`` images
-    per update (``jit_compile=False``: plain graph mode); ``return_arrays``
-    adds the ``precision`` [T,R,K,A,M] and ``recall`` [T,K,A,M] arrays.
+    Args:
+        iou_thresholds: ``iouThrs``, e.g. ``[0.5]``; default 0.50:0.05:0.95.
+        max_dets: ``maxDets``, ascending, e.g. ``[1, 10, 1000]``; default ``[1, 10, 100]``.
+        area_ranges: ``areaRng`` with labels: ``{"all": (0, 1e10), "small": (0, 1024), ...}``;
+            the first range is the one of the overall lines (pycocotools' ``all``).
+        use_cats: ``useCats``; False matches detections to ground truth of any category.
     """
-    arr = load_coco_arrays(ground_truth, detections)
+    return EvalParams.make(iou_thresholds, max_dets, area_ranges, use_cats)
+
+
+def _prepared_arrays(ground_truth, detections, params):
+    arr = load_coco_arrays(ground_truth, detections, max_dets=params.max_dets[-1])
+    return arr if params.use_cats else single_category(arr, params.max_dets[-1])
+
+
+def coco_evaluate(ground_truth, detections, *, iou_thresholds=None, max_dets=None, area_ranges=None,
+                  use_cats: bool = True, use_device: bool = False, dtype: str = "float64",
+                  batch_size: int = 64, jit_compile: bool = True, return_arrays: bool = False) -> dict:
+    """COCO bbox evaluation of ``detections`` against ``ground_truth``, pycocotools' numbers exactly.
+
+    Args:
+        ground_truth: a COCO ground-truth dict (``images``, ``categories``, ``annotations``)
+            or the path of its json file.
+        detections: a list of COCO result dicts (``image_id``, ``category_id``, ``bbox``
+            ``[x, y, w, h]``, ``score``) or the path of its json file.
+        iou_thresholds, max_dets, area_ranges, use_cats: pycocotools' ``Params``
+            (``iouThrs, maxDets, areaRng/areaRngLbl, useCats``); see `eval_params`.
+        use_device: run the matching and accumulation with the XLA-compiled TensorFlow
+            engine (`kdet.metrics.coco_device`) in ``dtype``, ``batch_size`` images per
+            update (``jit_compile=False``: plain graph mode).
+        return_arrays: add the ``precision`` [T,R,K,A,M] and ``recall`` [T,K,A,M] arrays.
+
+    Returns:
+        ``{"AP": .., "AP50": .., ..., "AR_large": .., "per_class": {name: {"AP", "AP50"}}}``:
+        the summary numbers of ``EvalParams.summary_specs`` (pycocotools' 12 with the default
+        parameters; with other ``max_dets`` the lines use the values asked for, e.g.
+        ``AR1000``, where pycocotools prints -1), per-class AP / AP50 (empty with
+        ``use_cats=False``), and ``params`` when they are not the defaults.
+
+    Example:
+        >>> gt = {"images": [{"id": 1}], "categories": [{"id": 1, "name": "cat"}],
+        ...       "annotations": [{"id": 1, "image_id": 1, "category_id": 1,
+        ...                        "bbox": [10, 10, 50, 50], "area": 2500, "iscrowd": 0}]}
+        >>> dets = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 50, 50], "score": 0.9},
+        ...         {"image_id": 1, "category_id": 1, "bbox": [12, 10, 50, 50], "score": 0.8}]
+        >>> result = coco_evaluate(gt, dets)
+        >>> round(result["AP"], 6), result["AP_small"], round(result["per_class"]["cat"]["AP50"], 6)
+        (1.0, -1.0, 1.0)
+        >>> coco_evaluate(gt, dets, max_dets=[1, 2])["AR2"]
+        1.0
+    """
+    params = eval_params(iou_thresholds, max_dets, area_ranges, use_cats)
+    arr = _prepared_arrays(ground_truth, detections, params)
     if use_device:
         from kdet.metrics.coco_device import evaluate_arrays_on_device
 
         precision, recall = evaluate_arrays_on_device(arr, dtype=dtype, batch_size=batch_size,
-                                                      jit_compile=jit_compile)
+                                                      jit_compile=jit_compile, params=params)
     else:
-        precision, recall = evaluate_arrays(arr)
-    result = summarize(precision, recall)
-    result["per_class"] = per_class(precision, arr.class_names)
+        precision, recall = evaluate_arrays(arr, params)
+    result = summarize(precision, recall, params)
+    result["per_class"] = per_class(precision, arr.class_names, params) if params.use_cats else {}
+    if params != DEFAULT_PARAMS:
+        result["params"] = params.to_dict()
     if return_arrays:
         result["precision"], result["recall"] = precision, recall
     return result
+
+
+# ------------------------------------------------------------------ per-detection match records
+# What each detection is at one IoU threshold and area range (pycocotools' evalImgs, explained).
+OUTCOMES = (
+    "tp",               # matched a ground truth of its class (not ignored)
+    "ignored_crowd",    # matched a crowd region (iscrowd / VOC difficult): neither TP nor FP
+    "ignored",          # matched a ground truth outside the area range, or is outside it unmatched
+    "fp_duplicate",     # overlaps (IoU >= t) a ground truth of its class that a better detection took
+    "fp_other_class",   # overlaps (IoU >= t) a ground truth of another class: a confusion
+    "fp_localization",  # overlaps a ground truth of its class, but 0.1 <= IoU < t
+    "fp_background",    # overlaps no ground truth (IoU < 0.1 with its class, < t with others)
+)
+LOCALIZATION_IOU = 0.1
+
+
+@dataclass
+class MatchRecords:
+    """Per-detection match records (pycocotools' ``evalImgs`` as arrays), one row per evaluated detection.
+
+    Rows are the detections pycocotools evaluates (the best ``max_dets[-1]`` per image and
+    category), in (image, category, score) order. ``T`` and ``A`` index
+    ``params.iou_thresholds`` and ``params.area_ranges``.
+    """
+
+    params: EvalParams
+    det_index: np.ndarray    # [D] position of the detection in the detections list
+    image_id: np.ndarray     # [D]
+    category_id: np.ndarray  # [D] (-1 with use_cats=False)
+    score: np.ndarray        # [D]
+    gt_index: np.ndarray     # [D, T, A] position of the matched annotation in the ground truth's list, -1: none
+    ignored: np.ndarray      # [D, T, A] bool: neither TP nor FP
+    outcome: np.ndarray      # [D, T, A] int8: index into OUTCOMES
+    category_names: dict = None  # {category_id: name}
+
+    def outcome_names(self, iou=0.5, area=None):
+        """The outcome name of each row at IoU threshold ``iou`` and area range ``area`` (default: the first)."""
+        return [OUTCOMES[k] for k in self.outcome[:, self._t(iou), self._a(area)]]
+
+    def counts(self, iou=0.5, area=None, by_category=True):
+        """``{category_id: {outcome: count}}`` (or one dict over all) at ``iou`` and ``area``."""
+        codes = self.outcome[:, self._t(iou), self._a(area)]
+        if not by_category:
+            return {name: int(np.sum(codes == k)) for k, name in enumerate(OUTCOMES)}
+        return {int(c): {name: int(np.sum(codes[self.category_id == c] == k)) for k, name in enumerate(OUTCOMES)}
+                for c in np.unique(self.category_id)}
+
+    def _t(self, iou):
+        hit = np.flatnonzero(np.isclose(self.params.thresholds, iou, rtol=0, atol=1e-9))
+        if not hit.size:
+            raise ValueError(f"IoU threshold {iou} was not evaluated (thresholds: {list(self.params.iou_thresholds)})")
+        return int(hit[0])
+
+    def _a(self, area):
+        names = self.params.area_names
+        if area is None:
+            return 0
+        if area not in names:
+            raise ValueError(f"area range {area!r} was not evaluated (ranges: {list(names)})")
+        return names.index(area)
+
+
+def match_records(ground_truth, detections, *, iou_thresholds=None, max_dets=None, area_ranges=None,
+                  use_cats=True) -> MatchRecords:
+    """Why each detection is a TP, ignored or a false positive, at every IoU threshold and area range.
+
+    Same inputs and parameters as `coco_evaluate` (and the same matching: counting the
+    ``"tp"`` and ``fp_*`` outcomes per category reproduces its precision and recall).
+
+    Args:
+        ground_truth, detections: as `coco_evaluate` (dicts / lists or json paths).
+        iou_thresholds, max_dets, area_ranges, use_cats: pycocotools' ``Params`` (`eval_params`).
+
+    Returns:
+        `MatchRecords`; ``records.counts(iou=0.5)`` gives ``{category_id: {outcome: n}}``.
+
+    Example:
+        >>> gt = {"images": [{"id": 1}], "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+        ...       "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 40, 40]}]}
+        >>> dets = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 40, 40], "score": 0.9},
+        ...         {"image_id": 1, "category_id": 1, "bbox": [1, 0, 40, 40], "score": 0.8},
+        ...         {"image_id": 1, "category_id": 2, "bbox": [0, 0, 40, 40], "score": 0.7},
+        ...         {"image_id": 1, "category_id": 1, "bbox": [200, 200, 9, 9], "score": 0.6}]
+        >>> match_records(gt, dets).outcome_names(iou=0.5)
+        ['tp', 'fp_duplicate', 'fp_background', 'fp_other_class']
+    """
+    params = eval_params(iou_thresholds, max_dets, area_ranges, use_cats)
+    arr = _prepared_arrays(ground_truth, detections, params)
+    m = _match_all(arr, params)
+    best_same, best_other = _best_overlaps(arr)
+    thr = params.thresholds[None, :, None]
+    crowd_match = (m.gt_index >= 0) & arr.gt_crowd[np.maximum(m.gt_index, 0)]
+    outcome = np.full(m.tp.shape, OUTCOMES.index("fp_background"), np.int8)
+    fp_kinds = [(best_same[:, None, None] >= LOCALIZATION_IOU, "fp_localization"),
+                (best_other[:, None, None] >= thr, "fp_other_class"),
+                (best_same[:, None, None] >= thr, "fp_duplicate")]
+    for cond, name in fp_kinds:  # later ones win
+        outcome[m.fp & cond] = OUTCOMES.index(name)
+    outcome[m.ignored] = OUTCOMES.index("ignored")
+    outcome[m.ignored & crowd_match] = OUTCOMES.index("ignored_crowd")
+    outcome[m.tp] = OUTCOMES.index("tp")
+    source = arr.gt_source[np.maximum(m.gt_index, 0)]
+    return MatchRecords(
+        params=params, det_index=arr.det_source, image_id=arr.image_ids[arr.det_image],
+        category_id=arr.category_ids[arr.det_class], score=arr.det_score,
+        gt_index=np.where(m.gt_index >= 0, source, -1), ignored=m.ignored, outcome=outcome,
+        category_names=dict(zip(arr.category_ids.tolist(), arr.class_names)))
+
+
+def _best_overlaps(arr):
+    """Per detection: the best IoU with a non-crowd ground truth of its class / of another class, [D] each."""
+    n_det = len(arr.det_score)
+    best_same, best_other = np.zeros(n_det), np.zeros(n_det)
+    d_keys, d_start, d_count = _runs(arr.det_image)
+    g_keys, g_start, g_count = _runs(arr.gt_image)
+    _, di, gi = np.intersect1d(d_keys, g_keys, assume_unique=True, return_indices=True)
+    d_start, d_count, g_start, g_count = d_start[di], d_count[di], g_start[gi], g_count[gi]
+    d_pad = 2 ** np.ceil(np.log2(d_count)).astype(int)
+    g_pad = 2 ** np.ceil(np.log2(g_count)).astype(int)
+    for dp, gp in set(zip(d_pad.tolist(), g_pad.tolist())):
+        sel = np.flatnonzero((d_pad == dp) & (g_pad == gp))
+        d_idx, d_valid = _padded_index(d_start[sel], d_count[sel], dp)
+        g_idx, g_valid = _padded_index(g_start[sel], g_count[sel], gp)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ious = iou_xywh(arr.det_xywh[d_idx], arr.gt_xywh[g_idx], np.zeros(g_idx.shape, bool))
+        usable = (g_valid & ~arr.gt_crowd[g_idx])[:, None, :]
+        same = arr.det_class[d_idx][:, :, None] == arr.gt_class[g_idx][:, None, :]
+        best_same[d_idx[d_valid]] = np.where(usable & same, ious, 0.0).max(-1)[d_valid]
+        best_other[d_idx[d_valid]] = np.where(usable & ~same, ious, 0.0).max(-1)[d_valid]
+    return best_same, best_other
+
+
+def format_outcomes(records, class_names=None, iou=0.5, area=None):
+    """A per-category table of the detections' outcomes at ``iou`` (TPs and the kinds of FP).
+
+    ``class_names``: ``{category_id: name}``; default the ground truth's names.
+    """
+    counts = records.counts(iou=iou, area=area)
+    names = dict(class_names or records.category_names or {})
+    columns = ["tp", "fp_duplicate", "fp_other_class", "fp_localization", "fp_background", "ignored_crowd", "ignored"]
+    heads = ["TP", "dup", "other_cls", "loc", "backgr", "crowd", "ign"]
+    labels = {c: str(names.get(c, c)) for c in counts}
+    width = max([len(v) for v in labels.values()] + [8])
+    lines = [f"detections at IoU {iou:.2f}, area {area or records.params.area_names[0]}: "
+             "TP and why the others are false positives (dup: a better detection took the object; "
+             "other_cls: overlaps an object of another class; loc: IoU >= 0.1 with its class; "
+             "crowd/ign: ignored)",
+             f"{'category':<{width}}  " + "  ".join(f"{h:>9}" for h in heads)]
+    for c, row in counts.items():
+        lines.append(f"{labels[c]:<{width}}  " + "  ".join(f"{row[k]:>9d}" for k in columns))
+    return "\n".join(lines)

@@ -28,7 +28,7 @@ workload (the tests require 1e-4).
 import numpy as np
 import tensorflow as tf
 
-from kdet.metrics._coco_common import AREA_RANGES, IOU_THRESHOLDS, MAX_DETS, RECALL_THRESHOLDS
+from kdet.metrics._coco_common import DEFAULT_PARAMS, RECALL_THRESHOLDS
 
 __all__ = ["COCOAccumulator", "evaluate_arrays_on_device", "padded_batches"]
 
@@ -44,17 +44,21 @@ class COCOAccumulator(tf.Module):
         rows past it are dropped and `result` raises.
       dtype: ``"float64"`` (exact) or ``"float32"``.
       box_format: ``"xyxy"`` (kdet) or ``"xywh"`` (COCO json; bit-exact with pycocotools).
+      params: `kdet.metrics.coco.EvalParams` (IoU thresholds, max detections, area ranges;
+        pycocotools' defaults). ``use_cats=False`` is the caller's part: give every ground
+        truth and detection class 0 (and ``num_classes=1``).
     """
 
-    def __init__(self, num_classes, capacity, dtype="float64", box_format="xyxy", name=None):
+    def __init__(self, num_classes, capacity, dtype="float64", box_format="xyxy", name=None, params=DEFAULT_PARAMS):
         super().__init__(name=name)
+        self.params = params
         if box_format not in ("xyxy", "xywh"):
             raise ValueError(f"box_format must be 'xyxy' or 'xywh', got {box_format!r}")
         self.num_classes = int(num_classes)
         self.capacity = int(capacity)
         self.dtype = tf.as_dtype(dtype)
         self.box_format = box_format
-        self.num_thresholds, self.num_areas = len(IOU_THRESHOLDS), len(AREA_RANGES)
+        self.num_thresholds, self.num_areas = len(params.iou_thresholds), len(params.area_ranges)
         cols = self.num_thresholds * self.num_areas
         rows = self.capacity + 1  # the last row is a sink for overflow
         with tf.init_scope():
@@ -103,17 +107,17 @@ class COCOAccumulator(tf.Module):
         det_scores = tf.gather(det_scores, order, batch_dims=1)
         det_classes = tf.gather(det_classes, order, batch_dims=1)
         rank = _rank_within_class(det_classes)
-        det_ok = (det_classes >= 0) & (rank < MAX_DETS[-1])
+        det_ok = (det_classes >= 0) & (rank < self.params.max_dets[-1])
 
         gt_crowd = tf.cast(gt_crowd, tf.bool) & gt_valid
         flagged = gt_crowd if gt_ignore is None else gt_crowd | tf.cast(gt_ignore, tf.bool)
-        gt_ignore = flagged[:, None, :] | _outside_areas(tf.cast(gt_area, f))         # [B,A,G]
-        det_outside = _outside_areas(det_xywh[..., 2] * det_xywh[..., 3])          # [B,A,D]
+        gt_ignore = flagged[:, None, :] | _outside_areas(tf.cast(gt_area, f), self.params)   # [B,A,G]
+        det_outside = _outside_areas(det_xywh[..., 2] * det_xywh[..., 3], self.params)    # [B,A,D]
         same_class = (det_classes[:, :, None] == gt_classes[:, None, :]) & gt_valid[:, None, :]
         same_class &= det_ok[:, :, None]
         ious = tf.where(same_class, _iou_xywh(det_xywh, gt_xywh, gt_crowd), tf.constant(-1.0, f))
 
-        matched, matched_ignored = _greedy_match(ious, gt_crowd, gt_ignore, f)   # [B,D,T,A]
+        matched, matched_ignored = _greedy_match(ious, gt_crowd, gt_ignore, f, self.params.thresholds)  # [B,D,T,A]
         outside = tf.transpose(det_outside, [0, 2, 1])[:, :, None, :]
         det_ignored = matched_ignored | (~matched & outside)
         code = tf.where(matched & ~det_ignored, _TP, tf.where(~matched & ~det_ignored, _FP, _NONE))
@@ -161,9 +165,9 @@ class COCOAccumulator(tf.Module):
         rank = tf.gather(self.ranks[: self.capacity], perm)
         codes = tf.gather(self.codes[: self.capacity], perm)
         num_gt = tf.cast(self.num_gt, f)                                        # [K,A]
-        M = len(MAX_DETS)
+        M = len(self.params.max_dets)
         # columns (m, t, a): a detection counts for maxDets m when its rank is below it
-        kept = tf.cast(rank[:, None] < tf.constant(MAX_DETS, tf.int32)[None, :], tf.int32)   # [N,M]
+        kept = tf.cast(rank[:, None] < tf.constant(self.params.max_dets, tf.int32)[None, :], tf.int32)   # [N,M]
         is_tp = tf.reshape(kept[:, :, None] * tf.cast(codes == _TP, tf.int32)[:, None, :], [-1, M * T * A])
         is_fp = tf.reshape(kept[:, :, None] * tf.cast(codes == _FP, tf.int32)[:, None, :], [-1, M * T * A])
         npig_row = tf.tile(tf.gather(tf.maximum(self.num_gt, 1), safe_cls), [1, M * T])  # [N,M*T*A] int
@@ -205,10 +209,9 @@ def _rank_within_class(classes):
     return tf.reduce_sum(tf.cast(same & earlier[None], tf.int32), axis=-1)
 
 
-def _outside_areas(area):
+def _outside_areas(area, params):
     """[..., N] areas -> [..., A, N]: outside each area range (bounds inclusive)."""
-    lo = tf.constant([r[0] for r in AREA_RANGES], area.dtype)
-    hi = tf.constant([r[1] for r in AREA_RANGES], area.dtype)
+    lo, hi = (tf.constant(bound, area.dtype) for bound in params.area_bounds)
     a = area[..., None, :]
     return (a < lo[:, None]) | (a > hi[:, None])
 
@@ -234,15 +237,15 @@ def _last_argmax(values, mask):
     return index, tf.reduce_any(mask, axis=-1)
 
 
-def _greedy_match(ious, gt_crowd, gt_ignore, dtype):
+def _greedy_match(ious, gt_crowd, gt_ignore, dtype, thresholds):
     """pycocotools' greedy matching for every threshold and area range.
 
     ious [B,D,G] (-1 where not same class / invalid), detections in score order;
     gt_crowd [B,G]; gt_ignore [B,A,G]. Returns matched, matched_ignored [B,D,T,A].
     """
     B, D, G = tf.shape(ious)[0], tf.shape(ious)[1], tf.shape(ious)[2]
-    T, A = len(IOU_THRESHOLDS), len(AREA_RANGES)
-    thr = tf.constant(IOU_THRESHOLDS, dtype)[None, :, None, None]
+    T, A = len(thresholds), gt_ignore.shape[1]
+    thr = tf.constant(thresholds, dtype)[None, :, None, None]
     crowd = gt_crowd[:, None, None, :]
     ignored = gt_ignore[:, None, :, :]
     g_index = tf.range(G)
@@ -303,12 +306,12 @@ def _suffix_max(x):
 
 
 # ------------------------------------------------------------ json path
-def evaluate_arrays_on_device(arr, dtype="float64", batch_size=64, jit_compile=True):
+def evaluate_arrays_on_device(arr, dtype="float64", batch_size=64, jit_compile=True, params=DEFAULT_PARAMS):
     """``(precision, recall)`` numpy arrays of `kdet.metrics.coco.CocoArrays` on the device engine."""
     batches = padded_batches(arr, batch_size)
     det_width = batches[0][4].shape[1] if batches else 1
     acc = COCOAccumulator(len(arr.category_ids), capacity=max(len(batches) * batch_size * det_width, 1),
-                          dtype=dtype, box_format="xywh")
+                          dtype=dtype, box_format="xywh", params=params)
     update = tf.function(acc.update, jit_compile=jit_compile)
     for batch in batches:
         update(*batch)

@@ -75,11 +75,24 @@ class SSD(keras.Model):
     order), ``backbone_stages`` (lists of layer names, input
     side first), ``backbone_layer_names`` (layers ImageNet weights fill) and
     ``new_layer_names`` (every other layer with weights).
+
+    Returns:
+        a ``keras.Model`` whose one output is ``[B, A, 4 + (1 + num_classes) + 4]``
+        (docs/CONVENTIONS.md "Raw predictions"); ``detect`` decodes it.
+
+    Example:
+        A small SSD from scratch (no download), its anchors and its output layout:
+
+        >>> model = SSD(num_classes=3, image_size=64, backbone="vgg16_bn", width_multiplier=0.125)
+        >>> model.feature_map_sizes[:3], model.anchors.shape
+        ([(8, 8), (4, 4), (2, 2)], (390, 4))
+        >>> model.output_shape
+        (None, 390, 12)
     """
 
-    def __init__(self, num_classes, image_size=300, backbone="vgg16", width_multiplier=1.0,
+    def __init__(self, num_classes: int, image_size=300, backbone: str = "vgg16", width_multiplier: float = 1.0,
                  backbone_weights=None, anchor_scales=None, aspect_ratios=None,
-                 clip_anchors=True, anchor_steps=None, fpn_channels=256, **kwargs):
+                 clip_anchors: bool = True, anchor_steps=None, fpn_channels: int = 256, **kwargs):
         if int(num_classes) < 1:
             raise ValueError(f"SSD: num_classes must be >= 1, got {num_classes}")
         height, width = _image_hw(image_size)
@@ -132,16 +145,29 @@ class SSD(keras.Model):
                                 if layer.weights and layer.name not in pretrained]
 
     # === Inference and training hooks ===
-    def detect(self, images, score_threshold=0.01, iou_threshold=0.45, max_detections=200, **nms):
+    def detect(self, images, **nms) -> dict:
         """Decoded, NMS-ed detections for RGB 0..255 images at the model's input size.
 
-        Returns docs/CONVENTIONS.md "Detections": ``boxes`` (normalised xyxy),
-        ``scores``, ``classes`` (0-based, -1 padding), ``num_detections``.
+        Args:
+            images: ``[B, H, W, 3]`` RGB 0..255 (uint8 or float) at the model's input size.
+            **nms: settings of `kdet.postprocess.decode_detections` (``score_threshold``,
+                ``iou_threshold``, ``max_detections``, ``pre_nms_top_k``, ``class_agnostic``,
+                ``per_class_top_k``); each defaults to ``kdet.defaults.NMS_DEFAULTS``.
+
+        Returns:
+            docs/CONVENTIONS.md "Detections": ``boxes`` (normalised xyxy), ``scores``,
+            ``classes`` (0-based, -1 padding), ``num_detections``.
+
+        Example:
+            >>> import numpy as np
+            >>> model = SSD(num_classes=2, image_size=64, backbone="vgg16_bn", width_multiplier=0.125)
+            >>> dets = model.detect(np.zeros((2, 64, 64, 3), "uint8"), max_detections=5, score_threshold=0.2)
+            >>> tuple(dets["boxes"].shape), tuple(dets["classes"].shape), tuple(dets["num_detections"].shape)
+            ((2, 5, 4), (2, 5), (2,))
         """
         from kdet.postprocess import decode_detections
 
-        return decode_detections(self(images, training=False), score_threshold=score_threshold,
-                                 iou_threshold=iou_threshold, max_detections=max_detections, **nms)
+        return decode_detections(self(images, training=False), **nms)
 
     def compile(self, optimizer="adam", loss=None, **kwargs):
         """``keras.Model.compile`` whose ``loss`` defaults to the SSD MultiBox loss."""

@@ -30,6 +30,8 @@ import math
 import keras
 from keras import ops
 
+from kdet.defaults import WEIGHT_DECAY
+
 Schedule = keras.optimizers.schedules.LearningRateSchedule
 
 # Variable names (``variable.name`` in Keras 3 is the short name, e.g.
@@ -247,7 +249,7 @@ def build_optimizer(
     name="sgd",
     learning_rate=1e-3,
     momentum=0.9,
-    weight_decay=5e-4,
+    weight_decay=WEIGHT_DECAY,
     weight_decay_mode=None,
     model=None,
     exclude_names=DEFAULT_NO_DECAY_NAMES,

@@ -1,0 +1,131 @@
+"""kdet's defaults, each stated once: the NMS settings and the default recipe (the recipe schema).
+
+* :data:`NMS_DEFAULTS` - what ``decode_detections``, ``SSD.detect``, the SavedModel export,
+  the engine and the tools use when nothing else is said.
+* :func:`default_recipe` - every recipe key kdet reads, with its default and a short comment.
+  ``recipes/_base_ssd.py`` is this recipe; :func:`kdet.config.load_recipe` rejects a key
+  that is not here (a typo), naming the closest known key.
+
+A recipe adds keys of its own on purpose under the top-level ``custom`` section, which is
+never checked (``custom=dict(my_flag=True)``).
+
+A NEW recipe key goes into :func:`default_recipe`, with a short comment.
+"""
+
+from types import MappingProxyType
+
+# Decoding + NMS of detections (kdet.postprocess.decode_detections).
+NMS_DEFAULTS = MappingProxyType(dict(
+    score_threshold=0.01,   # candidates need a class score above this
+    iou_threshold=0.45,     # greedy NMS suppresses IoU above this (same class unless class_agnostic)
+    max_detections=200,     # detections kept per image
+    pre_nms_top_k=400,      # candidates entering NMS (per image; per class with per_class_top_k)
+    class_agnostic=False,   # True: boxes of any class suppress each other
+    per_class_top_k=False,  # True: pre_nms_top_k candidates of each class (torchvision's rule)
+))
+
+WEIGHT_DECAY = 5e-4  # the SSD paper's; not applied to BatchNorm scales and biases
+
+# The top-level section a recipe may fill freely (never checked against the schema).
+CUSTOM_SECTION = "custom"
+
+
+def default_recipe():
+    """A fresh copy of kdet's default recipe: the SSD paper's model and training set-up."""
+    from kdet.data.augment import ssd_augmentation
+
+    return dict(
+        name=None,                       # None: the recipe file's name (work_dirs/NAME)
+        verbose=1,                       # Keras fit verbosity
+        custom=dict(),                   # the recipe's own keys: never checked
+        model=dict(
+            backbone="vgg16",            # "vgg16" | "vgg16_bn" (from scratch) | "resnet50_fpn" | "mobilenetv2_fpn"
+            image_size=300,
+            width_multiplier=1.0,        # < 1 scales every conv of the backbone and extras
+            backbone_weights="imagenet", # None trains from scratch (offline machines); "auto": ImageNet when the
+                                         # weights can be fetched (then the `pretrained` section applies), else None
+            anchor_scales=None,          # None: 0.1 for conv4_3, then 0.2..0.9 (SSD paper)
+            aspect_ratios=None,          # None: [[2], [2, 3], [2, 3], [2, 3], [2], [2]]
+            fpn_channels=256,            # FPN backbones only
+        ),
+        data=dict(
+            root=None,                   # passed to sources given as partial(...) callables
+            class_names=None,            # None: the training source's classes
+            train=None,
+            val=None,
+            test=None,
+            augment=ssd_augmentation(),  # photometric, expand, min-IoU crop, flip, resize; None: resize only
+            batch_size=32,
+            eval_batch_size=32,
+            max_boxes=100,
+            repeat_factor_threshold=None,  # e.g. 0.3: images with classes in < 30% of images repeat (LVIS)
+            cache_images=False,          # True: keep decoded images in memory after the first epoch
+            workers=None,                # input worker processes; None: 0 below 4 CPUs, else min(CPUs, 4)
+            min_images_per_epoch=None,   # e.g. 256: a smaller training set is repeated (whole copies) per epoch
+            # read by sources.auto only (data in any layout, kdet/data/detect.py):
+            val_fraction=0.2,            # share of the training images in the seeded validation split, when the data has none
+            split_seed=0,                # seed of that split
+            skip_invalid=False,          # True: drop bad boxes/images with a counted warning instead of stopping
+        ),
+        loss=dict(
+            class_weights=None,          # None | list | {name: weight} | "auto" (effective number)
+            neg_pos_ratio=3,
+            alpha=1.0,
+            iou_threshold=0.5,           # an anchor is positive from this IoU with its best ground truth
+            negative_iou_threshold=None, # e.g. 0.4: anchors with IoU 0.4..0.5 are ignored, not background
+            assigner="max_iou",          # or "atss": a threshold per object from its nearest anchors
+            atss_top_k=9,                # ATSS candidates per feature map
+        ),
+        train=dict(
+            epochs=120,                  # or "auto": about auto_steps optimizer steps, whatever the dataset size
+            auto_steps=3000,             # optimizer steps for epochs="auto"
+            optimizer="sgd",             # "sgd" (momentum) | "adamw"
+            learning_rate=1e-3,
+            momentum=0.9,
+            weight_decay=WEIGHT_DECAY,   # not applied to BatchNorm/normalisation scales and biases
+            warmup_epochs=1,
+            lr_schedule="step",          # "step" | "cosine" | "constant"
+            lr_steps=(80, 100),          # epochs at which the learning rate drops x0.1
+            clip_grad_norm=None,         # e.g. 10.0: clip the global gradient norm (steadies high learning rates)
+            ema_momentum=None,           # e.g. 0.998: the final model is a moving average of the weights
+            seed=0,
+            freeze_backbone_epochs=0,    # backbone frozen for the first N epochs
+            unfreeze_schedule=None,      # {epoch: number of top backbone stages trainable}
+            unfreeze_lr_factor=1.0,
+            mixed_precision="float32",   # "mixed_float16" | "mixed_bfloat16"
+            jit_compile=False,
+            strategy="default",          # "mirrored" | "multiworker" | "tpu"
+            early_stopping_patience=None,  # epochs without val_AP improvement
+        ),
+        pretrained=None,                 # with model.backbone_weights="auto": recipe settings merged in when ImageNet
+                                         # weights can be fetched, e.g. dict(model=dict(backbone="vgg16"), train=...)
+        eval=dict(
+            every_n_epochs=5,
+            monitor="val_AP",
+            **NMS_DEFAULTS,              # score_threshold, iou_threshold, max_detections, pre_nms_top_k,
+                                         # class_agnostic, per_class_top_k: used by training's val_AP, the
+                                         # final evaluation, the SavedModel export and tools/infer.py alike
+        ),
+    )
+
+
+def nms_settings(eval_section=None):
+    """The NMS settings of a recipe's ``eval`` section, :data:`NMS_DEFAULTS` where it says nothing."""
+    eval_section = eval_section or {}
+    return {key: eval_section.get(key, default) for key, default in NMS_DEFAULTS.items()}
+
+
+_SCHEMA = None
+
+
+def recipe_schema():
+    """The default recipe built once, for reading keys and defaults (do not modify it)."""
+    global _SCHEMA
+    if _SCHEMA is None:
+        _SCHEMA = default_recipe()
+    return _SCHEMA
+
+
+def default_of(section, key):
+    """The default of ``recipe[section][key]`` (``KeyError`` for a key kdet does not know)."""
+    return recipe_schema()[section][key]
