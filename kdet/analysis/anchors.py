@@ -456,12 +456,10 @@ def resolve_auto_anchors(recipe, class_names, train_records, seed=0):
         return recipe, None
     setup = model_anchor_setup(model_cfg, len(class_names))
     match_iou = float(recipe.get("loss", {}).get("iou_threshold", 0.5))
-    fit = fit_anchors(train_records, setup.image_size, setup.feature_map_sizes, setup.scales,
-                      setup.aspect_ratios, class_names, seed=seed, clip=setup.clip,
-                      anchor_fn=_anchor_fn(setup.steps), match_iou=match_iou)
-    scales = fit.scales if model_cfg.get("anchor_scales") == "auto" else setup.scales
-    ratios = fit.aspect_ratios if model_cfg.get("aspect_ratios") == "auto" else setup.aspect_ratios
     boxes, classes = training_boxes(train_records)
+    fitted_scales, fitted_ratios, centroids = fit_ssd_parameters(boxes, setup, seed=seed)
+    scales = fitted_scales if model_cfg.get("anchor_scales") == "auto" else setup.scales
+    ratios = fitted_ratios if model_cfg.get("aspect_ratios") == "auto" else setup.aspect_ratios
     before = coverage_of_boxes(boxes, classes, setup.boxes(), setup.image_size, class_names,
                                iou_threshold=match_iou, match_iou=match_iou)
     after = coverage_of_boxes(boxes, classes, setup.boxes(scales, ratios), setup.image_size, class_names,
@@ -472,7 +470,7 @@ def resolve_auto_anchors(recipe, class_names, train_records, seed=0):
     resolved = copy.deepcopy(recipe)
     resolved["model"]["anchor_scales"] = [float(s) for s in scales]
     resolved["model"]["aspect_ratios"] = [[float(r) for r in rs] for rs in ratios]
-    lines = [f"anchors 'auto': k-means (1 - IoU) on {len(boxes)} training boxes, {len(fit.centroids)} clusters",
+    lines = [f"anchors 'auto': k-means (1 - IoU) on {len(boxes)} training boxes, {len(centroids)} clusters",
              format_coverage(before, after, title=f"anchor coverage at the loss's matching IoU {match_iou:g}")]
     if kept_defaults:
         lines.append("the fitted anchors cover fewer boxes than the defaults: the defaults are kept")
@@ -480,9 +478,14 @@ def resolve_auto_anchors(recipe, class_names, train_records, seed=0):
     return resolved, "\n".join(lines)
 
 
-def _anchor_fn(steps):
-    from functools import partial
-
-    from kdet.models.anchors import default_boxes
-
-    return partial(default_boxes, steps=steps)
+def fit_ssd_parameters(boxes, setup, k=None, seed=0):
+    """``(scales, aspect_ratios, centroids)``: :func:`kmeans_boxes` on normalised ``boxes`` turned into
+    SSD parameters for ``setup`` (an :class:`AnchorSetup`) by :func:`clusters_to_ssd`."""
+    if len(boxes) == 0:
+        raise ValueError("no (non-degenerate, non-ignored) boxes to fit anchors to")
+    k = min(k or len(setup.feature_map_sizes), len(boxes))
+    wh = np.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], axis=1)
+    centroids, _ = kmeans_boxes(wh, k, seed=seed)
+    scales, ratios, _ = clusters_to_ssd(centroids, setup.scales, setup.feature_map_sizes,
+                                        default_aspect_ratios=setup.aspect_ratios)
+    return scales, ratios, centroids

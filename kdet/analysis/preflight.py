@@ -26,7 +26,7 @@ import os
 
 import numpy as np
 
-from kdet.analysis.anchors import coverage_of_boxes, fit_anchors, training_boxes
+from kdet.analysis.anchors import coverage_of_boxes, fit_ssd_parameters, training_boxes
 
 SMALL_PX = 8.0          # objects below this many input pixels (sqrt of area) are "tiny"
 SMALL_SHARE = 0.10      # warn when at least this share of a class is tiny
@@ -192,13 +192,12 @@ def run_preflight(recipe, records_by_split, class_names, anchor_setup=None, auto
 
 def _auto_fit_coverage(train, class_names, setup, match_iou):
     """Coverage that the k-means ("auto") anchors would give, for the warning's fix."""
-    try:
-        fit = fit_anchors(train, setup.image_size, setup.feature_map_sizes, setup.scales, setup.aspect_ratios,
-                          class_names, clip=setup.clip, anchor_fn=lambda maps, s, r, clip: setup.boxes(s, r))
-    except ValueError:   # fewer boxes than clusters
-        return None
     boxes, classes = training_boxes(train)
-    after = coverage_of_boxes(boxes, classes, setup.boxes(fit.scales, fit.aspect_ratios), setup.image_size,
+    try:
+        scales, ratios, _ = fit_ssd_parameters(boxes, setup)
+    except ValueError:   # no boxes to fit
+        return None
+    after = coverage_of_boxes(boxes, classes, setup.boxes(scales, ratios), setup.image_size,
                               class_names, iou_threshold=match_iou, match_iou=match_iou)
     after.pop("best_iou")
     return after

@@ -350,12 +350,14 @@ def _draw_image(ax, gt, det, class_names, image_path, score_threshold):
         ax.text(0.02, 0.02, "image file not found", transform=ax.transAxes, fontsize=7)
     for box, c in zip(gt["boxes"], gt["classes"]):
         ax.add_patch(patches.Rectangle(box[:2], box[2] - box[0], box[3] - box[1], fill=False, ec="lime", lw=2))
-        ax.text(box[0], box[3], class_names[c], color="lime", fontsize=6, va="top")
+        ax.text(box[0], box[3], class_names[c], color="lime", fontsize=6, va="top",
+                bbox=dict(fc="black", alpha=0.5, lw=0, pad=0.5))
     keep = det["scores"] >= score_threshold
     for box, c, s in zip(det["boxes"][keep], det["classes"][keep], det["scores"][keep]):
         ax.add_patch(patches.Rectangle(box[:2], box[2] - box[0], box[3] - box[1], fill=False, ec="red",
                                        lw=1.2, ls="--"))
-        ax.text(box[0], box[1], f"{class_names[c]} {s:.2f}", color="red", fontsize=6, va="bottom")
+        ax.text(box[0], box[1], f"{class_names[c]} {s:.2f}", color="red", fontsize=6, va="bottom",
+                bbox=dict(fc="white", alpha=0.5, lw=0, pad=0.5))
 
 
 def _load_pixels(image_path):
@@ -575,7 +577,7 @@ def findings(table, class_names, confusion, sizes, found, classes, preflight, im
 
 
 # ------------------------------------------------------------------ the whole report
-def write_run_report(work_dir, score_threshold=None, out_dir=None, verbose=True):
+def write_run_report(work_dir, score_threshold=None, out_dir=None, verbose=True, plots=True):
     """Every artefact of the run report from the files in ``work_dir``; returns a dict of results.
 
     Needs ``ground_truth.json`` and ``test_detections.json``; uses
@@ -612,14 +614,8 @@ def write_run_report(work_dir, score_threshold=None, out_dir=None, verbose=True)
                           eval_threshold, train_ap50=train_ap50, log=log)
 
     out = lambda name: os.path.join(out_dir, name)
-    reports.plot_pr_curves(reports.pr_curves(gts, dets, class_names), out("PR_curve.png"), threshold)
-    curves = confidence_curves(gts, dets, class_names)
-    for kind, name in (("f1", "F1_curve.png"), ("precision", "P_curve.png"), ("recall", "R_curve.png")):
-        plot_confidence_curve(curves, kind, out(name))
-    plot_confusion(confusion, class_names, out("confusion_matrix.png"), False, threshold)
-    plot_confusion(confusion, class_names, out("confusion_matrix_normalized.png"), True, threshold)
-    plot_results(log, out("results.png"))
-    plot_error_gallery(gts, dets, class_names, paths, out("errors_gallery.png"), threshold)
+    if plots:
+        write_plots(out, gts, dets, class_names, paths, confusion, log, threshold)
 
     text = "\n".join([f"run report: {work_dir} ({len(gts)} evaluated images, input size {image_size})",
                       format_table(table, threshold), "",
@@ -639,6 +635,18 @@ def write_run_report(work_dir, score_threshold=None, out_dir=None, verbose=True)
         print(text, end="")
     return dict(table=table, findings=found_text, confusion=confusion, text=text,
                 paths={name: out(name) for name in ARTEFACTS})
+
+
+def write_plots(out, gts, dets, class_names, paths, confusion, log, threshold):
+    """Every PNG of the report; ``out(name)`` gives a file's path."""
+    reports.plot_pr_curves(reports.pr_curves(gts, dets, class_names), out("PR_curve.png"), threshold)
+    curves = confidence_curves(gts, dets, class_names)
+    for kind, name in (("f1", "F1_curve.png"), ("precision", "P_curve.png"), ("recall", "R_curve.png")):
+        plot_confidence_curve(curves, kind, out(name))
+    plot_confusion(confusion, class_names, out("confusion_matrix.png"), False, threshold)
+    plot_confusion(confusion, class_names, out("confusion_matrix_normalized.png"), True, threshold)
+    plot_results(log, out("results.png"))
+    plot_error_gallery(gts, dets, class_names, paths, out("errors_gallery.png"), threshold)
 
 
 def _train_ap50(work_dir):
