@@ -44,8 +44,10 @@ def default_recipe():
             width_multiplier=1.0,        # < 1 scales every conv of the backbone and extras
             backbone_weights="imagenet", # None trains from scratch (offline machines); "auto": ImageNet when the
                                          # weights can be fetched (then the `pretrained` section applies), else None
-            anchor_scales=None,          # None: 0.1 for conv4_3, then 0.2..0.9 (SSD paper)
-            aspect_ratios=None,          # None: [[2], [2, 3], [2, 3], [2, 3], [2], [2]]
+            anchor_scales=None,          # None: 0.1 for conv4_3, then 0.2..0.9 (SSD paper); "auto": k-means
+                                         # (1 - IoU) on the training boxes at the start of training, saved
+                                         # as numbers in the model config (reload and export reuse them)
+            aspect_ratios=None,          # None: [[2], [2, 3], [2, 3], [2, 3], [2], [2]]; "auto": fitted as above
             fpn_channels=256,            # FPN backbones only
         ),
         data=dict(
@@ -102,6 +104,8 @@ def default_recipe():
         eval=dict(
             every_n_epochs=5,
             monitor="val_AP",
+            report_score_threshold=0.25, # the run report's P/R/F1, confusion matrix and gallery threshold
+            report_train_images=200,     # training images evaluated for the report's train/held-out gap; 0: none
             **NMS_DEFAULTS,              # score_threshold, iou_threshold, max_detections, pre_nms_top_k,
                                          # class_agnostic, per_class_top_k: used by training's val_AP, the
                                          # final evaluation, the SavedModel export and tools/infer.py alike

@@ -75,9 +75,13 @@ def _image_size(recipe):
 # ------------------------------------------------------------------ model, loss, optimizer
 def build_model(recipe, class_names):
     """The recipe's detector, a ``kdet.models.ssd.SSD`` (a ``keras.Model``)."""
+    from kdet.analysis.anchors import wants_auto_anchors
     from kdet.models.ssd import SSD
 
     recipe = resolve_backbone_weights(recipe, class_names)
+    if wants_auto_anchors(recipe["model"]):
+        raise RecipeError("model.anchor_scales / aspect_ratios = 'auto' must be fitted to the training boxes "
+                          "first: kdet.analysis.anchors.resolve_auto_anchors (engine.train does it)")
     try:
         return SSD(num_classes=len(class_names), **recipe["model"])
     except TypeError as err:
@@ -338,8 +342,9 @@ def train(recipe, work_dir, resume=False):
     class_names = class_names_of(recipe, sources)
     records = load_records(sources)
     recipe = resolve_backbone_weights(recipe, class_names)
-    train_cfg = recipe["train"]
     _print_data_summary(records, class_names)
+    recipe = _preflight(recipe, records, class_names, work_dir)
+    train_cfg = recipe["train"]  # both steps above may return a new recipe
     records["train"] = _oversampled(recipe, records["train"], class_names)
     val_records = records["val"] or None
     test_records = records["test"] or val_records
@@ -369,10 +374,12 @@ def train(recipe, work_dir, resume=False):
         else:
             if resume:
                 print(f"--resume: no checkpoint in {work_dir}, starting from scratch")
+            from kdet.losses import MultiBoxParts
+
             model = build_model(recipe, class_names)
-            model.compile(optimizer=build_optimizer(recipe, model, steps_per_epoch),
-                          loss=build_loss(recipe, class_names, records["train"],
-                                          anchors_per_level=model.anchors_per_level),
+            loss = build_loss(recipe, class_names, records["train"], anchors_per_level=model.anchors_per_level)
+            model.compile(optimizer=build_optimizer(recipe, model, steps_per_epoch), loss=loss,
+                          metrics=[MultiBoxParts(loss)],  # loc, conf, positives_per_image each epoch
                           jit_compile=bool(train_cfg.get("jit_compile", False)))
     callbacks = build_callbacks(recipe, work_dir, class_names, val_ds, resume_point)
     started = time.time()
@@ -382,7 +389,14 @@ def train(recipe, work_dir, resume=False):
     train_seconds = time.time() - started
     if val_records and train_cfg.get("ema_momentum") is not None:
         _evaluate_averaged_weights(model, val_records, class_names, recipe)
-    return finish(model, recipe, work_dir, class_names, test_records, train_seconds)
+    return finish(model, recipe, work_dir, class_names, test_records, train_seconds, train_records=records["train"])
+
+
+def _preflight(recipe, records, class_names, work_dir):
+    """Pre-flight checks (printed briefly, ``preflight.txt`` in full); fits "auto" anchors first."""
+    from kdet.analysis.preflight import preflight_for_training
+
+    return preflight_for_training(recipe, records, class_names, work_dir, verbose=recipe.get("verbose", 1))
 
 
 def _evaluate_averaged_weights(model, val_records, class_names, recipe):
@@ -429,20 +443,21 @@ def _resolve_auto_epochs(train_cfg, steps_per_epoch):
           f"(train.auto_steps={steps})")
 
 
-def finish(model, recipe, work_dir, class_names, test_records, train_seconds):
-    """Final evaluation, metrics.json and the SavedModel export."""
+def finish(model, recipe, work_dir, class_names, test_records, train_seconds, train_records=None):
+    """Final evaluation, metrics.json, the run report and the SavedModel export."""
     from kdet.export import export_saved_model
     from kdet.metrics._coco_common import format_summary
 
     metrics = {"train_seconds": round(train_seconds, 1)}
     if test_records:
-        coco, _, results = evaluate_records(model, test_records, class_names, recipe)
+        coco, ground_truth, results = evaluate_records(model, test_records, class_names, recipe)
         metrics.update(coco)
         with open(os.path.join(work_dir, "test_detections.json"), "w") as f:
             json.dump(results, f)
         print(format_summary(coco))
         print(f"mAP@0.5 (COCO AP50) on {len(test_records)} held-out images: {coco['AP50']:.4f}"
               f"   VOC all-point mAP50: {coco['VOC_mAP50']:.4f}")
+        _run_report(model, recipe, work_dir, class_names, test_records, ground_truth, results, train_records)
     export_dir = os.path.join(work_dir, "saved_model")
     export_saved_model(model, export_dir, class_names, **eval_settings(recipe))
     metrics["saved_model"] = export_dir
@@ -450,6 +465,14 @@ def finish(model, recipe, work_dir, class_names, test_records, train_seconds):
         json.dump(metrics, f, indent=2, default=float)
     print(f"training took {train_seconds / 60:.1f} min; metrics: {work_dir}/metrics.json; SavedModel: {export_dir}")
     return metrics
+
+
+def _run_report(model, recipe, work_dir, class_names, test_records, ground_truth, results, train_records):
+    """The run report (tables, curves, confusion, gallery, findings): ``kdet.metrics.run_report``."""
+    from kdet.metrics.run_report import report_after_training
+
+    report_after_training(model, recipe, work_dir, class_names, test_records, ground_truth, results,
+                          train_records=train_records)
 
 
 def _print_data_summary(records, class_names):

@@ -103,7 +103,9 @@ class MultiBoxLoss(keras.losses.Loss):
         self.anchors_per_level = None if anchors_per_level is None else [int(n) for n in anchors_per_level]
 
     def call(self, y_true, y_pred):
-        return self.components(y_true, y_pred)["loss"]
+        parts = self.components(y_true, y_pred)
+        self._last_parts = (y_pred, parts)   # for MultiBoxParts in the same step (no second matching)
+        return parts["loss"]
 
     def components(self, y_true, y_pred):
         """The loss and its parts, as a dict of scalars for logging.
@@ -192,6 +194,48 @@ class MultiBoxLoss(keras.losses.Loss):
             anchors_per_level=self.anchors_per_level,
         )
         return config
+
+
+@keras.saving.register_keras_serializable(package="kdet")
+class MultiBoxParts(keras.metrics.Metric):
+    """The MultiBox loss's parts as logged metrics: ``loc``, ``conf``, ``positives_per_image``.
+
+    Epoch means over the steps (as Keras logs ``loss``), so ``log.csv`` and
+    TensorBoard get them every epoch: ``loss = conf + alpha * loc``, and
+    ``positives_per_image`` is the number of positive anchors per image (a
+    starving classifier shows here first). Pass it to ``compile(metrics=[...])``
+    with the same ``MultiBoxLoss``; it reuses the parts that loss computed in the
+    same step and only recomputes them when it was not called on that ``y_pred``.
+    """
+
+    def __init__(self, loss=None, name="multibox_parts", **kwargs):
+        super().__init__(name=name, **kwargs)
+        if isinstance(loss, dict):
+            loss = keras.saving.deserialize_keras_object(loss)
+        self.loss = loss if loss is not None else MultiBoxLoss()
+        self._sums = {key: self.add_variable((), initializer="zeros", name=key)
+                      for key in ("loc", "conf", "positives_per_image")}
+        self._steps = self.add_variable((), initializer="zeros", name="steps")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        last = getattr(self.loss, "_last_parts", None)
+        parts = last[1] if last is not None and last[0] is y_pred else self.loss.components(y_true, y_pred)
+        batch = ops.cast(ops.shape(y_pred)[0], "float32")
+        values = dict(loc=parts["loc"], conf=parts["conf"], positives_per_image=parts["num_positives"] / batch)
+        for key, variable in self._sums.items():
+            variable.assign_add(ops.cast(ops.stop_gradient(values[key]), "float32"))
+        self._steps.assign_add(1.0)
+
+    def result(self):
+        steps = ops.maximum(self._steps, 1.0)
+        return {key: variable / steps for key, variable in self._sums.items()}
+
+    def reset_state(self):
+        for variable in list(self._sums.values()) + [self._steps]:
+            variable.assign(0.0)
+
+    def get_config(self):
+        return dict(name=self.name, loss=keras.saving.serialize_keras_object(self.loss))
 
 
 def check_finite(values, step=None):

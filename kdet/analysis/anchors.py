@@ -393,3 +393,99 @@ def fit_anchors(records, image_size, feature_map_sizes, scales, aspect_ratios, c
         notes.append("the fitted anchors cover fewer boxes than the current ones: keep the current set-up")
     return AnchorFit(centroids=centroids, cluster_iou=cluster_iou, scales=new_scales,
                      aspect_ratios=new_ratios, before=before, after=after, notes=notes)
+
+
+# --------------------------------------------------------------- a recipe's anchors, and "auto"
+@dataclass
+class AnchorSetup:
+    """The default boxes a recipe's SSD uses, and what built them."""
+
+    image_size: object
+    feature_map_sizes: list
+    scales: list
+    aspect_ratios: list
+    clip: bool = True
+    steps: object = None
+
+    def boxes(self, scales=None, aspect_ratios=None):
+        from kdet.models.anchors import default_boxes
+
+        return default_boxes(self.feature_map_sizes, self.scales if scales is None else scales,
+                             self.aspect_ratios if aspect_ratios is None else aspect_ratios,
+                             clip=self.clip, steps=self.steps)
+
+
+def model_anchor_setup(model_cfg, num_classes):
+    """:class:`AnchorSetup` of a recipe's ``model`` section, by building its SSD without weights.
+
+    ``"auto"`` entries are read as ``None`` (the defaults): what "auto" starts from.
+    """
+    import inspect
+
+    from kdet.models.ssd import SSD
+
+    accepted = inspect.signature(SSD.__init__).parameters
+    kwargs = {k: (None if v == "auto" else v) for k, v in model_cfg.items() if k in accepted}
+    kwargs.update(num_classes=num_classes, backbone_weights=None)   # never download for this
+    model = SSD(**kwargs)
+    layer = model.get_layer("anchors")
+    setup = AnchorSetup(model_cfg.get("image_size", 300), list(model.feature_map_sizes),
+                        [float(s) for s in layer.scales], [[float(r) for r in rs] for rs in layer.aspect_ratios],
+                        layer.clip, layer.steps)
+    return setup
+
+
+def wants_auto_anchors(model_cfg):
+    return model_cfg.get("anchor_scales") == "auto" or model_cfg.get("aspect_ratios") == "auto"
+
+
+def resolve_auto_anchors(recipe, class_names, train_records, seed=0):
+    """``(recipe, text)``: ``model.anchor_scales`` / ``model.aspect_ratios`` = ``"auto"`` fitted to the boxes.
+
+    The k-means fit of :func:`fit_anchors` on the training records; only the
+    entries set to ``"auto"`` are replaced (the other keeps the recipe's value).
+    The returned recipe holds plain numbers, so the SSD built from it stores
+    them in its config (``.keras`` reload and export reuse them). When the fit
+    would cover fewer boxes than the defaults, the defaults are kept (said in
+    ``text``). A recipe without ``"auto"`` is returned unchanged, ``text`` None.
+    """
+    import copy
+
+    model_cfg = recipe["model"]
+    if not wants_auto_anchors(model_cfg):
+        return recipe, None
+    setup = model_anchor_setup(model_cfg, len(class_names))
+    match_iou = float(recipe.get("loss", {}).get("iou_threshold", 0.5))
+    boxes, classes = training_boxes(train_records)
+    fitted_scales, fitted_ratios, centroids = fit_ssd_parameters(boxes, setup, seed=seed)
+    scales = fitted_scales if model_cfg.get("anchor_scales") == "auto" else setup.scales
+    ratios = fitted_ratios if model_cfg.get("aspect_ratios") == "auto" else setup.aspect_ratios
+    before = coverage_of_boxes(boxes, classes, setup.boxes(), setup.image_size, class_names,
+                               iou_threshold=match_iou, match_iou=match_iou)
+    after = coverage_of_boxes(boxes, classes, setup.boxes(scales, ratios), setup.image_size, class_names,
+                              iou_threshold=match_iou, match_iou=match_iou)
+    kept_defaults = after["overall"]["covered"] < before["overall"]["covered"]
+    if kept_defaults:
+        scales, ratios = setup.scales, setup.aspect_ratios
+    resolved = copy.deepcopy(recipe)
+    resolved["model"]["anchor_scales"] = [float(s) for s in scales]
+    resolved["model"]["aspect_ratios"] = [[float(r) for r in rs] for rs in ratios]
+    lines = [f"anchors 'auto': k-means (1 - IoU) on {len(boxes)} training boxes, {len(centroids)} clusters",
+             format_coverage(before, after, title=f"anchor coverage at the loss's matching IoU {match_iou:g}")]
+    if kept_defaults:
+        lines.append("the fitted anchors cover fewer boxes than the defaults: the defaults are kept")
+    lines.append("using " + recipe_snippet(resolved["model"]["anchor_scales"], resolved["model"]["aspect_ratios"]))
+    return resolved, "\n".join(lines)
+
+
+def fit_ssd_parameters(boxes, setup, k=None, seed=0):
+    """``(scales, aspect_ratios, centroids)``: :func:`kmeans_boxes` on normalised ``boxes`` turned into
+    SSD parameters for ``setup`` (an :class:`AnchorSetup`) by :func:`clusters_to_ssd`."""
+    if len(boxes) == 0:
+        raise ValueError("no (non-degenerate, non-ignored) boxes to fit anchors to")
+    k = min(k or len(setup.feature_map_sizes), len(boxes))
+    wh = np.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], axis=1)
+    centroids, _ = kmeans_boxes(wh, k, seed=seed)
+    scales, ratios, _ = clusters_to_ssd(centroids, setup.scales, setup.feature_map_sizes,
+                                        default_aspect_ratios=setup.aspect_ratios)
+    return scales, ratios, centroids

@@ -242,8 +242,8 @@ def format_confusion_matrix(matrix, class_names):
     return "\n".join(lines)
 
 
-def plot_confusion_matrix(matrix, class_names, path, title=None):
-    """Save the confusion matrix as a PNG heat map with the counts written in."""
+def plot_confusion_matrix(matrix, class_names, path, title=None, fmt="d"):
+    """Save the confusion matrix as a PNG heat map with the values written in (``fmt``: their format)."""
     plt = _pyplot()
     names = list(class_names) + ["background"]
     size = 3.5 + 0.6 * len(names)
@@ -256,7 +256,7 @@ def plot_confusion_matrix(matrix, class_names, path, title=None):
     ax.set(xlabel="predicted", ylabel="ground truth", title=title or "Confusion matrix")
     threshold = matrix.max() / 2 if matrix.size else 0
     for (i, j), v in np.ndenumerate(matrix):
-        ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
+        ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=8,
                 color="white" if v > threshold else "black")
     fig.tight_layout()
     fig.savefig(path)

@@ -1,0 +1,242 @@
+"""The run report: hand-computed P/R/F1, COCO AP against pycocotools, findings on built cases,
+tools/report.py WORK_DIR as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from _helpers import REPO, box, det, gt
+from kdet.metrics import run_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------ a work dir by hand
+def coco_files(gts, dets, class_names, size=100, paths=None):
+    """COCO ground truth and results for per-image ``gt`` / ``det`` dicts (pixel xyxy)."""
+    images, annotations, results = [], [], []
+    for i, (g, d) in enumerate(zip(gts, dets), start=1):
+        images.append(dict(id=i, file_name=f"{i}.jpg", width=size, height=size,
+                           **({"kdet_image_path": paths[i - 1]} if paths else {})))
+        for b, c in zip(np.asarray(g["boxes"], float).reshape(-1, 4), g["classes"]):
+            annotations.append(dict(id=len(annotations) + 1, image_id=i, category_id=int(c) + 1, iscrowd=0,
+                                    bbox=[b[0], b[1], b[2] - b[0], b[3] - b[1]], area=(b[2] - b[0]) * (b[3] - b[1])))
+        for b, s, c in zip(np.asarray(d["boxes"], float).reshape(-1, 4), d["scores"], d["classes"]):
+            results.append(dict(image_id=i, category_id=int(c) + 1, score=float(s),
+                                bbox=[b[0], b[1], b[2] - b[0], b[3] - b[1]]))
+    categories = [dict(id=k + 1, name=n) for k, n in enumerate(class_names)]
+    return dict(images=images, annotations=annotations, categories=categories), results
+
+
+def write_work_dir(path, gts, dets, class_names, size=100, preflight=None, log=None, train=None, paths=None):
+    os.makedirs(path, exist_ok=True)
+    truth, results = coco_files(gts, dets, class_names, size, paths)
+    (path / "ground_truth.json").write_text(json.dumps(truth))
+    (path / "test_detections.json").write_text(json.dumps(results))
+    (path / "report_config.json").write_text(json.dumps(dict(class_names=class_names, image_size=size,
+                                                              score_threshold=0.25, eval_score_threshold=0.01)))
+    if preflight is not None:
+        (path / "preflight.json").write_text(json.dumps(preflight))
+    if log is not None:
+        (path / "log.csv").write_text(log)
+    if train is not None:
+        truth, results = coco_files(*train, class_names, size)
+        (path / "train_ground_truth.json").write_text(json.dumps(truth))
+        (path / "train_detections.json").write_text(json.dumps(results))
+    return path
+
+
+def report(tmp_path, *args, **kwargs):
+    return run_report.write_run_report(str(write_work_dir(tmp_path / "w", *args, **kwargs)), verbose=False, plots=False)
+
+
+def kinds(found):
+    return [text.split(":")[0] for text in found]
+
+
+# ------------------------------------------------------------------ P / R / F1, hand-computed
+def ranked_case():
+    """One class, 4 objects in 2 images; detections 0.9 TP, 0.8 FP, 0.7 TP, 0.6 TP, 0.3 FP."""
+    objects = [box(0, 0), box(20, 20), box(40, 40), box(60, 60)]
+    gts = [gt(objects[:2], [0, 0]), gt(objects[2:], [0, 0])]
+    dets = [det([objects[0], box(80, 0), objects[1]], [0.9, 0.8, 0.7], [0, 0, 0]),
+            det([objects[2], box(80, 80)], [0.6, 0.3], [0, 0])]
+    return gts, dets
+
+
+def test_table_precision_recall_f1_and_optimum_by_hand(tmp_path):
+    out = report(tmp_path, *ranked_case(), ["cell"])
+    row = out["table"]["cell"]
+    # Cuts: 0.9 P 1 R .25 F1 .4; 0.8 P .5 R .25 F1 .333; 0.7 P 2/3 R .5 F1 .571;
+    #       0.6 P .75 R .75 F1 .75 (best); 0.3 P .6 R .75 F1 .667.
+    assert row["best_threshold"] == pytest.approx(0.6)
+    assert (row["best_precision"], row["best_recall"], row["best_f1"]) == pytest.approx((0.75, 0.75, 0.75))
+    # At the report threshold 0.25 all five count: 3 TP, 2 FP -> P .6, R .75, F1 2*.6*.75/1.35 = .6667.
+    assert (row["precision"], row["recall"], row["f1"]) == pytest.approx((0.6, 0.75, 2 / 3))
+    assert (row["images"], row["instances"], row["detections"]) == (2, 4, 5)
+
+
+def test_confidence_curves_by_hand():
+    gts, dets = ranked_case()
+    grid = np.array([0.0, 0.65, 0.85, 0.95])
+    curve = run_report.confidence_curves(gts, dets, ["cell"], grid=grid)["cell"]
+    # >= 0: 5 dets 3 TP; >= .65: .9 .8 .7 -> 2 TP of 3; >= .85: .9 -> 1 of 1; >= .95: none.
+    np.testing.assert_allclose(curve["precision"][:3], [0.6, 2 / 3, 1.0])
+    assert np.isnan(curve["precision"][3])
+    np.testing.assert_allclose(curve["recall"], [0.75, 0.5, 0.25, 0.0])
+    np.testing.assert_allclose(curve["f1"], [2 / 3, 4 / 7, 0.4, 0.0])
+
+
+def test_ap_columns_equal_pycocotools(tmp_path):
+    pytest.importorskip("pycocotools")
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    rng = np.random.default_rng(3)
+    gts, dets = [], []
+    for _ in range(6):
+        xy = rng.uniform(0, 70, (4, 2))
+        objects = np.c_[xy, xy + rng.uniform(8, 30, (4, 2))]
+        classes = rng.integers(0, 2, 4).tolist()
+        jitter = objects + rng.normal(0, 3, objects.shape)
+        gts.append(gt(objects, classes))
+        dets.append(det(np.r_[jitter, objects[:2] + 15], rng.uniform(0, 1, 6).tolist(),
+                        classes + rng.integers(0, 2, 2).tolist()))
+    out = report(tmp_path, gts, dets, ["a", "b"])
+    coco = COCO(str(tmp_path / "w" / "ground_truth.json"))
+    evaluator = COCOeval(coco, coco.loadRes(str(tmp_path / "w" / "test_detections.json")), "bbox")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    assert out["table"]["all"]["AP50_95"] == pytest.approx(evaluator.stats[0], abs=1e-12)
+    assert out["table"]["all"]["AP50"] == pytest.approx(evaluator.stats[1], abs=1e-12)
+    for k, name in enumerate(["a", "b"]):
+        evaluator.params.catIds = [k + 1]
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+        assert out["table"][name]["AP50"] == pytest.approx(evaluator.stats[1], abs=1e-12)
+
+
+# ------------------------------------------------------------------ findings
+def test_over_detection_named_and_explained(tmp_path):
+    from test_reports import over_detecting_model
+
+    found = report(tmp_path, *over_detecting_model(), ["cell"], size=400)["findings"]
+    text = found[0]
+    # 4 TP among 400 boxes: precision 0.01 at 0.01; all four TPs score 0.9, so AP50 = 1.
+    assert text.startswith("Over-detection") and "'precision 0.01 but mAP 1.00'" in text
+    assert "F1-optimal threshold 0.90 precision is 1.00" in text
+
+
+def good_model():
+    gts = [gt([box(0, 0, 30), box(50, 50, 30)], [0, 1]) for _ in range(4)]
+    dets = [det([box(0, 0, 30), box(50, 50, 30)], [0.9, 0.8], [0, 1]) for _ in range(4)]
+    return gts, dets
+
+
+def test_no_findings_for_a_good_model(tmp_path):
+    out = report(tmp_path, *good_model(), ["a", "b"], train=good_model())
+    assert out["findings"] == []
+    assert "findings (0)" in out["text"]
+
+
+def starved_small_class():
+    """'big' (30 px) found at 0.9 in 6 images; 'tiny' (4 px) found in 1 of 6 and low-scored."""
+    gts, dets = [], []
+    for i in range(6):
+        gts.append(gt([box(10, 10, 30), box(70, 70, 4)], [0, 1]))
+        tiny = [box(70, 70, 4)] if i == 0 else []
+        dets.append(det([box(10, 10, 30)] + tiny, [0.9] + [0.3] * len(tiny), [0] + [1] * len(tiny)))
+    return gts, dets
+
+
+STARVED_PREFLIGHT = dict(
+    match_iou=0.5,
+    classes=dict(big=dict(images=60, objects=600, share=0.95), tiny=dict(images=20, objects=30, share=0.05)),
+    anchor_coverage=dict(per_class=dict(big=dict(covered=0.99, positives_per_box=8.0),
+                                        tiny=dict(covered=0.2, positives_per_box=1.1))),
+    sizes_at_input=dict(big=dict(objects=600, p50=30.0, tiny_share=0.0),
+                        tiny=dict(objects=30, p50=4.0, tiny_share=1.0)))
+
+
+def test_starved_small_class_is_named_with_its_evidence(tmp_path):
+    found = report(tmp_path, *starved_small_class(), ["big", "tiny"], preflight=STARVED_PREFLIGHT)["findings"]
+    weakest = next(t for t in found if t.startswith("Weakest class"))
+    assert weakest.startswith("Weakest class: tiny")
+    assert "30 training objects vs a median of 600 for the others (few examples)" in weakest
+    assert "20% of its objects reach the matching IoU 0.5" in weakest and "others 99%" in weakest
+    assert "missed (no detection): 5 of 6" in weakest
+    small = next(t for t in found if t.startswith("Small objects"))
+    # Objects under 8 px are half of all; 1 of 6 found (17%) against 6 of 6 of the 30-px ones.
+    assert "50% of the objects are under 8 px" in small and "17% of them are found, against 100%" in small
+    assert "Over-detection" not in kinds(found)
+
+
+def test_confusion_pair_fires_on_swapped_labels(tmp_path):
+    gts = [gt([box(0, 0, 30), box(50, 50, 30)], [0, 1]) for _ in range(5)]
+    # Every 'cat' is detected as 'dog' (same box), every 'dog' correctly.
+    dets = [det([box(0, 0, 30), box(50, 50, 30)], [0.9, 0.9], [1, 1]) for _ in range(5)]
+    found = report(tmp_path, gts, dets, ["cat", "dog"])["findings"]
+    pair = next(t for t in found if t.startswith("Confusion"))
+    assert "5 of 5 cat objects (100%) are detected as dog" in pair
+
+
+def test_overfitting_from_train_split_and_from_the_log(tmp_path):
+    gts, dets = starved_small_class()
+    # Perfect on the training images, 0.58 held-out: a gap.
+    train = good_model()
+    log = ("epoch,loss,loc,conf,val_AP,val_AP50\n0,5.0,2.0,3.0,,\n1,4.0,1.5,2.5,0.40,0.6\n2,3.0,1.0,2.0,,\n"
+           "3,2.0,0.8,1.2,0.50,0.7\n4,1.5,0.6,0.9,,\n5,1.0,0.4,0.6,0.30,0.5\n")
+    found = report(tmp_path, gts, dets, ["a", "b"], train=train, log=log)["findings"]
+    fits = [t for t in found if t.startswith("Overfitting")]
+    assert len(fits) == 2
+    assert "AP50 is 1.00 on training images" in fits[0]
+    assert "val_AP peaked at 0.500 after epoch 4 and fell to 0.300 by epoch 6" in fits[1]
+
+
+def test_underfitting_is_not_called_overfitting(tmp_path):
+    gts, dets = starved_small_class()
+    found = report(tmp_path, gts, dets, ["big", "tiny"], train=(gts, [det([], [], [])] * len(gts)))["findings"]
+    assert any(t.startswith("Underfitting") for t in found)
+    assert not any(t.startswith("Overfitting") for t in found)
+
+
+def test_results_png_reads_sparse_and_old_logs(tmp_path):
+    log = tmp_path / "log.csv"
+    log.write_text("epoch,learning_rate,loss\n0,0.01,3.5\n1,0.01,NA\n2,0.005,2.0\n")
+    columns = run_report.read_log(str(log))
+    assert columns["loss"] == [3.5, None, 2.0] and "val_AP" not in columns
+    path = run_report.plot_results(columns, str(tmp_path / "results.png"))
+    assert open(path, "rb").read(8) == PNG_SIGNATURE
+
+
+# ------------------------------------------------------------------ the tool, as a user runs it
+def test_tool_rebuilds_every_file_of_a_work_dir(tmp_path):
+    from PIL import Image
+
+    image = tmp_path / "img.png"
+    Image.fromarray(np.full((100, 100, 3), 128, np.uint8)).save(image)
+    gts, dets = starved_small_class()
+    log = "epoch,loss,loc,conf,positives_per_image,val_AP,val_AP50\n0,3,1,2,5,,\n1,2,0.5,1.5,5,0.4,0.6\n"
+    work = write_work_dir(tmp_path / "w", gts, dets, ["big", "tiny"], preflight=STARVED_PREFLIGHT, log=log,
+                          paths=[str(image)] * len(gts))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "report.py"), str(work)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for name in run_report.ARTEFACTS:
+        data = (work / name).read_bytes()
+        assert data[:8] == PNG_SIGNATURE if name.endswith(".png") else len(data) > 0, name
+    assert "Weakest class: tiny" in (work / "report.txt").read_text()
+    assert "Weakest class: tiny" in done.stdout
+    # A work dir without the evaluation files: one line, exit 2.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "report.py"), str(empty)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "ground_truth.json" in done.stderr
