@@ -2,7 +2,6 @@
 
 import os
 import warnings
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -13,7 +12,6 @@ from kdet.data import _workers
 from kdet.data.pipeline import _auto_workers, close_worker_pools, make_dataset, make_eval_dataset
 from kdet.data.records import Record
 
-BCCD = Path(os.environ.get("KDET_BCCD", Path(__file__).resolve().parents[2] / "shared/datasets/BCCD"))
 
 
 def tiny_records(count=5):
@@ -159,13 +157,12 @@ def test_augmented_targets_stay_valid_with_mosaic():
         assert (targets[~real] == [0, 0, 0, 0, -1, 0]).all()
 
 
-@pytest.mark.skipif(not BCCD.exists(), reason=f"BCCD not found at {BCCD}")
-def test_bccd_batch_with_ssd_augmentation():
+def test_bccd_batch_with_ssd_augmentation(bccd):
     from kdet.data.sources import voc
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        records = list(voc(str(BCCD), "val", class_names=["RBC", "WBC", "Platelets"], skip_invalid=True))[:4]
+        records = list(voc(str(bccd), "val", class_names=["RBC", "WBC", "Platelets"], skip_invalid=True))[:4]
     images, targets = next(iter(make_dataset(records, 300, 4, augment=ssd_augmentation(), seed=0)))
     assert images.shape == (4, 300, 300, 3) and images.dtype == "uint8"
     assert 0 <= float(images.numpy().min()) and float(images.numpy().max()) <= 255
