@@ -29,3 +29,13 @@ def gt(boxes, classes, difficult=None):
 
 def det(boxes, scores, classes):
     return dict(boxes=np.array(boxes, float).reshape(-1, 4), scores=scores, classes=classes)
+
+
+def run_tool(name, *args, timeout=300):
+    """Run tools/NAME.py as a user does: a fresh process, this checkout's kdet first on the path."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, str(REPO / "tools" / f"{name}.py"), *map(str, args)], cwd=str(REPO),
+                          env=env, capture_output=True, text=True, timeout=timeout)

@@ -147,17 +147,13 @@ def test_tool_with_explicit_feature_maps(tmp_path):
     assert "note: the recipe's loss uses assigner='atss'" in (out / "anchors.txt").read_text()
 
 
-BCCD = Path(__import__("os").environ.get("KDET_BCCD", Path(__file__).resolve().parents[2] / "shared/datasets/BCCD"))
-
-
-@pytest.mark.skipif(not (BCCD / "Annotations").is_dir(), reason="BCCD dataset not found")
-def test_bccd_fit_beats_default_on_platelets():
+def test_bccd_fit_beats_default_on_platelets(bccd):
     from kdet.data.audit import read_voc_annotation
 
     names = ["RBC", "WBC", "Platelets"]
     records = []
-    for image_id in (BCCD / "ImageSets/Main/test.txt").read_text().split():
-        raw = read_voc_annotation(BCCD, image_id)
+    for image_id in (bccd / "ImageSets/Main/test.txt").read_text().split():
+        raw = read_voc_annotation(bccd, image_id)
         records.append(Record(image_id, raw.image_path, raw.width, raw.height, raw.boxes,
                               [names.index(n) for n in raw.names]))
     maps = [38, 19, 10, 5, 3, 1]

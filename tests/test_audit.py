@@ -1,5 +1,4 @@
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 from _helpers import load_tool as _load_tool  # noqa: E402
-BCCD = Path(os.environ.get("KDET_BCCD", Path(__file__).resolve().parents[2] / "shared/datasets/BCCD"))
 CLASSES = ["cat", "dog"]
 W, H = 100, 80
 
@@ -141,9 +139,8 @@ def test_tool_on_recipe(planted_voc, tmp_path):
     assert list(data["summary"]["splits"]) == ["train", "all"]
 
 
-@pytest.mark.skipif(not (BCCD / "Annotations").is_dir(), reason="BCCD dataset not found")
-def test_bccd_degenerate_boxes_and_imbalance():
-    report = audit_voc_dir(BCCD, class_names=["RBC", "WBC", "Platelets"], check_images=False)
+def test_bccd_degenerate_boxes_and_imbalance(bccd):
+    report = audit_voc_dir(bccd, class_names=["RBC", "WBC", "Platelets"], check_images=False)
     degenerate = sorted(Path(d["file"]).name for d in report.findings["degenerate_boxes"])
     assert degenerate == ["BloodImage_00338.xml", "BloodImage_00343.xml"]
     objects = report.summary["splits"]["all"]["objects"]

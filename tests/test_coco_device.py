@@ -61,12 +61,57 @@ def test_xla_float64_equals_pycocotools(case, compiled_float64):
         assert got[name] == pytest.approx(ref[name], abs=1e-12), name
 
 
-def test_float32_within_1e4_of_pycocotools():
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_float32_within_1e4_of_pycocotools(jit_compile):
     gt, dets = random_workload(3, n_images=30, n_classes=3, max_random_dets=20)
-    got = coco_evaluate(gt, dets, use_device=True, dtype="float32", batch_size=16, jit_compile=False)
+    got = coco_evaluate(gt, dets, use_device=True, dtype="float32", batch_size=16, jit_compile=jit_compile)
     ref, _ = pycocotools_eval(gt, dets)
     for name in STAT_NAMES:
         assert abs(got[name] - ref[name]) <= 1e-4, name
+
+
+def uncut_update_arguments(gt, dets):
+    """``COCOAccumulator.update`` arguments (xywh) for all images in one batch, every detection kept
+    (``load_coco_arrays`` already cuts each image to 100 per class; the callback feeds ``detect`` uncut)."""
+    image_ids = sorted(im["id"] for im in gt["images"])
+    class_of = {c["id"]: k for k, c in enumerate(sorted(gt["categories"], key=lambda c: c["id"]))}
+
+    def padded(items, fields):
+        rows = [[a for a in items if a["image_id"] == i] for i in image_ids]
+        width = max(max(len(r) for r in rows), 1)
+        boxes = np.zeros((len(rows), width, 4))
+        classes = np.full((len(rows), width), -1, np.int32)
+        extra = [np.zeros((len(rows), width)) for _ in fields]
+        for i, row in enumerate(rows):
+            for j, a in enumerate(row):
+                boxes[i, j], classes[i, j] = a["bbox"], class_of[a["category_id"]]
+                for out, field in zip(extra, fields):
+                    out[i, j] = a[field]
+        return boxes, classes, extra
+
+    g_box, g_cls, (g_crowd, g_area) = padded(gt["annotations"], ("iscrowd", "area"))
+    d_box, d_cls, (d_score,) = padded(dets, ("score",))
+    return g_box, g_cls, g_crowd, g_area, d_box, d_score, d_cls
+
+
+def test_more_than_100_detections_per_image_on_the_device():
+    """COCO keeps each image's 100 best detections per class: the device engine must cut there itself."""
+    gt, dets = random_workload(0, n_images=3, n_classes=1, max_random_dets=20)
+    # 105 top-scored misses in each image push every true positive past the 100th detection
+    dets += [det(im["id"], 1, [2 * k, 199, 1, 1], 0.99) for im in gt["images"] for k in range(105)]
+    assert pycocotools_eval(gt, dets)[0]["AR100"] == 0.0 < coco_evaluate(gt, dets[:-105])["AR100"]
+    args = uncut_update_arguments(gt, dets)
+    ref, ref_precision = pycocotools_eval(gt, dets)
+    # float32 under XLA (as on an accelerator without float64); float64 in graph mode (XLA: the edge test)
+    for dtype, tol, jit_compile in (("float32", 1e-4, True), ("float64", 1e-12, False)):
+        acc = COCOAccumulator(1, capacity=args[4].shape[0] * args[4].shape[1], dtype=dtype, box_format="xywh")
+        tf.function(acc.update, jit_compile=jit_compile)(*args)
+        acc.check()
+        precision, recall = (x.numpy() for x in tf.function(acc.result, jit_compile=jit_compile)())
+        np.testing.assert_allclose(precision, ref_precision, atol=tol, rtol=0, err_msg=dtype)
+        got = summarize(precision.astype(np.float64), recall.astype(np.float64))
+        for name in STAT_NAMES:
+            assert got[name] == pytest.approx(ref[name], abs=tol), (dtype, name)
 
 
 def test_overflow_is_reported():
@@ -77,15 +122,36 @@ def test_overflow_is_reported():
         acc.check()
 
 
-def test_xyxy_input_and_ignore_flag():
-    # xyxy boxes; an ignore-flagged (difficult) gt: the detection on it is neither TP nor FP,
-    # and unlike a crowd it can be matched once only (the second detection on it is a FP)
+def ignore_flag_case(gt_ignore, gt_crowd):
+    """One image, two ground truths (regular A, flagged B), four detections, xyxy input.
+
+    Scores: 0.9 and 0.85 on B, 0.8 on A, 0.7 on nothing. The flag on B decides the ranking's TP/FP.
+    """
     acc = COCOAccumulator(1, capacity=8, box_format="xyxy")
     gt = np.array([[[0, 0, 40, 40], [100, 100, 140, 140]]], np.float64)
-    dets = np.array([[[0, 0, 40, 40], [100, 100, 140, 140], [100, 100, 140, 140]]], np.float64)
-    acc.update(gt, [[0, 0]], [[0, 0]], [[1600.0, 1600.0]], dets, [[0.9, 0.8, 0.7]], [[0, 0, 0]],
-               gt_ignore=[[False, True]])
+    dets = np.array([[[100, 100, 140, 140], [100, 100, 140, 140], [0, 0, 40, 40], [200, 0, 240, 40]]], np.float64)
+    acc.update(gt, [[0, 0]], [[False, gt_crowd]], [[1600.0, 1600.0]], dets, [[0.9, 0.85, 0.8, 0.7]], [[0, 0, 0, 0]],
+               gt_ignore=[[False, gt_ignore]])
     precision, recall = (x.numpy() for x in acc.result())
-    stats = summarize(precision, recall)
-    # one regular gt: TP at 0.9, ignored at 0.8, FP at 0.7 -> precision 1 up to recall 1
-    assert stats["AP"] == pytest.approx(1.0, abs=1e-12) and stats["AR100"] == 1.0
+    return precision[:, :, 0, 0, -1], recall[:, 0, 0, -1], summarize(precision, recall)  # all areas, 100 dets
+
+
+def test_xyxy_input_and_ignore_flag():
+    # Ignored (difficult): 0.9 -> ignored, 0.85 -> FP (an ignored non-crowd gt matches once), 0.8 -> TP,
+    # 0.7 -> FP. Ranked TP/FP of the rest: FP, TP, FP -> precision 0, 1/2, 1/3 at recall 0, 1, 1:
+    # interpolated 1/2 at every recall threshold (every IoU threshold: the boxes are exact).
+    precision, recall, stats = ignore_flag_case(gt_ignore=True, gt_crowd=False)
+    np.testing.assert_allclose(precision, 0.5, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(recall, 1.0)
+    assert stats["AP"] == pytest.approx(0.5, abs=1e-12)
+
+    # No flag, two regular gts: TP, FP, TP, FP -> precision 1, 1/2, 2/3, 1/2 at recall 1/2, 1/2, 1, 1:
+    # interpolated 1 at recall thresholds 0..0.50 (51 of them), 2/3 at 0.51..1 (50).
+    precision, recall, stats = ignore_flag_case(gt_ignore=False, gt_crowd=False)
+    expected = np.r_[np.ones(51), np.full(50, 2 / 3)]
+    np.testing.assert_allclose(precision, np.broadcast_to(expected, precision.shape), rtol=0, atol=1e-12)
+    assert stats["AP"] == pytest.approx((51 + 50 * 2 / 3) / 101, abs=1e-12)
+
+    # Crowd: matches any number of detections -> 0.9, 0.85 ignored; TP, FP -> precision 1 everywhere.
+    precision, _, stats = ignore_flag_case(gt_ignore=False, gt_crowd=True)
+    np.testing.assert_allclose(precision, 1.0, rtol=0, atol=1e-12)

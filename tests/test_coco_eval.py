@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from _helpers import run_tool
 from kdet.metrics.coco import STAT_NAMES, coco_evaluate
 
 pycoco = pytest.importorskip("pycocotools.cocoeval")
@@ -29,6 +30,46 @@ def pycocotools_eval(gt, dets):
         ev.accumulate()
         ev.summarize()
     return dict(zip(STAT_NAMES, ev.stats)), ev.eval["precision"]
+
+
+def _pycocotools_style_eval(module_coco, module_eval, gt, dets):
+    """The 12 numbers of a pycocotools-compatible package (COCO / COCOeval / .stats)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = module_coco.COCO()
+        coco_gt.dataset = copy.deepcopy(gt)
+        coco_gt.createIndex()
+        ev = module_eval.COCOeval(coco_gt, coco_gt.loadRes(copy.deepcopy(dets)), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return dict(zip(STAT_NAMES, [float(v) for v in ev.stats]))
+
+
+def faster_coco_eval_eval(gt, dets):
+    faster = pytest.importorskip("faster_coco_eval")
+    return _pycocotools_style_eval(faster, faster.cocoeval, gt, dets)
+
+
+def hotcoco_eval(gt, dets):
+    hotcoco = pytest.importorskip("hotcoco")
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev = hotcoco.COCOeval(hotcoco.COCO(copy.deepcopy(gt)), hotcoco.COCO(copy.deepcopy(gt)).load_res(
+            copy.deepcopy(dets)), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return dict(zip(STAT_NAMES, [float(v) for v in ev.stats]))
+
+
+def ultrafast_eval(gt, dets):
+    ultrafast = pytest.importorskip("ultrafast_pycocotools")
+    return _pycocotools_style_eval(ultrafast.coco, ultrafast.cocoeval, gt, dets)
+
+
+# Independent implementations of the COCO protocol, each a further truth beside pycocotools
+# (faster-coco-eval: C++; hotcoco: Rust; ultrafast-pycocotools: numpy). Skipped when not installed.
+OTHER_REFERENCES = {"faster_coco_eval": faster_coco_eval_eval, "hotcoco": hotcoco_eval,
+                    "ultrafast_pycocotools": ultrafast_eval}
 
 
 def assert_matches_pycocotools(gt, dets, tol=1e-9):
@@ -86,6 +127,17 @@ def test_random_workloads_equal_pycocotools(seed):
     many = seed % 2 == 1  # odd seeds: >100 detections in an image and category
     gt, dets = random_workload(seed, n_classes=1 if many else 4, max_random_dets=160 if many else 30)
     assert_matches_pycocotools(gt, dets, tol=1e-12)
+
+
+@pytest.mark.parametrize("reference", sorted(OTHER_REFERENCES))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_workloads_equal_other_coco_implementations(seed, reference):
+    many = seed % 2 == 1
+    gt, dets = random_workload(seed, n_classes=1 if many else 4, max_random_dets=160 if many else 30)
+    ref = OTHER_REFERENCES[reference](gt, dets)
+    got = coco_evaluate(gt, dets)
+    for name in STAT_NAMES:
+        assert got[name] == pytest.approx(ref[name], abs=1e-9), name
 
 
 # ------------------------------------------------------------------ hand-made cases
@@ -178,14 +230,13 @@ def test_bad_files_give_clear_errors(tmp_path):
         coco_evaluate(ground_truth([], n_classes=1), [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}])
 
 
-def test_eval_tool_prints_summary_and_table(tmp_path, capsys):
-    from tools.eval import main
-
+def test_eval_tool_prints_summary_and_table(tmp_path):
     gt, dets = random_workload(7, n_images=5)
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     (tmp_path / "dets.json").write_text(json.dumps(dets))
-    main(["--gt", str(tmp_path / "gt.json"), "--dets", str(tmp_path / "dets.json"), "--json", str(tmp_path / "out.json")])
-    out = capsys.readouterr().out
+    done = run_tool("eval", "--gt", tmp_path / "gt.json", "--dets", tmp_path / "dets.json", "--json", tmp_path / "out.json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
     ref, _ = pycocotools_eval(gt, dets)
     assert f"Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = {ref['AP']:0.3f}" in out
     assert "c0" in out and "AP50" in out

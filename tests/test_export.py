@@ -48,9 +48,22 @@ def test_signature_outputs(exported):
     assert names == CLASS_NAMES
 
 
-def test_served_without_kdet_matches_in_process(exported, tmp_path):
-    model, export_dir = exported
-    images = _images()
+def test_served_without_kdet_matches_predict_records(tiny_trained, tmp_path):
+    """The SavedModel of a trained model, served in a process without kdet, gives the detections the
+    metrics came from (``engine.predict_records``) at a realistic threshold: boxes, scores and classes (+1)."""
+    import kdet.engine as engine
+    from kdet.config import load_recipe
+    from kdet.data.records import load_image
+    from kdet.models.ssd import load_model
+
+    recipe = load_recipe(tiny_trained["recipe_path"], ["eval.score_threshold=0.3", "eval.max_detections=100"])
+    records = recipe["data"]["test"].records()
+    model = load_model(tiny_trained["work_dir"] + "/last.keras")
+    export_dir = str(tmp_path / "saved_model")
+    export_saved_model(model, export_dir, recipe["data"]["class_names"], score_threshold=0.3, max_detections=100)
+    reference = engine.predict_records(model, records, recipe)
+
+    images = np.stack([load_image(r) for r in records])  # 64 x 64, the model's size: no resize on either path
     np.save(tmp_path / "images.npy", images)
     script = textwrap.dedent(f"""
         import sys, json, numpy as np, tensorflow as tf
@@ -64,11 +77,14 @@ def test_served_without_kdet_matches_in_process(exported, tmp_path):
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []  # kdet never imported
     served = np.load(tmp_path / "served.npz")
 
-    from kdet.postprocess import decode_detections
-
-    resized = tf.image.resize(tf.cast(images, tf.float32), (96, 96))
-    ref = decode_detections(model(resized, training=False), score_threshold=0.0, iou_threshold=0.45,
-                            max_detections=20)
-    np.testing.assert_array_equal(served["num_detections"], ref["num_detections"].numpy())
-    np.testing.assert_allclose(served["detection_scores"], ref["scores"].numpy(), atol=1e-5)
-    np.testing.assert_allclose(served["detection_boxes"], ref["boxes"].numpy()[..., [1, 0, 3, 2]], atol=1e-5)
+    counts = served["num_detections"].astype(int)
+    assert counts.sum() > 0 and (counts < 100).all()  # the threshold, not the maximum, decides the count
+    for i, (record, ref) in enumerate(zip(records, reference)):
+        n = counts[i]
+        assert n == len(ref["scores"]), i
+        scale = np.array([record.height, record.width] * 2, np.float32)  # yxyx
+        np.testing.assert_allclose(served["detection_boxes"][i, :n] * scale, ref["boxes"][:, [1, 0, 3, 2]],
+                                   atol=1e-3)
+        np.testing.assert_allclose(served["detection_scores"][i, :n], ref["scores"], atol=1e-5)
+        np.testing.assert_array_equal(served["detection_classes"][i, :n], ref["classes"] + 1)
+        assert (served["detection_scores"][i, :n] >= 0.3).all() and (served["detection_classes"][i, n:] == 0).all()

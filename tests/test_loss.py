@@ -41,7 +41,7 @@ def _case(seed=0):
     return y_true, y_pred, labels, matched
 
 
-def _numpy_loss(y_pred, labels, matched, weights=(1.0, 1.0, 1.0), alpha=1.0, ratio=3):
+def _numpy_loss(y_pred, labels, matched, weights=(1.0, 1.0, 1.0), alpha=1.0, ratio=3, min_negatives=0):
     """The SSD loss written out plainly, loops over images and anchors."""
     weights = np.asarray(weights, np.float64)
     loc_total = conf_total = 0.0
@@ -60,7 +60,7 @@ def _numpy_loss(y_pred, labels, matched, weights=(1.0, 1.0, 1.0), alpha=1.0, rat
             conf_total += -log_probs[a, labels[b, a]] * weights[labels[b, a]]
         candidates = np.nonzero(labels[b] == 0)[0]
         hardest = candidates[np.argsort(log_probs[candidates, 0])]  # most negative log p(bg) first
-        for a in hardest[: ratio * len(positives)]:
+        for a in hardest[: max(ratio * len(positives), min_negatives)]:
             conf_total += -log_probs[a, 0] * weights[0]
     num_pos = max((labels > 0).sum(), 1)
     return (conf_total + alpha * loc_total) / num_pos, loc_total / num_pos, conf_total / num_pos
@@ -84,6 +84,40 @@ def test_alpha_and_negative_ratio():
     # Ratio larger than the candidates available: every background anchor is a negative.
     value = float(MultiBoxLoss(neg_pos_ratio=100)(y_true, y_pred))
     np.testing.assert_allclose(value, _numpy_loss(y_pred, labels, matched, ratio=100)[0], rtol=1e-5)
+
+
+def test_min_negatives_by_hand():
+    y_true, y_pred, labels, matched = _case(seed=3)
+    # image 0: 2 positives -> max(1 * 2, 5) = 5 negatives; image 1: 1 positive -> 5
+    value = float(MultiBoxLoss(neg_pos_ratio=1, min_negatives=5)(y_true, y_pred))
+    np.testing.assert_allclose(value, _numpy_loss(y_pred, labels, matched, ratio=1, min_negatives=5)[0], rtol=1e-5)
+    assert abs(value - _numpy_loss(y_pred, labels, matched, ratio=1)[0]) > 1e-3
+    # no positives at all: the loss is the min_negatives hardest background anchors (over a count of 1)
+    empty = y_true.copy()
+    empty[..., 4] = -1
+    none = np.zeros_like(labels)
+    value = float(MultiBoxLoss(min_negatives=4)(empty, y_pred))
+    np.testing.assert_allclose(value, _numpy_loss(y_pred, none, matched, min_negatives=4)[0], rtol=1e-5)
+    assert value > 0 and float(MultiBoxLoss()(empty, y_pred)) == 0.0
+
+
+def test_negative_iou_threshold_keeps_half_covering_anchors_out_of_the_negatives():
+    y_true, y_pred, labels, matched = _case(seed=4)
+    # a third object in image 0 covers anchor 3 and 80% of anchor 4: IoU 1/1.8 = 0.556 with anchor 3
+    # (positive), 0.8/1.8 = 0.444 with anchor 4 (in the 0.4..0.5 band)
+    box = np.array([3 / 8, 0.0, 4.8 / 8, 0.5], np.float32)
+    y_true[0, 2] = [*box, 0, 0]
+    labels[0, 3], matched[0, 3] = 1, box
+    y_pred[0, 4, 4] = -15.0  # anchor 4 has the worst background loss: the first mined negative, unless banded
+    plain = float(MultiBoxLoss()(y_true, y_pred))
+    np.testing.assert_allclose(plain, _numpy_loss(y_pred, labels, matched)[0], rtol=1e-5)
+    banded_labels = labels.copy()
+    banded_labels[0, 4] = -1
+    banded = float(MultiBoxLoss(negative_iou_threshold=0.4)(y_true, y_pred))
+    np.testing.assert_allclose(banded, _numpy_loss(y_pred, banded_labels, matched)[0], rtol=1e-5)
+    assert plain - banded > 1.0  # anchor 4's -log p(background) ~ 15+, over 4 positives
+    # a band starting above 0.444 leaves anchor 4 a negative
+    np.testing.assert_allclose(float(MultiBoxLoss(negative_iou_threshold=0.45)(y_true, y_pred)), plain, rtol=1e-6)
 
 
 def test_class_weights_forms():

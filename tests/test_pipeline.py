@@ -2,7 +2,6 @@
 
 import os
 import warnings
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -13,7 +12,6 @@ from kdet.data import _workers
 from kdet.data.pipeline import _auto_workers, close_worker_pools, make_dataset, make_eval_dataset
 from kdet.data.records import Record
 
-BCCD = Path(os.environ.get("KDET_BCCD", Path(__file__).resolve().parents[2] / "shared/datasets/BCCD"))
 
 
 def tiny_records(count=5):
@@ -147,32 +145,94 @@ def test_image_files_are_decoded_rgb_by_either_decoder(tmp_path, decode):
             list(eval_dataset([missing], 16, 1, cache_images=True))
 
 
-def test_augmented_targets_stay_valid_with_mosaic():
-    records = tiny_records(5)
-    dataset = make_dataset(records, 32, 2, augment=[mosaic(p=1.0)] + ssd_augmentation(), seed=1, max_boxes=8)
-    for images, targets in dataset:
-        targets = targets.numpy()
-        real = targets[..., 4] >= 0
-        assert images.shape == (2, 32, 32, 3)
-        assert (targets[real][:, :4] >= 0).all() and (targets[real][:, :4] <= 1).all()
-        assert (targets[real][:, 2] > targets[real][:, 0]).all() and (targets[real][:, 3] > targets[real][:, 1]).all()
-        assert (targets[~real] == [0, 0, 0, 0, -1, 0]).all()
+# Ten colours well apart (each survives photometric distortion as one distinct colour per image).
+RECT_COLOURS = [(230, 20, 20), (20, 230, 20), (20, 20, 230), (230, 230, 20), (20, 230, 230), (230, 20, 230),
+                (240, 140, 20), (140, 20, 240), (20, 140, 80), (250, 250, 250)]
 
 
-@pytest.mark.skipif(not BCCD.exists(), reason=f"BCCD not found at {BCCD}")
-def test_bccd_batch_with_ssd_augmentation():
+def rectangle_records(count=5):
+    """Record i: two filled rectangles in its own two colours on grey (class = colour index)."""
+    records = []
+    for i in range(count):
+        height, width = 60 + 8 * i, 80 - 4 * i
+        image = np.full((height, width, 3), 100, np.uint8)
+        boxes = [[4 + i, 6, width // 2 - 2, height // 2], [width // 2 + 3, height // 2 + 2 - i, width - 5, height - 4]]
+        for k, (x0, y0, x1, y1) in enumerate(boxes):
+            image[y0:y1, x0:x1] = RECT_COLOURS[2 * i + k]
+        records.append(Record(image_id=i, image_path=None, width=width, height=height, boxes=boxes,
+                              classes=[2 * i, 2 * i + 1], image=image))
+    return records
+
+
+def check_boxes_bound_their_rectangles(images, targets, tolerance=4.0):
+    """Every target box bounds (to 4 px: upscaling blurs edges) the pixels of its rectangle in the batch image: the colour
+    (whatever photometric distortion made of it) is read at the box centre, which lies inside the visible,
+    still rectangular, part; the connected region of that colour there must span the box."""
+    checked = 0
+    for image, rows in zip(images.numpy().astype(np.int16), targets.numpy()):
+        h, w = image.shape[:2]
+        for x0, y0, x1, y1, cls, _ in rows[rows[:, 4] >= 0]:
+            box = np.array([x0 * w, y0 * h, x1 * w, y1 * h])
+            if min(box[2] - box[0], box[3] - box[1]) < 4:
+                continue  # too thin to hold a centre pixel clear of interpolated edges
+            cx, cy = int((box[0] + box[2]) / 2), int((box[1] + box[3]) / 2)
+            hits = (np.abs(image - image[cy, cx]).max(axis=-1) <= 6).astype(np.uint8)
+            _, component = cv2.connectedComponents(hits)  # the rectangle: the region of that colour at the centre
+            ys, xs = np.nonzero(component == component[cy, cx])
+            truth = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+            np.testing.assert_allclose(box, truth, atol=tolerance, err_msg=f"class {int(cls)}")
+            checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("augment", ["mosaic+ssd", "ssd"])
+def test_augmented_target_boxes_bound_their_objects_in_the_batch(augment):
+    records = rectangle_records()
+    chain = ([mosaic(p=1.0)] if augment == "mosaic+ssd" else []) + ssd_augmentation()
+    dataset = make_dataset(records, 96, 2, augment=chain, seed=1, max_boxes=8, workers=0)
+    checked = 0
+    for _ in range(3):  # three epochs: new randomness each
+        for images, targets in dataset:
+            t = targets.numpy()
+            real = t[..., 4] >= 0
+            assert (t[~real] == [0, 0, 0, 0, -1, 0]).all()
+            assert (t[real][:, :4] >= 0).all() and (t[real][:, :4] <= 1).all()
+            checked += check_boxes_bound_their_rectangles(images, targets)
+    assert checked >= 12
+
+
+def test_flipped_batches_move_boxes_with_the_image():
+    records = rectangle_records(4)
+    plain = make_dataset(records, 64, 4, augment=None, shuffle=False, seed=0, workers=0)
+    flipped = make_dataset(records, 64, 4, augment=[hflip(p=1.0)], shuffle=False, seed=0, workers=0)
+    (images, targets), = list(plain)
+    (f_images, f_targets), = list(flipped)
+    np.testing.assert_array_equal(f_images.numpy(), images.numpy()[:, :, ::-1])
+    expected = targets.numpy().copy()
+    expected[..., [0, 2]] = 1 - targets.numpy()[..., [2, 0]]
+    real = expected[..., 4] >= 0
+    np.testing.assert_allclose(f_targets.numpy()[real], expected[real], atol=1e-6)
+    assert check_boxes_bound_their_rectangles(f_images, f_targets) == 8
+
+
+def test_bccd_batch_with_ssd_augmentation(bccd):
     from kdet.data.sources import voc
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        records = list(voc(str(BCCD), "val", class_names=["RBC", "WBC", "Platelets"], skip_invalid=True))[:4]
-    images, targets = next(iter(make_dataset(records, 300, 4, augment=ssd_augmentation(), seed=0)))
+        records = list(voc(str(bccd), "val", class_names=["RBC", "WBC", "Platelets"], skip_invalid=True))[:4]
+    plain = make_dataset(records, 300, 4, augment=None, shuffle=False, workers=0)
+    augmented = make_dataset(records, 300, 4, augment=ssd_augmentation(), seed=0, shuffle=False, workers=0)
+    images, targets = next(iter(augmented))
     assert images.shape == (4, 300, 300, 3) and images.dtype == "uint8"
-    assert 0 <= float(images.numpy().min()) and float(images.numpy().max()) <= 255
-    targets = targets.numpy()
+    targets, reference = targets.numpy(), next(iter(plain))[1].numpy()
     real = targets[..., 4] >= 0
     assert real.any() and set(np.unique(targets[real][:, 4])) <= {0, 1, 2}
     assert (targets[real][:, :4] >= 0).all() and (targets[real][:, :4] <= 1).all()
+    assert not np.array_equal(targets, reference)  # augmented: boxes moved (the resize-only batch differs)
+    # an augmented batch keeps each image's class mix within what the image has
+    for rows, ref in zip(targets, reference):
+        assert set(rows[rows[:, 4] >= 0, 4]) <= set(ref[ref[:, 4] >= 0, 4])
 
 
 # ------------------------------------------------------------ worker processes

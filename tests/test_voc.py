@@ -1,6 +1,5 @@
 """VOC loader: BCCD counts and quirks, conversions, and bad-input errors."""
 
-import os
 import warnings
 from pathlib import Path
 
@@ -9,14 +8,6 @@ import pytest
 from PIL import Image
 
 from kdet.data.sources import DatasetError, voc
-
-BCCD = Path(os.environ.get("KDET_BCCD", Path(__file__).resolve().parents[2] / "shared/datasets/BCCD"))
-
-
-def need_bccd():
-    if not (BCCD / "ImageSets" / "Main" / "trainval.txt").is_file():
-        pytest.skip(f"BCCD not found at {BCCD} (set KDET_BCCD)")
-
 
 # ------------------------------------------------------------------ fixtures
 def write_voc(root, images, split="train", size_in_xml=True, image_size=(40, 30)):
@@ -44,14 +35,13 @@ GOOD = {"a": [("cat", (1, 1, 10, 10), False), ("dog", (5, 6, 40, 30), True)], "b
 
 
 # ------------------------------------------------------------------ BCCD
-def test_bccd_counts_and_degenerate_boxes():
-    need_bccd()
+def test_bccd_counts_and_degenerate_boxes(bccd):
     with pytest.raises(DatasetError, match=r"BloodImage_00338\.xml: object 12 .*degenerate") as err:
-        voc(BCCD, "trainval+test").records()
+        voc(bccd, "trainval+test").records()
     assert err.value.reason == "degenerate"
 
     with pytest.warns(UserWarning, match=r"skipped 2 boxes \(degenerate\) in .*BCCD"):
-        source = voc(BCCD, "trainval+test", skip_invalid=True)
+        source = voc(bccd, "trainval+test", skip_invalid=True)
         records = source.records()
     assert len(source) == 364
     assert source.class_names == ["Platelets", "RBC", "WBC"]  # collected from the XML, sorted
@@ -62,9 +52,8 @@ def test_bccd_counts_and_degenerate_boxes():
     assert all((r.width, r.height) == (640, 480) for r in records)
 
 
-def test_bccd_conversion_and_class_order():
-    need_bccd()
-    source = voc(BCCD, "train+val", class_names=["RBC", "WBC", "Platelets"], skip_invalid=True)
+def test_bccd_conversion_and_class_order(bccd):
+    source = voc(bccd, "train+val", class_names=["RBC", "WBC", "Platelets"], skip_invalid=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         records = {r.image_id: r for r in source.records()}

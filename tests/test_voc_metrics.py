@@ -1,8 +1,6 @@
 """VOC AP / mAP against hand-computed cases and a literal transcription of voc_eval.py."""
 
-import os
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +9,6 @@ from kdet.boxes import voc_to_xyxy
 from kdet.data.records import Record
 from kdet.metrics import voc
 
-BCCD = Path(os.environ.get("KDET_BCCD", Path(__file__).resolve().parents[2] / "shared/datasets/BCCD"))
 
 
 from _helpers import box, det, gt  # noqa: E402
@@ -260,13 +257,11 @@ def test_matches_classic_voc_eval_on_random_cases():
 
 
 # ------------------------------------------------------------------ real data
-def read_bccd(split="test"):
-    if not (BCCD / "ImageSets/Main" / f"{split}.txt").exists():
-        pytest.skip(f"BCCD not found at {BCCD}")
+def read_bccd(bccd, split="test"):
     names = ["RBC", "WBC", "Platelets"]
     gts = []
-    for image_id in (BCCD / "ImageSets/Main" / f"{split}.txt").read_text().split():
-        root = ET.parse(BCCD / "Annotations" / f"{image_id}.xml").getroot()
+    for image_id in (bccd / "ImageSets/Main" / f"{split}.txt").read_text().split():
+        root = ET.parse(bccd / "Annotations" / f"{image_id}.xml").getroot()
         objects = root.findall("object")
         boxes = voc_to_xyxy([[float(o.find("bndbox").find(k).text) for k in ("xmin", "ymin", "xmax", "ymax")]
                              for o in objects])
@@ -275,8 +270,8 @@ def read_bccd(split="test"):
     return gts, names
 
 
-def test_bccd_ground_truth_as_detections_scores_perfectly():
-    gts, names = read_bccd()
+def test_bccd_ground_truth_as_detections_scores_perfectly(bccd):
+    gts, names = read_bccd(bccd)
     rng = np.random.default_rng(1)
     # Every object found with a high score, plus low-score clutter far from ... anything ranked last.
     dets = [dict(boxes=np.concatenate([g["boxes"], [[0, 0, 1, 1]]]),
