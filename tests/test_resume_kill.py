@@ -75,7 +75,7 @@ def killed_and_resumed(tmp_path_factory):
     with open(tmp / "first.log", "w") as log:
         proc = subprocess.Popen(train_command(recipe, work_dir), stdout=log, stderr=subprocess.STDOUT,
                                 cwd=str(REPO), env=tool_env())
-        deadline = time.time() + 400
+        deadline = time.time() + 900   # the first epoch includes compiling the train step
         while epochs_done(work_dir) < 1 and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         time.sleep(0.2)   # into the next epoch's steps
@@ -187,3 +187,23 @@ def test_csv_log_columns_appear_later_and_resume_keeps_finished_epochs(tmp_path)
     assert [row.split(",")[:2] for row in open(path).read().splitlines()[1:]] == [["0", "2.5"], ["1", "2.0"],
                                                                                  ["2", "1.25"]]
     assert CSVLog(path).rows == []   # a run that does not resume starts a new log
+
+
+def test_infer_with_the_checkpoint_skips_an_unreadable_image_with_a_warning(killed_and_resumed, tmp_path):
+    """tools/infer.py on a .keras file (kdet's loader in a fresh process) and a folder with one broken JPEG."""
+    from PIL import Image
+
+    _, work_dir, _, _ = killed_and_resumed
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (80, 60), (200, 30, 30)).save(images / "good.jpg")
+    (images / "broken.jpg").write_bytes((images / "good.jpg").read_bytes()[:200])   # cut off mid-file
+    out = tmp_path / "drawn"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "infer.py"), str(work_dir / "last.keras"),
+                           str(images), "--out", str(out), "--score-threshold", "0.0"],
+                          capture_output=True, text=True, cwd=str(REPO), env=tool_env(), timeout=600)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and str(images / "broken.jpg") in warnings[0] and "skipped" in warnings[0]
+    assert "1 images drawn" in proc.stdout and "1 unreadable files skipped" in proc.stdout
+    assert sorted(json.load(open(out / "detections.json"))) == ["good.jpg"]
