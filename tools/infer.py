@@ -58,7 +58,8 @@ def load_detector(path, classes=None):
         names = [c.strip() for c in classes.split(",")] if classes else [str(i) for i in range(model.num_classes)]
         if len(names) != model.num_classes:
             raise ToolError(f"--classes gives {len(names)} names for {path}, a model with {model.num_classes} classes")
-        serve = DetectorModule(model, names, NMS_DEFAULTS).serve
+        module = DetectorModule(model, names, NMS_DEFAULTS)
+        serve = module.serve
 
     def detect(image):
         out = serve(images=tf.constant(image[None]))
@@ -66,6 +67,7 @@ def load_detector(path, classes=None):
         return (out["detection_boxes"][0, :n].numpy(), out["detection_scores"][0, :n].numpy(),
                 out["detection_classes"][0, :n].numpy().astype(int))
 
+    detect.owner = loaded if os.path.isdir(path) else module   # serve holds its module only weakly: keep it alive
     return detect, names
 
 
