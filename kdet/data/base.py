@@ -83,6 +83,9 @@ class Source:
             return records
         kept = []
         for record in records:
+            if record.orientation is not None:  # the subclass checked it already (VOC: before its boxes)
+                kept.append(record)
+                continue
             try:
                 check_record_image(record, mode, annotation=self._annotation_of(record))
             except DatasetError as err:

@@ -91,6 +91,7 @@ def image_info(source, mode="quick", where=None):
 
     is_path = isinstance(source, (str, os.PathLike))
     where = where or (str(source) if is_path else "image bytes")
+    end_problem = None
     if is_path and not os.path.isfile(source):
         raise DatasetError(f"{where}: image file not found", reason="missing file")
     if is_path and os.path.getsize(source) == 0:
@@ -99,14 +100,13 @@ def image_info(source, mode="quick", where=None):
         with Image.open(source if is_path else io.BytesIO(source)) as img:
             width, height, image_format = img.size[0], img.size[1], img.format
             orientation = exif_orientation(img)
-            suspect = mode == "full" or image_format not in ("JPEG", "PNG") or \
-                truncation_problem(_tail(source), image_format) is not None
-            if suspect:
+            end_problem = truncation_problem(_tail(source), image_format) if image_format in ("JPEG", "PNG") else None
+            if mode == "full" or end_problem or image_format not in ("JPEG", "PNG"):
                 img.load()  # decodes: raises on truncated or damaged data
     except Exception as err:  # PIL raises many types for broken files
         message = str(err) or type(err).__name__
         if "truncated" in message:
-            message = f"truncated image ({message})"
+            message = f"{end_problem or 'truncated image'}; the decoder stops early"
         elif "cannot identify image file" in message:
             message = "not an image file (cannot identify its format)"
         else:

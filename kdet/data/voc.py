@@ -49,6 +49,7 @@ class _VOCImage:
     width: int
     height: int
     objects: list = field(default_factory=list)
+    orientation: int = None  # EXIF orientation, from the load-time image check
 
 
 def split_names(split):
@@ -104,7 +105,7 @@ class VOCSource(Source):
         images = []
         for image_id in self.image_ids():
             try:
-                images.append(self._parse_image(image_id))
+                images.append(self._checked_image_file(self._parse_image(image_id)))
             except DatasetError as err:
                 if not self.skip_invalid:
                     raise
@@ -134,6 +135,15 @@ class VOCSource(Source):
             f"{xml_path}: image file not found (looked for {folder / candidates[0]})", reason="missing file"
         )
 
+    def _checked_image_file(self, image):
+        """``image`` after the load-time image check (kdet.data.image_check), which comes before its boxes are
+        checked against its size: a wrong ``<size>`` is named as such, not as boxes outside the image."""
+        from kdet.data.image_check import check_record_image
+
+        probe = Record(image.image_id, str(image.image_path), image.width, image.height)
+        image.orientation = check_record_image(probe, self.check_images, annotation=image.xml_path).orientation
+        return image
+
     def _annotation_of(self, record):
         return self.root / "Annotations" / f"{record.image_id}.xml"
 
@@ -159,6 +169,7 @@ class VOCSource(Source):
             classes=classes,
             difficult=difficult,
             iscrowd=np.zeros(len(boxes), bool),
+            orientation=image.orientation,
         )
 
     def _check_object(self, image, obj, k, class_ids):
