@@ -371,3 +371,13 @@ def test_recipe_data_options_reach_the_auto_source(tmp_path):
     assert sorted(sources) == ["train", "val"]  # no test split in the data
     assert len(sources["val"]) >= 2 and len(sources["train"]) + len(sources["val"]) == 5  # 40% of 5
     assert sources["train"].class_names == CLASSES
+
+
+def test_train_tool_says_in_one_line_when_no_layout_is_found(tmp_path, capsys):
+    from tools_train import main
+
+    (tmp_path / "empty").mkdir()
+    assert main([str(REPO / "recipes" / "ssd_custom.py"), "--set", f"data.root={tmp_path / 'empty'}",
+                 "--work-dir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "no dataset layout recognised" in err and "\n" not in err
