@@ -112,6 +112,14 @@ def test_yolo_roboflow_variant_paths_relative_to_a_parent(tmp_path):
     assert_truth(auto(root, "test"), ["e"])
 
 
+def test_yolo_yaml_written_on_another_machine_is_found_by_its_tail(tmp_path):
+    root = write_yolo(tmp_path / "moved")
+    (root / "data.yaml").write_text("path: /content/datasets/moved\ntrain: /content/datasets/moved/images/train\n"
+                                    "val: /content/datasets/moved/images/val\nnames: [cat, dog]\n")
+    assert_truth(auto(root, "train"), TRAIN)
+    assert_truth(auto(root, "val"), VAL)
+
+
 def test_yolo_without_yaml_reads_classes_txt(tmp_path):
     root = write_yolo(tmp_path / "noyaml")
     (root / "classes.txt").write_text("cat\ndog\n")
