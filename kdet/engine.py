@@ -23,8 +23,13 @@ class UserError(Exception):
 # ------------------------------------------------------------------ data
 def load_sources(recipe):
     """The recipe's train/val/test sources (None where absent)."""
+    from kdet.data.base import DatasetError
+
     data = recipe["data"]
-    return {split: resolve_source(data.get(split), data.get("root"), data) for split in ("train", "val", "test")}
+    try:  # factories that look at the data on the way in (sources.auto detects the layout)
+        return {split: resolve_source(data.get(split), data.get("root"), data) for split in ("train", "val", "test")}
+    except DatasetError as err:
+        raise UserError(str(err)) from err
 
 
 def class_names_of(recipe, sources):

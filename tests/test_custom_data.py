@@ -112,6 +112,14 @@ def test_yolo_roboflow_variant_paths_relative_to_a_parent(tmp_path):
     assert_truth(auto(root, "test"), ["e"])
 
 
+def test_yolo_yaml_written_on_another_machine_is_found_by_its_tail(tmp_path):
+    root = write_yolo(tmp_path / "moved")
+    (root / "data.yaml").write_text("path: /content/datasets/moved\ntrain: /content/datasets/moved/images/train\n"
+                                    "val: /content/datasets/moved/images/val\nnames: [cat, dog]\n")
+    assert_truth(auto(root, "train"), TRAIN)
+    assert_truth(auto(root, "val"), VAL)
+
+
 def test_yolo_without_yaml_reads_classes_txt(tmp_path):
     root = write_yolo(tmp_path / "noyaml")
     (root / "classes.txt").write_text("cat\ndog\n")
@@ -371,3 +379,13 @@ def test_recipe_data_options_reach_the_auto_source(tmp_path):
     assert sorted(sources) == ["train", "val"]  # no test split in the data
     assert len(sources["val"]) >= 2 and len(sources["train"]) + len(sources["val"]) == 5  # 40% of 5
     assert sources["train"].class_names == CLASSES
+
+
+def test_train_tool_says_in_one_line_when_no_layout_is_found(tmp_path, capsys):
+    from tools_train import main
+
+    (tmp_path / "empty").mkdir()
+    assert main([str(REPO / "recipes" / "ssd_custom.py"), "--set", f"data.root={tmp_path / 'empty'}",
+                 "--work-dir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "no dataset layout recognised" in err and "\n" not in err

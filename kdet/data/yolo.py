@@ -203,7 +203,8 @@ def read_data_yaml(path):
     Splits the yaml does not name are absent from the dict. Relative entries
     are tried against ``path:`` (when it exists), the yaml's folder, and the
     yaml's folder with leading ``../`` removed (Roboflow writes
-    ``train: ../train/images`` beside the yaml).
+    ``train: ../train/images`` beside the yaml); an absolute path that does not
+    exist here (the exporting machine's) is tried by its last 3 and 2 parts.
     """
     import yaml
 
@@ -233,15 +234,14 @@ def read_data_yaml(path):
 
 
 def _split_images(entry, bases, yaml_path, key):
-    candidates = []
+    parts = Path(entry).parts
+    tails = [Path(*parts[-k:]) for k in (3, 2) if len(parts) > k]  # another machine's absolute path
+    candidates = [Path(entry).expanduser()] if Path(entry).is_absolute() else []
     for base in bases:
-        candidates.append(base / entry)
         stripped = entry
         while stripped.startswith("../"):
             stripped = stripped[3:]
-        candidates.append(base / stripped)
-    if Path(entry).is_absolute():
-        candidates.insert(0, Path(entry))
+        candidates += [base / entry, base / stripped] + [base / tail for tail in tails]
     for candidate in candidates:
         if candidate.is_dir():
             return image_files(candidate)
