@@ -240,3 +240,37 @@ def test_tool_rebuilds_every_file_of_a_work_dir(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "tools" / "report.py"), str(empty)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "ground_truth.json" in done.stderr
+
+
+# ------------------------------------------------------------------ the loss parts, logged
+def test_loss_parts_are_logged_by_fit_without_a_second_matching(monkeypatch):
+    import keras
+
+    from kdet.losses import MultiBoxLoss, MultiBoxParts
+    from kdet.models.anchors import default_boxes
+
+    anchors = default_boxes([4], [0.3, 0.5], [[2]])                       # 16 cells x 4 boxes
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 1, (4, len(anchors), 6)), np.broadcast_to(anchors, (4, len(anchors), 4))],
+                       -1).astype("float32")
+    y = np.full((4, 2, 6), -1.0, np.float32)
+    y[:, 0] = [0.1, 0.1, 0.4, 0.4, 0, 0]                                   # one object per image
+    inputs = keras.Input(x.shape[1:])
+    outputs = keras.layers.Dense(10, kernel_initializer="identity", use_bias=False)(inputs)
+    model = keras.Model(inputs, outputs)
+    calls = []
+    original = MultiBoxLoss.components
+    monkeypatch.setattr(MultiBoxLoss, "components", lambda self, *a: calls.append(1) or original(self, *a))
+    loss = MultiBoxLoss(num_classes=1)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss=loss, metrics=[MultiBoxParts(loss)])
+    history = model.fit(x, y, batch_size=2, epochs=1, verbose=0).history
+    assert {"loc", "conf", "positives_per_image"} <= set(history)
+    # Learning rate 0: the weights stay the identity, so the epoch means are the means of the two
+    # batches' parts (in any order).
+    batches = [original(loss, y[i:i + 2], x[i:i + 2]) for i in (0, 2)]
+    mean = lambda key: float(np.mean([float(b[key]) for b in batches]))
+    assert history["loss"][0] == pytest.approx(mean("loss"), rel=1e-5)
+    assert history["loc"][0] == pytest.approx(mean("loc"), rel=1e-5)
+    assert history["conf"][0] == pytest.approx(mean("conf"), rel=1e-5)
+    assert history["positives_per_image"][0] == pytest.approx(mean("num_positives") / 2, rel=1e-5)
+    assert len(calls) == 1   # traced once, by the loss: the metric reused its parts (direct calls above bypass the patch)

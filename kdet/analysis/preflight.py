@@ -135,7 +135,8 @@ def coverage_warnings(coverage, auto_fit=None, assigner="max_iou"):
         if row["covered"] is None or row["covered"] >= MIN_COVERAGE:
             continue
         fixes = []
-        if auto_fit is not None and auto_fit["per_class"][name]["covered"] is not None:
+        fitted = auto_fit["per_class"][name]["covered"] if auto_fit is not None else None
+        if fitted is not None and fitted >= row["covered"] + 0.1:   # only when the fit helps
             fixes.append(f"model.anchor_scales='auto' and model.aspect_ratios='auto' "
                          f"(fitted anchors: {100 * auto_fit['per_class'][name]['covered']:.0f}%)")
         if row["iou_for_target"] is not None and row["iou_for_target"] < match:

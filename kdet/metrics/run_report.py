@@ -437,10 +437,11 @@ def finding_weakest_class(table, class_names, preflight, confusion, sizes, found
         j = int(np.argmax(np.r_[row[:k], -1, row[k + 1:]]))
         what = "missed (no detection)" if j == len(class_names) else f"detected as {class_names[j]}"
         if row[j] > 0:
-            evidence.append(f"at its F1-optimal threshold its objects are most often {what}: {row[j]} of {total}")
+            evidence.append(f"at the all-class F1-optimal threshold its objects are most often {what}: "
+                            f"{row[j]} of {total}")
     mine = classes == k
     if mine.any():
-        evidence.append(f"{100 * found[mine].mean():.0f}% of its held-out objects are found there")
+        evidence.append(f"at its own F1-optimal threshold {100 * found[mine].mean():.0f}% of its held-out objects are found")
     head = (f"Weakest class: {weakest} (AP50 {ap:.2f}" + (f" vs {others_ap:.2f} for the others)" if others else ")"))
     return head + ". Evidence: " + "; ".join(evidence) + "."
 
@@ -477,15 +478,16 @@ def _class_evidence(name, others, preflight):
 
 def finding_confusion_pairs(confusion, class_names, min_count=3, min_share=0.1):
     """Class pairs often swapped: objects of one class detected as another (labels or look-alikes)."""
-    out = []
+    out, reported = [], set()
     n = len(class_names)
     for i in range(n):
         total = int(confusion[i].sum())
         for j in range(n):
-            if i == j or total == 0:
+            if i == j or total == 0 or (j, i) in reported:
                 continue
             count = int(confusion[i, j])
             if count >= min_count and count >= min_share * total:
+                reported.add((i, j))
                 back = int(confusion[j, i])
                 text = (f"Confusion: {count} of {total} {class_names[i]} objects ({100 * count / total:.0f}%) are "
                         f"detected as {class_names[j]}")
