@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from _helpers import BCCD, load_tool
+from _helpers import BCCD, load_tool, write_tiny_recipe
 
 
 def pytest_configure(config):
@@ -21,3 +21,16 @@ def bccd():
             pytest.fail(message + "; KDET_REQUIRE_BCCD=1 makes this a failure")
         pytest.skip(message)
     return BCCD
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tmp_path_factory):
+    """One tiny SSD trained for one epoch on synthetic shapes (tools' and export tests; read-only)."""
+    import kdet.engine as engine
+    from kdet.config import load_recipe
+
+    tmp = tmp_path_factory.mktemp("tiny_trained")
+    recipe_path = write_tiny_recipe(tmp)
+    work_dir = str(tmp / "work")
+    metrics = engine.train(load_recipe(recipe_path, ["data.val=None"]), work_dir)
+    return dict(recipe_path=recipe_path, work_dir=work_dir, metrics=metrics)

@@ -119,3 +119,25 @@ def test_under_a_distribution_strategy():
 def test_needs_class_names():
     with pytest.raises(ValueError, match="class_names"):
         COCOEvalCallback(tf.data.Dataset.range(1))
+
+
+@pytest.mark.parametrize("ignore_as_crowd, expected_ap", [(True, 1.0), (False, 0.5)])
+def test_ignore_flag_as_crowd_or_as_ignored_object_by_hand(ignore_as_crowd, expected_ap):
+    """One 200 x 200 image: regular object A, ignore-flagged object B; detections scored 0.9 and 0.85
+    on B, 0.8 on A, 0.7 on nothing. As a crowd, B absorbs both: TP, FP -> precision 1, AP 1. As an
+    ignored non-crowd object B matches once: 0.85 is a FP ranked above the TP -> FP, TP, FP:
+    interpolated precision 1/2 at every recall threshold, AP 1/2 (the device test computes the same)."""
+    s = 200.0
+    # a second, empty image: a batch of one image fails in the accumulator's while_loop (reported)
+    targets = np.array([[[0, 0, 40 / s, 40 / s, 0, 0], [100 / s, 100 / s, 140 / s, 140 / s, 0, 1]],
+                        [[0, 0, 0, 0, -1, 0]] * 2], np.float32)
+    boxes = np.array([[[100, 100, 140, 140], [100, 100, 140, 140], [0, 0, 40, 40], [160, 0, 200, 40]],
+                      [[0, 0, 0, 0]] * 4]) / s
+    detections = dict(boxes=tf.constant(boxes, tf.float32), scores=tf.constant([[0.9, 0.85, 0.8, 0.7], [0.0] * 4]),
+                      classes=tf.constant([[0, 0, 0, 0], [-1] * 4], tf.int32))
+    dataset = tf.data.Dataset.from_tensors((tf.zeros((2, 200, 200, 3), tf.uint8), tf.constant(targets)))
+    callback = COCOEvalCallback(dataset, class_names=["x"], detect_fn=lambda model, images: detections,
+                                verbose=0, ignore_as_crowd=ignore_as_crowd, jit_compile=False)
+    result = callback.evaluate()
+    assert result["AP"] == pytest.approx(expected_ap, abs=1e-12)
+    assert result["AP50"] == pytest.approx(expected_ap, abs=1e-12) and result["AR100"] == 1.0
