@@ -11,6 +11,7 @@ Defaults for small datasets (tens to hundreds of images):
 * ImageNet VGG16 when the weights can be fetched (the `pretrained` section below);
   offline, a width-0.125 VGG16-BN from scratch (a printed note says so).
   model.backbone_weights=None skips the download attempt.
+* anchors fitted to the training boxes (model.anchor_scales / aspect_ratios = "auto").
 * matching IoU 0.3: small objects get several positive anchors (BCCD platelets
   AP50 0.603 -> 0.738 against 0.5; README).
 * a fixed budget of optimizer steps (train.epochs="auto", train.auto_steps), tiny
@@ -32,10 +33,8 @@ recipe = merge(base, dict(
         image_size=300,
         width_multiplier=0.125,
         backbone_weights="auto",     # ImageNet when it can be fetched (then `pretrained` applies), else None
-        # TODO(lead): anchor_scales="auto", aspect_ratios="auto" (fitted to the training boxes) once the
-        # pre-flight branch lands them; until then the SSD defaults below.
-        anchor_scales=None,
-        aspect_ratios=None,
+        anchor_scales="auto",        # k-means (1 - IoU) on the training boxes at the start, printed with
+        aspect_ratios="auto",        # the coverage before/after, saved as numbers in the model config
     ),
     data=dict(
         root=None,                   # --set data.root=/path/to/my/data

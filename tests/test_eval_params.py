@@ -216,7 +216,6 @@ def test_eval_tool_prints_the_false_positive_breakdown(tmp_path):
 
 # ------------------------------------------------------------------ the callback
 def _fixed_detector_fit(dataset, detections, **callback_kwargs):
-    import keras
     from test_coco_callback import CLASS_NAMES, FixedDetector
 
     from kdet.metrics.callback import COCOEvalCallback

@@ -89,7 +89,6 @@ TINY_MODEL = dict(backbone="vgg16_bn", width_multiplier=0.125, backbone_weights=
 
 
 def test_auto_anchors_raise_coverage_and_survive_save_load_export(tmp_path):
-    import keras
     import tensorflow as tf
 
     import kdet

@@ -23,7 +23,6 @@ category_id, bbox, score}]`` (kdet writes them with ``kdet.data.coco.to_coco_res
 """
 
 import argparse
-import json
 import os
 import sys
 
