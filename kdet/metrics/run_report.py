@@ -361,12 +361,12 @@ def _draw_image(ax, gt, det, class_names, image_path, score_threshold):
 
 
 def _load_pixels(image_path):
+    """The image as training saw it (EXIF-oriented, docs/CONVENTIONS.md), or None when it is gone."""
     if not image_path or not os.path.exists(image_path):
         return None
-    from PIL import Image
+    from kdet.data.records import Record, load_image
 
-    with Image.open(image_path) as image:
-        return np.asarray(image.convert("RGB"))
+    return load_image(Record(None, image_path, 0, 0))
 
 
 # ------------------------------------------------------------------ findings
