@@ -284,6 +284,8 @@ def train(recipe, work_dir, resume=False):
                           loss=build_loss(recipe, class_names, records["train"],
                                           anchors_per_level=model.anchors_per_level),
                           jit_compile=bool(train_cfg.get("jit_compile", False)))
+    for _ in range(initial_epoch):  # resumed: each epoch's pass (order, augmentation) as in a run without a break
+        iter(train_ds)
     callbacks = build_callbacks(recipe, work_dir, class_names, val_ds, resume)
     started = time.time()
     model.fit(train_ds, epochs=int(train_cfg["epochs"]), initial_epoch=initial_epoch,

@@ -330,7 +330,7 @@ def test_resume_restores_weights_and_optimizer_state_and_continues_as_one_run(tm
     for path, value in saved["weights"].items():
         np.testing.assert_array_equal(loaded["weights"][path], value, err_msg=path)
     moments = [p for p in saved["optimizer"] if "momentum" in p or "velocity" in p]  # AdamW's m and v
-    assert len(moments) >= 20 and all(np.any(saved["optimizer"][p] != 0) for p in moments)
+    assert sum(np.any(saved["optimizer"][p] != 0) for p in moments) >= 20  # they moved (not all: some get no gradient)
     assert saved["optimizer"].keys() == loaded["optimizer"].keys()
     for path, value in saved["optimizer"].items():  # every optimizer variable: moments, iterations, ...
         np.testing.assert_array_equal(loaded["optimizer"][path], value, err_msg=path)
