@@ -31,7 +31,7 @@ def det(boxes, scores, classes):
     return dict(boxes=np.array(boxes, float).reshape(-1, 4), scores=scores, classes=classes)
 
 
-def run_tool(name, *args, timeout=300):
+def run_tool(name, *args, timeout=900):
     """Run tools/NAME.py as a user does: a fresh process, this checkout's kdet first on the path."""
     import subprocess
     import sys
