@@ -52,13 +52,15 @@ def load_records(sources):
         raise UserError(str(err)) from err
 
 
-def build_train_dataset(recipe, records, seed=None):
+def build_train_dataset(recipe, records, seed=None, epoch=None):
+    """Training batches; with ``epoch`` (a ``tf.Variable`` set by ``PassEpoch``) each epoch's pass comes from it."""
     from kdet.data.pipeline import make_dataset
 
     data = recipe["data"]
     return make_dataset(records, image_size=_image_size(recipe), batch_size=data["batch_size"],
                         augment=data.get("augment"), training=True, max_boxes=data["max_boxes"],
-                        seed=seed, cache_images=data.get("cache_images", False), workers=data.get("workers"))
+                        seed=seed, cache_images=data.get("cache_images", False), workers=data.get("workers"),
+                        epoch=epoch)
 
 
 def build_eval_dataset(recipe, records, with_meta=False):
@@ -356,7 +358,10 @@ def train(recipe, work_dir, resume=False):
 
     strategy = make_strategy(train_cfg.get("strategy", "default"))
     epoch_records = _repeated_to_epoch_size(recipe, records["train"])  # class weights count each image once
-    train_ds = build_train_dataset(recipe, epoch_records, seed=train_cfg.get("seed"))
+    seed = train_cfg.get("seed")
+    # seeded: each epoch's data order and augmentation come from (seed, epoch), so a resumed run repeats none
+    pass_epoch = tf.Variable(0, dtype=tf.int64, trainable=False) if seed is not None else None
+    train_ds = build_train_dataset(recipe, epoch_records, seed=seed, epoch=pass_epoch)
     steps_per_epoch = len(epoch_records) // recipe["data"]["batch_size"]
     if steps_per_epoch < 1:
         raise RecipeError(f"{len(epoch_records)} training images are fewer than one batch "
@@ -387,6 +392,10 @@ def train(recipe, work_dir, resume=False):
                           metrics=[MultiBoxParts(loss)],  # loc, conf, positives_per_image each epoch
                           jit_compile=bool(train_cfg.get("jit_compile", False)))
     callbacks = build_callbacks(recipe, work_dir, class_names, val_ds, resume_point)
+    if pass_epoch is not None:
+        from kdet.training.callbacks import PassEpoch
+
+        callbacks.insert(0, PassEpoch(pass_epoch))
     started = time.time()
     model.fit(train_ds, epochs=int(train_cfg["epochs"]), initial_epoch=initial_epoch,
               callbacks=callbacks, verbose=recipe.get("verbose", 1),

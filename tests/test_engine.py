@@ -293,9 +293,12 @@ class FitSnapshots:
         import keras
 
         self.runs = []
+        self.stop_after_epochs = None  # set: the next fit ends after that many epochs, as if killed
         original = keras.Model.fit
 
         def fit(model, *args, **kwargs):
+            if self.stop_after_epochs is not None:
+                kwargs["epochs"], self.stop_after_epochs = self.stop_after_epochs, None
             run = {"start": self.snapshot(model)}
             self.runs.append(run)
             history = original(model, *args, **kwargs)
@@ -316,9 +319,10 @@ def test_resume_restores_weights_and_optimizer_state_and_continues_as_one_run(tm
     import kdet.engine as engine
 
     snapshots = FitSnapshots(monkeypatch)
-    monkeypatch.setattr(engine, "finish", lambda *args: {})  # no test split; the SavedModel export is not at stake
+    monkeypatch.setattr(engine, "finish", lambda *args, **kwargs: {})  # no test split; the SavedModel export is not at stake
     split = str(tmp_path / "split")
-    engine.train(resume_recipe(1), split)
+    snapshots.stop_after_epochs = 1  # a 2-epoch run (its cosine schedule spans 2 epochs) stopped after one
+    engine.train(resume_recipe(2), split)
     engine.train(resume_recipe(2), split, resume=True)
     engine.train(resume_recipe(2), str(tmp_path / "straight"))
     first, resumed, straight = snapshots.runs
@@ -342,8 +346,9 @@ def test_resume_restores_weights_and_optimizer_state_and_continues_as_one_run(tm
     assert state["epochs_done"] == 2
     assert [row["epoch"] for row in read_log(split)] == ["0", "1"]
     worst = max(float(np.abs(resumed["end"]["weights"][p] - v).max()) for p, v in straight["end"]["weights"].items())
-    if worst > 1e-6:  # measured 1e-3, about one AdamW step of lr 1e-3: the resumed epoch is not the straight one's
-        pytest.xfail(f"open bug: 1 + 1 resumed epochs differ from 2 straight by up to {worst:.2g} in a weight")
+    # A repeated or skipped pass (data order, augmentation) or learning rate moves weights by about one AdamW
+    # step (measured 1e-3); the reloaded model's recompiled step rounds differently (measured 7.6e-6).
+    assert worst <= 1e-4, f"1 + 1 resumed epochs differ from 2 straight by up to {worst:.2g} in a weight"
 
 
 # ------------------------------------------------------------------ FPN and gradual unfreezing

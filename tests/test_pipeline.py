@@ -98,6 +98,35 @@ def test_seeded_training_is_deterministic_and_epochs_differ():
     assert not np.array_equal(first[0], first[1])
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_epoch_variable_makes_each_pass_a_function_of_the_epoch(workers):
+    # What --resume relies on: the pass of epoch k is the same whether it is the dataset's first
+    # iteration (a resumed run) or its k-th (a run without a break), and epochs still differ.
+    import tensorflow as tf
+
+    records = tiny_records(6)
+
+    def one_pass(dataset):
+        return np.concatenate([t.numpy() for _, t in dataset])
+
+    def dataset(epoch):
+        return make_dataset(records, 16, 2, augment=[hflip(p=0.5)], seed=3, workers=workers, epoch=epoch)
+
+    straight_epoch = tf.Variable(0, dtype=tf.int64)
+    straight = dataset(straight_epoch)
+    next(iter(straight))  # Keras' own peek before the first epoch
+    passes = []
+    for epoch in range(3):
+        straight_epoch.assign(epoch)
+        passes.append(one_pass(straight))
+    assert not np.array_equal(passes[0], passes[1]) and not np.array_equal(passes[1], passes[2])
+
+    resumed = dataset(tf.Variable(2, dtype=tf.int64))  # a new dataset whose first pass is epoch 2
+    np.testing.assert_array_equal(one_pass(resumed), passes[2])
+    with pytest.raises(ValueError, match="needs a seed"):
+        make_dataset(records, 16, 2, epoch=straight_epoch)
+
+
 def test_parallel_calls_reuse_augmenter_state():
     # tf.numpy_function drops a native thread's Python state after each call; the Augmenter must
     # still reuse its albumentations pipelines instead of building one per image.

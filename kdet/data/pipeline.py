@@ -50,7 +50,7 @@ def make_dataset(records, image_size, batch_size: int, augment=None, training: b
                  shuffle: bool = True,
                  seed=None, num_parallel_calls=AUTOTUNE, cache_images=False, with_meta=False,
                  min_visibility=DEFAULT_MIN_VISIBILITY, cv2_threads=0, decode="auto", workers=None,
-                 worker_chunksize=8):
+                 worker_chunksize=8, epoch=None):
     """A batched ``tf.data.Dataset`` of ``(images, targets)`` (plus ``meta`` when ``with_meta``).
 
     Args:
@@ -80,6 +80,11 @@ def make_dataset(records, image_size, batch_size: int, augment=None, training: b
         ``num_parallel_calls`` does not apply to them; a worker gets up to
         ``worker_chunksize`` elements (of one batch) at a time; ``cache_images``
         then caches in each worker (memory times ``workers``).
+        ``epoch``: a ``tf.Variable`` (int64) holding the epoch about to start (the engine's
+        ``PassEpoch`` callback sets it): each training pass's order and augmentation then come
+        from ``(seed, epoch)`` instead of from how often the dataset has been iterated, so a
+        run resumed at epoch ``k`` sees exactly the passes of a run without a break (Keras
+        itself iterates once to build the model). Needs a ``seed``.
 
     Returns:
         a ``tf.data.Dataset`` of ``(images uint8 [B, H, W, 3], targets float32 [B, max_boxes, 6])``
@@ -98,6 +103,8 @@ def make_dataset(records, image_size, batch_size: int, augment=None, training: b
         ([0.125, 0.25, 0.375, 0.5, 0.0, 0.0], [80, 80])
     """
     records = _as_records(records)
+    if epoch is not None and seed is None:
+        raise ValueError("make_dataset(epoch=...) needs a seed: the passes are drawn from (seed, epoch)")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if cv2_threads is not None:
@@ -134,11 +141,11 @@ def make_dataset(records, image_size, batch_size: int, augment=None, training: b
 
     if workers:
         dataset = _process_batches(sampler, len(records), batch_size, training, shuffle, seed, cv2_threads, workers,
-                                   worker_chunksize)
+                                   worker_chunksize, epoch)
         dataset = dataset.map(with_meta_of)
         return dataset.prefetch(AUTOTUNE)
 
-    indices = _element_indices(len(records), training, shuffle, seed, seed_base)
+    indices = _element_indices(len(records), training, shuffle, seed, seed_base, epoch)
     deterministic = True if (seed is not None or not training) else None
     if in_graph:
         dataset = _decoded_in_graph(indices, sampler, records, with_meta_of, num_parallel_calls, deterministic)
@@ -381,23 +388,27 @@ def _warn_too_many_boxes(records, max_boxes):
             f"only the first {max_boxes} of each are used as targets", stacklevel=3)
 
 
-def _element_indices(count, training, shuffle, seed, seed_base):
+def _element_indices(count, training, shuffle, seed, seed_base, epoch=None):
     """``(pass_key, index)`` pairs: one pass over the records, shuffled anew each pass."""
     return _passes(count, training, shuffle, seed, seed_base,
-                   lambda key, order: tf.data.Dataset.from_tensor_slices(order).map(lambda i: (key, i)))
+                   lambda key, order: tf.data.Dataset.from_tensor_slices(order).map(lambda i: (key, i)), epoch)
 
 
-def _passes(count, training, shuffle, seed, seed_base, one_pass):
+def _passes(count, training, shuffle, seed, seed_base, one_pass, epoch=None):
     """``one_pass(key, order)`` flat-mapped over one pass key per iteration.
 
     Training: the key is a seeded random number drawn anew each time the dataset
-    is iterated, and ``order`` the records' indices shuffled by ``(seed, key)``.
+    is iterated, or, with an ``epoch`` variable, drawn from ``(seed, epoch)`` when the
+    pass starts; ``order`` is the records' indices shuffled by ``(seed, key)``.
     Evaluation: key 0, indices in order.
     """
     if not training:
         return tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).flat_map(
             lambda key: one_pass(key, tf.range(count, dtype=tf.int64)))
-    keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1)
+    if epoch is None:
+        keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1)
+    else:  # read when the pass starts, after the epoch's on_epoch_begin
+        keys = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).map(lambda _: _pass_key(seed, epoch))
 
     def shuffled(key):
         order = tf.range(count, dtype=tf.int64)
@@ -423,7 +434,14 @@ def _auto_workers(training, augmenter, decode):
     return min(cpus, 4) if cpus >= MIN_CPUS_FOR_WORKERS else 0
 
 
-def _process_batches(sampler, count, batch_size, training, shuffle, seed, cv2_threads, workers, chunksize):
+def _pass_key(seed, epoch):
+    """A non-negative int64 key for the pass of ``epoch`` (a variable), stateless in ``(seed, epoch)``."""
+    pair = tf.stack([tf.constant(int(seed), tf.int64), tf.cast(epoch.read_value(), tf.int64)])
+    return tf.random.stateless_uniform([], seed=pair, minval=0, maxval=2 ** 62, dtype=tf.int64)
+
+
+def _process_batches(sampler, count, batch_size, training, shuffle, seed, cv2_threads, workers, chunksize,
+                     epoch=None):
     """Batches ``(images uint8, targets, original_hw, index)`` computed by ``workers`` processes, in order.
 
     The same elements as the in-thread path: pass keys and orders come from the
@@ -450,7 +468,7 @@ def _process_batches(sampler, count, batch_size, training, shuffle, seed, cv2_th
         pass_id = tf.numpy_function(feeder.start, [key, order], tf.int64, stateful=True)
         return tf.data.Dataset.range(batches).map(lambda b: fetch(pass_id, b))
 
-    return _passes(count, training, shuffle, seed, sampler.seed_base, one_pass)
+    return _passes(count, training, shuffle, seed, sampler.seed_base, one_pass, epoch)
 
 
 class _Feeder:

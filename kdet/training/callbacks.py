@@ -217,6 +217,17 @@ def save_model_atomic(model, path):
     atomic_write(path, model.save, suffix=".keras")   # keras wants the .keras suffix on the temp file
 
 
+class PassEpoch(keras.callbacks.Callback):
+    """Sets ``variable`` to the epoch about to start (``make_dataset(epoch=variable)`` draws its pass from it)."""
+
+    def __init__(self, variable):
+        super().__init__()
+        self.variable = variable
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.variable.assign(epoch)
+
+
 class Checkpoints(keras.callbacks.Callback):
     """``last.keras`` every epoch, ``best.keras`` when ``monitor`` improves, then ``state.json``; all atomic.
 
