@@ -330,7 +330,7 @@ def plot_error_gallery(gts, dets, class_names, image_paths, path, score_threshol
     fig.legend(handles=[Line2D([], [], color="lime", lw=2, label="ground truth"),
                         Line2D([], [], color="red", lw=1.5, ls="--", label=f"prediction (score >= {score_threshold:.2f})")],
                loc="lower center", ncol=2, fontsize=9)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.06, 1, 0.96))   # room for the titles and the legend
     fig.savefig(path)
     plt.close(fig)
     return path
