@@ -41,7 +41,9 @@ STARTUP_NOISE = re.compile("|".join([
 ]))
 
 
-_defaulted = []   # non-empty once this process set TF_CPP_MIN_LOG_LEVEL itself
+# Set beside TF_CPP_MIN_LOG_LEVEL when kdet chose that level, so that child processes (which inherit
+# both) do not mistake kdet's default for the user's own setting.
+DEFAULTED_BY_KDET = "KDET_DEFAULTED_TF_LOG_LEVEL"
 
 
 class ToolError(Exception):
@@ -69,10 +71,10 @@ def error_line(err):
 
 def quiet_tensorflow_logs():
     """Default ``TF_CPP_MIN_LOG_LEVEL`` to 2 (before TensorFlow is imported); True when kdet may filter."""
-    if "TF_CPP_MIN_LOG_LEVEL" in os.environ and not _defaulted:
+    if "TF_CPP_MIN_LOG_LEVEL" in os.environ and DEFAULTED_BY_KDET not in os.environ:
         return False
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    _defaulted.append(True)
+    os.environ[DEFAULTED_BY_KDET] = "1"
     return True
 
 

@@ -138,6 +138,7 @@ def fixed_scene():
             boxes.append(b), classes.append(int(rng.integers(3))), difficult.append(k == 2 and i % 2 == 0)
             jitter = rng.normal(0, 2.0, 4) if rng.random() < 0.7 else rng.normal(0, 8.0, 4)
             found = np.clip(np.array(b) + jitter, 0, [FIXED_W, FIXED_H] * 2)
+            found = np.r_[np.minimum(found[:2], found[2:]), np.maximum(found[:2], found[2:])]  # a valid box
             label = classes[-1] if rng.random() < 0.85 else (classes[-1] + 1) % 3
             # difficult objects are found first (score 0.99): whether they are ignored decides the AP
             dets.append((found, 0.99 - 0.001 * i if difficult[-1] else float(rng.uniform(0.2, 0.95)), label))

@@ -125,6 +125,7 @@ def test_epoch_variable_makes_each_pass_a_function_of_the_epoch(workers):
     np.testing.assert_array_equal(one_pass(resumed), passes[2])
     with pytest.raises(ValueError, match="needs a seed"):
         make_dataset(records, 16, 2, epoch=straight_epoch)
+    close_worker_pools()  # other tests count the pools they start
 
 
 def test_parallel_calls_reuse_augmenter_state():

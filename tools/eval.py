@@ -13,12 +13,13 @@ naming the file and the detection, exit status 2.
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kdet.cli import tool_main  # noqa: E402
-from kdet.metrics.coco import coco_evaluate, format_outcomes, format_per_class, format_summary, match_records  # noqa: E402
+from kdet.metrics.coco import CocoIdWarning, coco_evaluate, format_outcomes, format_per_class, format_summary, match_records  # noqa: E402
 
 
 @tool_main(needs_tensorflow=False)
@@ -41,7 +42,10 @@ def main(argv=None):
     print()
     print(format_per_class(result["per_class"]))
     print()
-    print(format_outcomes(match_records(args.gt, args.dets), iou=0.5))  # why the false positives are false
+    with warnings.catch_warnings():  # coco_evaluate has already warned about these inputs
+        warnings.simplefilter("ignore", CocoIdWarning)
+        records = match_records(args.gt, args.dets)
+    print(format_outcomes(records, iou=0.5))  # why the false positives are false
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
