@@ -29,6 +29,7 @@ recipe = dict(
         repeat_factor_threshold=None,  # e.g. 0.3: images with classes in < 30% of images repeat (LVIS)
         cache_images=False,          # True: keep decoded images in memory after the first epoch
         workers=None,                # input worker processes; None: 0 below 4 CPUs, else min(CPUs, 4)
+        find_label_issues=False,     # True: the run report adds a label review (K extra trainings: tools/find_label_issues.py)
     ),
     loss=dict(
         class_weights=None,          # None | list | {name: weight} | "auto" (effective number)

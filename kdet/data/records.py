@@ -26,6 +26,8 @@ class Record:
     iscrowd: np.ndarray = field(default_factory=lambda: np.zeros((0,), bool))
     area: Optional[np.ndarray] = None
     image: Optional[Union[np.ndarray, bytes]] = None  # uint8 HxWx3 or encoded bytes, for sources without files
+    annotation_path: Optional[str] = None  # the annotation file (VOC XML, COCO json), for messages and label review
+    object_index: Optional[np.ndarray] = None  # [N] each box's 0-based index in that file's order (loaders may skip some)
 
     def __post_init__(self):
         self.boxes = np.asarray(self.boxes, np.float32).reshape(-1, 4)
@@ -35,6 +37,8 @@ class Record:
         self.iscrowd = _flags(self.iscrowd, n)
         if self.area is not None:
             self.area = np.asarray(self.area, np.float32).reshape(n)
+        if self.object_index is not None:
+            self.object_index = np.asarray(self.object_index, np.int64).reshape(n)
 
     @property
     def ignore(self):

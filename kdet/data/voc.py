@@ -144,7 +144,7 @@ class VOCSource(Source):
         )
 
     def _to_record(self, image, class_ids):
-        boxes, classes, difficult = [], [], []
+        boxes, classes, difficult, index = [], [], [], []
         for k, obj in enumerate(image.objects):
             try:
                 box = self._check_object(image, obj, k, class_ids)
@@ -156,6 +156,7 @@ class VOCSource(Source):
             boxes.append(box)
             classes.append(class_ids[obj.name])
             difficult.append(obj.difficult)
+            index.append(k)
         return Record(
             image_id=image.image_id,
             image_path=str(image.image_path),
@@ -165,6 +166,8 @@ class VOCSource(Source):
             classes=classes,
             difficult=difficult,
             iscrowd=np.zeros(len(boxes), bool),
+            annotation_path=str(image.xml_path),
+            object_index=np.asarray(index, np.int64),
         )
 
     def _check_object(self, image, obj, k, class_ids):
