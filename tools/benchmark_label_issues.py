@@ -147,8 +147,13 @@ def format_recall(label, result):
 
 
 # ------------------------------------------------------------------ cleanlab on the same predictions
-def cleanlab_entries(records, predictions, class_names):
-    """cleanlab.object_detection's per-box scores (overlooked / swap / badloc) as entries, lowest quality first."""
+def cleanlab_entries(records, predictions, class_names, high_probability_threshold=None):
+    """cleanlab.object_detection's per-box scores (overlooked / swap / badloc) as entries, lowest quality first.
+
+    Each label gets its worse score of swap / badloc (score = 1 - quality);
+    each predicted box its overlooked score. ``high_probability_threshold``
+    None keeps cleanlab's default (0.95) for overlooked and swap.
+    """
     from cleanlab.object_detection.rank import (compute_badloc_box_scores, compute_overlooked_box_scores,
                                                 compute_swap_box_scores)
 
@@ -164,8 +169,9 @@ def cleanlab_entries(records, predictions, class_names):
             per_class.append(np.concatenate([np.asarray(pred["boxes"], np.float32)[keep],
                                              np.asarray(pred["scores"], np.float32)[keep, None]], 1).reshape(-1, 5))
         preds.append(_object_array(per_class))
-    overlooked = compute_overlooked_box_scores(labels=labels, predictions=preds)
-    swap = compute_swap_box_scores(labels=labels, predictions=preds)
+    overlooked = compute_overlooked_box_scores(labels=labels, predictions=preds,
+                                               high_probability_threshold=high_probability_threshold)
+    swap = compute_swap_box_scores(labels=labels, predictions=preds, high_probability_threshold=high_probability_threshold)
     badloc = compute_badloc_box_scores(labels=labels, predictions=preds)
     entries = []
     for n, record in enumerate(records):
@@ -244,11 +250,13 @@ def main(argv=None):
         return 0
     _, class_names, records = li.training_data(recipe)
     predictions = li.load_predictions(predictions_file, records)
-    started = time.time()
-    ranked = cleanlab_entries(records, predictions, class_names)
-    print(f"\ncleanlab.object_detection per-box scores ({time.time() - started:.1f} s), same predictions:")
-    for label, cut in (("top N", len(injected)), ("top 2N", top)):
-        print(format_recall(f"cleanlab recall, {label}", recall_at(ranked, injected, cut)))
+    for threshold in (None, 0.5):
+        started = time.time()
+        ranked = cleanlab_entries(records, predictions, class_names, high_probability_threshold=threshold)
+        print(f"\ncleanlab.object_detection per-box scores, high_probability_threshold "
+              f"{threshold or 'default (0.95)'} ({time.time() - started:.1f} s), same predictions:")
+        for label, cut in (("top N", len(injected)), ("top 2N", top)):
+            print(format_recall(f"cleanlab recall, {label}", recall_at(ranked, injected, cut)))
     return 0
 
 

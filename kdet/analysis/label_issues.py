@@ -276,14 +276,18 @@ def score_image(record, pred, class_names, recall=None, match_iou=MATCH_IOU, loo
             kinds["bad_box"] = (det_scores[j] * (1 - support), dict(suggested_box=det_boxes[j]), j)
         about_i = (iou[i] >= loose_iou) & (~owned_by_other | matched[i])
         seen = np.max(np.where(about_i, scores[i], 0.0), initial=0.0)
-        kinds["spurious"] = ((1 - seen) * recall[classes[i]], {}, None)
+        seen_j = int(np.argmax(np.where(about_i, scores[i], -1))) if seen > 0 else None
+        kinds["spurious"] = ((1 - seen) * recall[classes[i]], {}, seen_j)
         issue = max(kinds, key=lambda k: kinds[k][0])
         score, suggested, j = kinds[issue]
         if score < min_score:
             continue
         if issue == "bad_box":
             suggestion_of[j] = iou[i, j]
-        detail = dict(detection=None if j is None else j, support=float(support), seen=float(seen))
+        detail = dict(support=float(support), seen=float(seen))
+        if j is not None:
+            detail.update(det_box=det_boxes[j].tolist(), det_class=class_names[det_classes[j]],
+                          det_score=float(det_scores[j]))
         entries.append(_entry(record, file, index[i], boxes[i], classes[i], issue, score, class_names, detail,
                               **suggested))
     entries += _missing(record, file, boxes, iou, det_boxes, det_scores, det_classes, suggestion_of,
@@ -302,13 +306,16 @@ def _missing(record, file, boxes, iou, det_boxes, det_scores, det_classes, sugge
         score = det_scores[j] * (1 - best_iou[j])
         if score >= min_score:
             candidates.append(int(j))
-    kept = []
-    for j in candidates:  # already sorted by detection score
-        if all(iou_matrix_np(det_boxes[j:j + 1], det_boxes[k:k + 1])[0, 0] < match_iou for k in kept):
-            kept.append(j)
+    kept = []  # positions in candidates
+    overlap = iou_matrix_np(det_boxes[candidates], det_boxes[candidates]) if candidates else None
+    for n in range(len(candidates)):  # already sorted by detection score: greedy class-agnostic NMS
+        if not kept or overlap[n, kept].max() < match_iou:
+            kept.append(n)
+    kept = [candidates[n] for n in kept]
     return [_entry(record, file, None, det_boxes[j], det_classes[j], "missing", det_scores[j] * (1 - best_iou[j]),
-                   class_names, dict(detection=j, detection_score=float(det_scores[j]),
-                                     label_iou=float(best_iou[j])))
+                   class_names, dict(detection_score=float(det_scores[j]), label_iou=float(best_iou[j]),
+                                     det_box=det_boxes[j].tolist(), det_class=class_names[det_classes[j]],
+                                     det_score=float(det_scores[j])))
             for j in kept]
 
 
@@ -432,8 +439,14 @@ def summary_text(entries, num_images, num_labels, top=50, header=()):
     return "\n".join(lines)
 
 
-def contact_sheet(entries, records, predictions, path, top=24, columns=6, min_det_score=0.3, thumb=2.1):
-    """The top suspects: each crop with the label (orange) and the models' view (cyan), the reason below."""
+def contact_sheet(entries, records, predictions, path, top=24, columns=6, min_det_score=0.5, thumb=2.1):
+    """The top suspects: each crop with the label (orange) and the models' view (cyan), the reason below.
+
+    Thick orange: the entry's label; thin orange: the image's other labels;
+    thick dashed cyan with its class and score: the detection behind the
+    entry (the suggested box, the other class, the missing object); thin
+    dashed cyan: the other out-of-fold detections with score >= ``min_det_score``.
+    """
     from kdet.data.audit import _pyplot
     from kdet.data.records import load_image
 
@@ -465,26 +478,32 @@ def contact_sheet(entries, records, predictions, path, top=24, columns=6, min_de
         ax.imshow(pixels[y1:y2, x1:x2], extent=(x1, x2, y2, y1))
         ax.set_xlim(x1, x2)
         ax.set_ylim(y2, y1)
+        for b in np.asarray(record.boxes):  # the image's other labels, thin
+            ax.add_patch(Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, edgecolor="orange",
+                                   linewidth=0.6, alpha=0.8))
         if pred is not None:
             for b, s, c in zip(np.asarray(pred["boxes"]), np.asarray(pred["scores"]), np.asarray(pred["classes"])):
                 if s >= min_det_score and c >= 0:
                     ax.add_patch(Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False,
-                                           edgecolor="cyan", linewidth=0.8, linestyle="--"))
-        if "suggested_box" in entry:
-            b = entry["suggested_box"]
-            ax.add_patch(Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, edgecolor="cyan",
-                                   linewidth=1.8))
+                                           edgecolor="cyan", linewidth=0.7, linestyle="--"))
         b = entry["box"]
         colour = "cyan" if entry["issue"] == "missing" else "orange"
         ax.add_patch(Rectangle((b[0], b[1]), max(b[2] - b[0], 1), max(b[3] - b[1], 1), fill=False,
                                edgecolor=colour, linewidth=1.8))
+        detail = entry.get(PRIVATE) or {}
+        if "det_box" in detail:  # the models' detection behind the entry, drawn over the label
+            b = detail["det_box"]
+            ax.add_patch(Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, edgecolor="cyan",
+                                   linewidth=1.4, linestyle=(0, (4, 2))))
+            ax.text(b[0], b[1], f"{detail['det_class']} {detail['det_score']:.2f}", color="cyan", fontsize=5.5,
+                    va="bottom", clip_on=True, bbox=dict(facecolor="black", alpha=0.6, pad=0.6, linewidth=0))
         obj = "" if entry["object"] is None else f" obj {entry['object']}"
         ax.set_title(f"#{n + 1} {entry['issue']} {entry['score']:.2f}\n{str(entry['image_id'])[-18:]}{obj}",
                      fontsize=6.5)
         ax.text(0.5, -0.04, _wrap(describe(entry), 38), transform=ax.transAxes, ha="center", va="top",
                 fontsize=5.5)
-    fig.suptitle("label review: orange = the label, cyan = the models (solid: suggested / detected box, "
-                 f"dashed: detections >= {min_det_score})", fontsize=8)
+    fig.suptitle("label review: orange = labels (thick: this entry's), cyan = the models (thick: the detection "
+                 f"behind the entry, thin: other detections >= {min_det_score})", fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=100)
     plt.close(fig)
