@@ -224,7 +224,7 @@ def test_tool_end_to_end_tiny(tmp_path):
     out = tmp_path / "review"
     env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run([sys.executable, "tools/find_label_issues.py", str(recipe), "--out", str(out), "--folds", "2"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "the 2 folds will take about" in proc.stdout
     rows = json.loads((out / "label_issues.json").read_text())
