@@ -37,7 +37,7 @@ CLASSES = ["RBC", "WBC", "Platelets"]
 # ------------------------------------------------------------------ noise
 def inject_noise(src, dst, rate=0.05, seed=0, split="trainval"):
     """A noisy copy of a VOC folder; returns the list of injected errors."""
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src).resolve(), Path(dst).resolve()  # absolute: entries name absolute files
     if dst.exists():
         shutil.rmtree(dst)
     (dst / "Annotations").mkdir(parents=True)
