@@ -38,17 +38,18 @@ in [0, 1]. The geometric findings of :mod:`kdet.data.audit` join the same list:
 ``degenerate`` and ``out_of_image`` with score 1 (certain), ``duplicate``
 (the later box of a pair) with the pair's IoU.
 
-Why kdet scores the labels itself rather than with ``cleanlab.object_detection``
-(compared on the same predictions by ``tools/benchmark_label_issues.py``):
-cleanlab's per-box scores (overlooked / swap / badloc) have no "box on
-nothing" kind, give no suggested class or box, and count only predictions
-above ``high_probability_threshold`` (0.95 by default), which a model trained
-from scratch on a CPU seldom reaches. On the hand-made cases in
-``tests/test_label_issues.py`` it found only the shifted box; with perfect
-stand-in predictions (every true box at score 0.9) on BCCD with injected
-noise it recalled 47% of the errors in the top 2N (76% at a 0.5 threshold;
-its overlooked score misses objects that touch labelled neighbours) where this
-module recalls 96%. It also pulls in pandas and scikit-learn.
+cleanlab.object_detection (compared on the same predictions by
+``tools/benchmark_label_issues.py``) is not a dependency, and the evidence is
+mixed: it has no "box on nothing" kind and gives no suggested class or box,
+and counts only predictions above ``high_probability_threshold`` (0.95 by
+default). On the hand-made cases of ``tests/test_label_issues.py`` it found
+only the shifted box; with perfect stand-in predictions on BCCD with injected
+noise it recalled 47% of the errors in the top 2N (76% at threshold 0.5)
+against 96% here. But with the out-of-fold predictions of weak models
+(2 folds, 20 epochs from scratch at 224 px, which found almost no RBC or
+Platelets) it recalled 23% against 11% here: its ranking degrades less when
+the models are poor, mainly because this module's ``missing`` entries (the
+models' false positives) filled the top of the list.
 
 Entries (``label_issues.json``): ``file`` (the annotation file, else the image
 file), ``image_id``, ``object`` (0-based index in that file's annotation
