@@ -68,6 +68,7 @@ def default_recipe():
             val_fraction=0.2,            # share of the training images in the seeded validation split, when the data has none
             split_seed=0,                # seed of that split
             skip_invalid=False,          # True: drop bad boxes/images with a counted warning instead of stopping
+            find_label_issues=False,     # True: the run report adds a label review (3 extra trainings: tools/find_label_issues.py)
         ),
         loss=dict(
             class_weights=None,          # None | list | {name: weight} | "auto" (effective number)

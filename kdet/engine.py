@@ -487,6 +487,10 @@ def _run_report(model, recipe, work_dir, class_names, test_records, ground_truth
 
     report_after_training(model, recipe, work_dir, class_names, test_records, ground_truth, results,
                           train_records=train_records)
+    from kdet.analysis.label_issues import recipe_wants_label_issues, report_label_issues
+
+    if recipe_wants_label_issues(recipe):  # K extra trainings: only when the recipe asks
+        report_label_issues(recipe, work_dir)
 
 
 def _print_data_summary(records, class_names):

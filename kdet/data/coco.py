@@ -143,17 +143,19 @@ class COCOSource(Source):
         image_path = self.image_dir / file_name
         if self.check_files and not image_path.is_file():
             raise DatasetError(f"{where}: image file not found: {image_path}", reason="missing file")
-        objects = []
-        for ann in annotations:
+        objects, index = [], []
+        for k, ann in enumerate(annotations):  # k: the annotation's place among this image's, in file order
             try:
                 objects.append(self._check_annotation(ann, width, height, class_of_category, where))
+                index.append(k)
             except DatasetError as err:
                 if not self.skip_invalid:
                     raise
                 self._skip_box(err.reason)
         boxes, classes, difficult, iscrowd, area = zip(*objects) if objects else ([], [], [], [], [])
         return Record(image_id, str(image_path), width, height, np.reshape(boxes, (-1, 4)), classes,
-                      difficult, iscrowd, np.asarray(area, np.float32))
+                      difficult, iscrowd, np.asarray(area, np.float32),
+                      annotation_path=str(self.annotation_file), object_index=np.asarray(index, np.int64))
 
     def _check_annotation(self, ann, width, height, class_of_category, where):
         where = f"{where}, annotation {ann.get('id')!r}"

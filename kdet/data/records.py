@@ -29,6 +29,8 @@ class Record:
     # EXIF orientation (1-8) of the stored pixels, set by the load-time image check
     # (kdet.data.image_check); None: not checked, decoders read it from the file.
     orientation: Optional[int] = None
+    annotation_path: Optional[str] = None  # the annotation file (VOC XML, COCO json), for messages and label review
+    object_index: Optional[np.ndarray] = None  # [N] each box's 0-based index in that file's order (loaders may skip some)
 
     def __post_init__(self):
         self.boxes = np.asarray(self.boxes, np.float32).reshape(-1, 4)
@@ -38,6 +40,8 @@ class Record:
         self.iscrowd = _flags(self.iscrowd, n)
         if self.area is not None:
             self.area = np.asarray(self.area, np.float32).reshape(n)
+        if self.object_index is not None:
+            self.object_index = np.asarray(self.object_index, np.int64).reshape(n)
 
     @property
     def ignore(self):

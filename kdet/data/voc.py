@@ -148,7 +148,7 @@ class VOCSource(Source):
         return self.root / "Annotations" / f"{record.image_id}.xml"
 
     def _to_record(self, image, class_ids):
-        boxes, classes, difficult = [], [], []
+        boxes, classes, difficult, index = [], [], [], []
         for k, obj in enumerate(image.objects):
             try:
                 box = self._check_object(image, obj, k, class_ids)
@@ -160,6 +160,7 @@ class VOCSource(Source):
             boxes.append(box)
             classes.append(class_ids[obj.name])
             difficult.append(obj.difficult)
+            index.append(k)
         return Record(
             image_id=image.image_id,
             image_path=str(image.image_path),
@@ -170,6 +171,8 @@ class VOCSource(Source):
             difficult=difficult,
             iscrowd=np.zeros(len(boxes), bool),
             orientation=image.orientation,
+            annotation_path=str(image.xml_path),
+            object_index=np.asarray(index, np.int64),
         )
 
     def _check_object(self, image, obj, k, class_ids):
