@@ -37,6 +37,7 @@ def run_tool(name, *args, timeout=900):
     import sys
 
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # some test modules set it for this process; a user's shell has not
     return subprocess.run([sys.executable, str(REPO / "tools" / f"{name}.py"), *map(str, args)], cwd=str(REPO),
                           env=env, capture_output=True, text=True, timeout=timeout)
 
