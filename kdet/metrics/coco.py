@@ -395,23 +395,14 @@ def _match_all(arr, params=DEFAULT_PARAMS):
     gt_index = np.full((n_det, T, A), -1, np.int64)
     matched_ignored = np.zeros((n_det, T, A), bool)
 
-    d_keys, d_start, d_count = _runs(arr.det_image * K + arr.det_class)
-    g_keys, g_start, g_count = _runs(arr.gt_image * K + arr.gt_class)
-    _, di, gi = np.intersect1d(d_keys, g_keys, assume_unique=True, return_indices=True)
-    d_start, d_count, g_start, g_count = d_start[di], d_count[di], g_start[gi], g_count[gi]
-    # bucket groups by padded size (powers of two) to keep padding small
-    d_pad = 2 ** np.ceil(np.log2(d_count)).astype(int)
-    g_pad = 2 ** np.ceil(np.log2(g_count)).astype(int)
-    for dp, gp in set(zip(d_pad.tolist(), g_pad.tolist())):
-        sel = np.flatnonzero((d_pad == dp) & (g_pad == gp))
-        d_idx, d_valid = _padded_index(d_start[sel], d_count[sel], dp)
-        g_idx, g_valid = _padded_index(g_start[sel], g_count[sel], gp)
+    for d_idx, d_valid, g_idx, g_valid in _padded_groups(arr.det_image * K + arr.det_class,
+                                                         arr.gt_image * K + arr.gt_class):
         crowd = arr.gt_crowd[g_idx] & g_valid
         with np.errstate(divide="ignore", invalid="ignore"):
             ious = iou_xywh(arr.det_xywh[d_idx], arr.gt_xywh[g_idx], crowd)
         _, mi, m = greedy_match(ious, g_valid, crowd, np.moveaxis(gt_ignore[g_idx], -1, 1), d_valid,
                                 params.thresholds, return_index=True)
-        rows = np.arange(len(sel))[:, None, None, None]
+        rows = np.arange(len(d_idx))[:, None, None, None]
         global_m = np.where(m >= 0, g_idx[rows, np.maximum(m, 0)], -1)               # [P, D, T, A]
         gt_index[d_idx[d_valid]] = global_m[d_valid]
         matched_ignored[d_idx[d_valid]] = mi[d_valid]
@@ -422,6 +413,25 @@ def _match_all(arr, params=DEFAULT_PARAMS):
     np.add.at(npig, arr.gt_class, (~gt_ignore).astype(np.int64))
     return _Matches(gt_index=gt_index, ignored=det_ignored, tp=matched & ~det_ignored,
                     fp=~matched & ~det_ignored, gt_ignore=gt_ignore, npig=npig)
+
+
+def _padded_groups(det_keys, gt_keys):
+    """Detections and ground truths grouped by a shared sorted key, as padded index blocks.
+
+    Yields ``(d_idx, d_valid, g_idx, g_valid)`` per block of groups with the same padded
+    sizes (powers of two, to keep padding small); only keys present on both sides.
+    """
+    d_keys, d_start, d_count = _runs(det_keys)
+    g_keys, g_start, g_count = _runs(gt_keys)
+    _, di, gi = np.intersect1d(d_keys, g_keys, assume_unique=True, return_indices=True)
+    d_start, d_count, g_start, g_count = d_start[di], d_count[di], g_start[gi], g_count[gi]
+    d_pad = 2 ** np.ceil(np.log2(d_count)).astype(int)
+    g_pad = 2 ** np.ceil(np.log2(g_count)).astype(int)
+    for dp, gp in set(zip(d_pad.tolist(), g_pad.tolist())):
+        sel = np.flatnonzero((d_pad == dp) & (g_pad == gp))
+        d_idx, d_valid = _padded_index(d_start[sel], d_count[sel], dp)
+        g_idx, g_valid = _padded_index(g_start[sel], g_count[sel], gp)
+        yield d_idx, d_valid, g_idx, g_valid
 
 
 def _padded_index(start, count, size):
@@ -671,16 +681,7 @@ def _best_overlaps(arr):
     """Per detection: the best IoU with a non-crowd ground truth of its class / of another class, [D] each."""
     n_det = len(arr.det_score)
     best_same, best_other = np.zeros(n_det), np.zeros(n_det)
-    d_keys, d_start, d_count = _runs(arr.det_image)
-    g_keys, g_start, g_count = _runs(arr.gt_image)
-    _, di, gi = np.intersect1d(d_keys, g_keys, assume_unique=True, return_indices=True)
-    d_start, d_count, g_start, g_count = d_start[di], d_count[di], g_start[gi], g_count[gi]
-    d_pad = 2 ** np.ceil(np.log2(d_count)).astype(int)
-    g_pad = 2 ** np.ceil(np.log2(g_count)).astype(int)
-    for dp, gp in set(zip(d_pad.tolist(), g_pad.tolist())):
-        sel = np.flatnonzero((d_pad == dp) & (g_pad == gp))
-        d_idx, d_valid = _padded_index(d_start[sel], d_count[sel], dp)
-        g_idx, g_valid = _padded_index(g_start[sel], g_count[sel], gp)
+    for d_idx, d_valid, g_idx, g_valid in _padded_groups(arr.det_image, arr.gt_image):
         with np.errstate(divide="ignore", invalid="ignore"):
             ious = iou_xywh(arr.det_xywh[d_idx], arr.gt_xywh[g_idx], np.zeros(g_idx.shape, bool))
         usable = (g_valid & ~arr.gt_crowd[g_idx])[:, None, :]
