@@ -117,7 +117,7 @@ class _filtered_stderr:
         return False
 
 
-def load_keras_model(path):
+def load_keras_model(path, compile=True):
     """A ``.keras`` file through kdet's loader (kdet's classes registered); a bad file is a `ToolError` naming it."""
     if not os.path.exists(path):
         raise ToolError(f"{path}: no such model file")
@@ -131,7 +131,7 @@ def load_keras_model(path):
     from kdet.models.ssd import load_model
 
     try:
-        return load_model(path)
+        return load_model(path, compile=compile)
     except Exception as err:  # any failure to load means the file is unusable; say which file
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise ToolError(f"{path}: cannot load the model ({type(err).__name__}: {reason}); "

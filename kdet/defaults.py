@@ -43,7 +43,11 @@ def default_recipe():
             image_size=300,
             width_multiplier=1.0,        # < 1 scales every conv of the backbone and extras
             backbone_weights="imagenet", # None trains from scratch (offline machines); "auto": ImageNet when the
-                                         # weights can be fetched (then the `pretrained` section applies), else None
+                                         # weights can be fetched (then the `pretrained` section applies), else None;
+                                         # or the path of a keras.applications weight file (e.g. ..._notop.h5)
+            init_from=None,              # a kdet .keras model to start from: layers whose name and shapes match
+                                         # load (class heads only with the same class count); backbone_weights is
+                                         # then not used; --resume wins over it
             anchor_scales=None,          # None: 0.1 for conv4_3, then 0.2..0.9 (SSD paper); "auto": k-means
                                          # (1 - IoU) on the training boxes at the start of training, saved
                                          # as numbers in the model config (reload and export reuse them)

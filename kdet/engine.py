@@ -81,18 +81,33 @@ def _image_size(recipe):
 
 # ------------------------------------------------------------------ model, loss, optimizer
 def build_model(recipe, class_names):
-    """The recipe's detector, a ``kdet.models.ssd.SSD`` (a ``keras.Model``)."""
+    """The recipe's detector, a ``kdet.models.ssd.SSD`` (a ``keras.Model``).
+
+    With ``model.init_from`` it starts from that kdet model's matching layers (kdet.models.transfer).
+    """
     from kdet.analysis.anchors import wants_auto_anchors
+    from kdet.models.backbones import WeightsFileError
     from kdet.models.ssd import SSD
+    from kdet.models.transfer import InitFromError, init_from_checkpoint
 
     recipe = resolve_backbone_weights(recipe, class_names)
     if wants_auto_anchors(recipe["model"]):
         raise RecipeError("model.anchor_scales / aspect_ratios = 'auto' must be fitted to the training boxes "
                           "first: kdet.analysis.anchors.resolve_auto_anchors (engine.train does it)")
     try:
-        return SSD(num_classes=len(class_names), **recipe["model"])
+        model = SSD(num_classes=len(class_names), **_ssd_arguments(recipe["model"]))
+        if recipe["model"].get("init_from"):
+            init_from_checkpoint(model, recipe["model"]["init_from"])
+        return model
     except TypeError as err:
         raise RecipeError(f"bad model section in the recipe: {err}") from err
+    except (WeightsFileError, InitFromError) as err:
+        raise RecipeError(str(err)) from err
+
+
+def _ssd_arguments(model_section):
+    """The recipe's model section less the keys the engine handles (``init_from``)."""
+    return {key: value for key, value in model_section.items() if key != "init_from"}
 
 
 def resolve_backbone_weights(recipe, class_names):
@@ -107,12 +122,17 @@ def resolve_backbone_weights(recipe, class_names):
     from kdet.models.backbones import WeightsDownloadError
     from kdet.models.ssd import SSD
 
-    if recipe["model"].get("backbone_weights") != "auto":
+    weights = recipe["model"].get("backbone_weights")
+    if recipe["model"].get("init_from") and weights is not None:
+        print(f"model.init_from is set: model.backbone_weights={weights!r} is not used (the checkpoint's weights "
+              "replace it)")
+        return merge(recipe, dict(model=dict(backbone_weights=None)))
+    if weights != "auto":
         return recipe
     pretrained = merge(recipe, recipe.get("pretrained") or {})
     pretrained["model"]["backbone_weights"] = "imagenet"
     try:
-        SSD(num_classes=len(class_names), **pretrained["model"])  # fetches (and caches) the weights
+        SSD(num_classes=len(class_names), **_ssd_arguments(pretrained["model"]))  # fetches (and caches) the weights
     except WeightsDownloadError as err:
         scratch = merge(recipe, dict(model=dict(backbone_weights=None)))
         print(f"note: model.backbone_weights='auto': {err}. Training {scratch['model']['backbone']} (width "
@@ -381,6 +401,8 @@ def train(recipe, work_dir, resume=False):
         if resume_point:
             model, initial_epoch = resume_point["model"], resume_point["epochs_done"]
             print(f"resuming from {os.path.join(work_dir, 'last.keras')} after epoch {initial_epoch}")
+            if recipe["model"].get("init_from"):
+                print("--resume wins: model.init_from is not applied (the checkpoint holds the run's weights)")
         else:
             if resume:
                 print(f"--resume: no checkpoint in {work_dir}, starting from scratch")

@@ -6,9 +6,19 @@ and returns ``BackboneFeatures``: the source feature maps for the SSD heads
 (input side first), the backbone ``stages`` (lists of layer names, input side
 first, for freezing / gradual unfreezing) and ``pretrained`` (the layers that
 ImageNet weights fill). Every other layer with weights is "new".
+
+``weights`` is ``None`` (from scratch), ``"imagenet"`` (downloaded by keras.applications)
+or the path of a keras.applications weight file copied from a machine with internet
+(``vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5``, the ResNet50 / MobileNetV2
+``notop`` files, or a ``.weights.h5`` that ``save_weights`` wrote): it is loaded into the
+keras.applications model of the backbone (which checks it layer by layer), then copied
+into kdet's backbone by layer name. A file that does not fit is a `WeightsFileError`,
+one line naming the file and the problem.
 """
 
+import os
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import keras
@@ -21,6 +31,13 @@ MOBILENETV2_IMAGENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 
 class WeightsDownloadError(RuntimeError):
     """ImageNet weights could not be fetched (usually: no internet)."""
+
+
+class WeightsFileError(ValueError):
+    """A backbone weight file that is missing, unreadable or does not fit the backbone; one line."""
+
+
+WEIGHT_FILE_SUFFIXES = (".h5", ".hdf5", ".keras")  # legacy H5 (keras.applications' downloads), .weights.h5, .keras
 
 
 @dataclass
@@ -57,13 +74,104 @@ def _imagenet_layer_weights(application, label, **kwargs):
 def _load_pretrained(layers_by_name, weights_by_name, label):
     for name, layer in layers_by_name.items():
         if name not in weights_by_name:
-            raise ValueError(f"{label}: ImageNet weights have no layer named {name!r}")
+            raise ValueError(f"{label}: the pretrained weights have no layer named {name!r}")
         layer.set_weights(weights_by_name[name])
 
 
+def _is_weight_file(weights):
+    return isinstance(weights, os.PathLike) or (isinstance(weights, str) and weights != "imagenet")
+
+
 def _check_weights(weights, label):
-    if weights not in (None, "imagenet"):
-        raise ValueError(f"{label}: backbone_weights must be None or 'imagenet', got {weights!r}")
+    """A bad value or weight file fails before any layer is built."""
+    if weights is not None and weights != "imagenet" and not _is_weight_file(weights):
+        raise ValueError(f"{label}: backbone_weights must be None, 'imagenet' or the path of a weight file, "
+                         f"got {weights!r}")
+    if _is_weight_file(weights):
+        _check_weight_file(os.fspath(weights), label)
+
+
+def _pretrained_layer_weights(application, label, weights, **kwargs):
+    """``{layer name: weights}`` of the keras.applications trunk: ImageNet's or a weight file's."""
+    if weights == "imagenet":
+        return _imagenet_layer_weights(application, label, **kwargs)
+    return _file_layer_weights(application, label, os.fspath(weights), **kwargs)
+
+
+# ------------------------------------------------------------ weight files
+def _check_weight_file(path, label):
+    """Existence and file type, before Keras reads the file."""
+    if not os.path.exists(path):
+        raise WeightsFileError(f"{path}: no such weight file (backbone_weights is None, 'imagenet', 'auto' or "
+                               f"the path of a keras.applications {label} weight file)")
+    if os.path.isdir(path):
+        raise WeightsFileError(f"{path}: a folder, not a {label} weight file (.h5 / .weights.h5)")
+    if not path.endswith(WEIGHT_FILE_SUFFIXES):
+        raise WeightsFileError(f"{path}: not a Keras weight file (expected a .h5 / .weights.h5 file as "
+                               f"keras.applications downloads, e.g. {_EXAMPLE_FILES.get(label, '')})")
+    if path.endswith(".keras"):
+        if _is_kdet_model(path):
+            raise WeightsFileError(f"{path}: a kdet model, not backbone weights; start from it with "
+                                   "model.init_from (and backbone_weights=None)")
+        return
+    import h5py
+
+    if not h5py.is_hdf5(path):
+        raise WeightsFileError(f"{path}: not an HDF5 weight file (a damaged or incomplete download, or "
+                               "another format)")
+
+
+_EXAMPLE_FILES = {
+    "VGG16": "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "ResNet50": "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "MobileNetV2": "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
+}
+
+
+def _is_kdet_model(path):
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return '"class_name": "SSD"' in archive.read("config.json").decode(errors="replace")
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return False
+
+
+def _file_layer_weights(application, label, path, **kwargs):
+    """``{layer name: weights}`` of the keras.applications trunk loaded from ``path`` (checked by Keras)."""
+    model = application(include_top=False, weights=None, **kwargs)
+    try:
+        with warnings.catch_warnings():  # Keras warns once per layer before it raises
+            warnings.simplefilter("ignore")
+            model.load_weights(path)
+    except Exception as err:  # Keras raises ValueError / OSError / KeyError for files that do not fit
+        reason = " ".join((str(err).strip().splitlines() or [type(err).__name__])[0].split())[:240]
+        described = label + "".join(f" {k}={v}" for k, v in kwargs.items())
+        raise WeightsFileError(f"{path}: does not fit the {described} backbone ({reason})"
+                               f"{_file_hint(path, model)}") from err
+    return {layer.name: layer.get_weights() for layer in model.layers if layer.weights}
+
+
+def _file_hint(path, model):
+    """What a legacy H5 file holds instead, when its layer names tell (a classifier top, another network)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            group = f["model_weights"] if "layer_names" not in f.attrs and "model_weights" in f else f
+            names = [n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs.get("layer_names", [])]
+            names = [n for n in names if len(group[n].attrs.get("weight_names", []))]
+    except (OSError, KeyError, TypeError):
+        return ""
+    if not names:
+        return ""
+    if "predictions" in names:
+        return "; the file includes the classifier top: use the notop file"
+    expected = [layer.name for layer in model.layers if layer.weights]
+    if names[0] != expected[0]:
+        return f"; the file's layers start {names[:3]}, this backbone's {expected[:3]}: weights of another network?"
+    return ""
 
 
 # -------------------------------------------------------------- SSD VGG16 base
@@ -110,7 +218,13 @@ def vgg16_ssd(images, width_multiplier=1.0, weights=None, batch_norm=False):
     there are no ImageNet weights for it.
     """
     label = "VGG16-BN" if batch_norm else "VGG16"
-    _check_weights(weights, label)
+    _check_weights(weights, "VGG16")
+    if _is_weight_file(weights) and batch_norm:
+        raise WeightsFileError(f"{os.fspath(weights)}: backbone 'vgg16_bn' (VGG16-BN) has no keras.applications "
+                               "weights: use backbone 'vgg16' with this file, or model.init_from for a kdet model")
+    if _is_weight_file(weights) and width_multiplier != 1.0:
+        raise WeightsFileError(f"{os.fspath(weights)}: keras.applications VGG16 weights need "
+                               f"width_multiplier=1.0, got {width_multiplier}")
     if weights == "imagenet" and batch_norm:
         raise ValueError(f"{label}: no ImageNet weights for the batch-norm variant; use backbone_weights=None")
     if weights == "imagenet" and width_multiplier != 1.0:
@@ -168,9 +282,9 @@ def vgg16_ssd(images, width_multiplier=1.0, weights=None, batch_norm=False):
             x = conv(filters, kernel, f"conv{index}_2")(x)
         sources.append(x)
 
-    if weights == "imagenet":
+    if weights is not None:
         _load_pretrained({name: convs[name] for name in pretrained},
-                         _imagenet_layer_weights(keras.applications.VGG16, label), label)
+                         _pretrained_layer_weights(keras.applications.VGG16, "VGG16", weights), label)
     return BackboneFeatures(sources=sources, stages=stages, pretrained=pretrained)
 
 
@@ -242,9 +356,9 @@ def fpn(images, trunk="resnet50", fpn_channels=256, width_multiplier=1.0, weight
         if stage is None:
             raise ValueError(f"{label}: layer {layer.name!r} fits no backbone stage")
         stages[stage].append(layer.name)
-    if weights == "imagenet":
+    if weights is not None:
         with_weights = {layer.name: layer for layer in trunk_layers if layer.weights}
-        _load_pretrained(with_weights, _imagenet_layer_weights(builder, label, **kwargs), label)
+        _load_pretrained(with_weights, _pretrained_layer_weights(builder, label, weights, **kwargs), label)
 
     channels = scaled_filters(fpn_channels, width_multiplier)
     c3, c4, c5 = (trunk_model.get_layer(name).output for name in taps)
