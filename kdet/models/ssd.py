@@ -63,7 +63,9 @@ class SSD(keras.Model):
             training from scratch),
             ``"resnet50_fpn"`` or ``"mobilenetv2_fpn"`` (P3..P7, 5 maps).
         width_multiplier: scales the backbone's convs (see ``backbones``).
-        backbone_weights: ``None`` (from scratch) or ``"imagenet"``.
+        backbone_weights: ``None`` (from scratch), ``"imagenet"`` or the path of a keras.applications
+            weight file for the backbone (e.g. ``vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5``
+            copied from a machine with internet; see ``backbones``).
         anchor_scales: ``num_maps + 1`` scales; default ``ssd_scales(num_maps)``.
         aspect_ratios: per map ratio lists; default ``default_aspect_ratios``.
         clip_anchors: clip anchors to the image.
