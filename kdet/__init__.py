@@ -3,7 +3,7 @@
 Top-level shortcuts (loaded on first use, so ``import kdet.boxes`` stays light):
 
 * ``kdet.load_recipe(path, overrides)`` - a recipe dict from a recipe file
-* ``kdet.build_model(recipe, class_names)`` - the recipe's ``SSD`` keras.Model
+* ``kdet.build_model(recipe, class_names)`` - the recipe's ``SSD`` keras.Model (started from ``model.init_from`` when set)
 * ``kdet.build_loss(recipe, class_names, train_records)`` - its MultiBox loss
 * ``kdet.train(recipe, work_dir)`` - what ``tools/train.py`` runs
 * ``kdet.load_model(path)`` - a saved ``.keras`` model, compiled, with kdet's classes registered
