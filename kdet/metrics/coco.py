@@ -48,6 +48,8 @@ import numbers
 import os
 import warnings
 from dataclasses import dataclass
+from itertools import chain
+from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +192,39 @@ def _check_finite(d_xywh, d_score, dets, det_name):
 
 def _detection_arrays(dets, det_name):
     """``(image ids, category ids, boxes [D, 4], scores)`` of a results list, each entry checked."""
+    try:
+        d_image, d_cat, d_xywh, d_score = _detection_fields(dets)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+        d_image, d_cat, d_xywh, d_score = _checked_detection_fields(dets, det_name)  # names the culprit
+    _check_finite(d_xywh, d_score, dets, det_name)
+    return d_image, d_cat, d_xywh, d_score
+
+
+def _detection_fields(dets):
+    """The fields of well-formed result dicts, read in one pass each without per-row Python code.
+
+    Raises (KeyError, TypeError, ValueError...) on anything else; `_checked_detection_fields`
+    then finds and names the bad entry.
+    """
+    n = len(dets)
+    if n == 0:
+        raise ValueError("no detections")  # the checked path gives the empty arrays
+    ids = []
+    for field in ("image_id", "category_id"):
+        values = np.array(list(map(itemgetter(field), dets)))
+        if values.ndim != 1 or values.dtype.kind not in "iuf":
+            raise ValueError(f"{field} values are not numbers")
+        ids.append(values)
+    boxes = list(map(itemgetter("bbox"), dets))
+    if set(map(len, boxes)) != {4}:
+        raise ValueError("a bbox is not 4 values")
+    xywh = np.fromiter(chain.from_iterable(boxes), np.float64, 4 * n).reshape(n, 4)
+    score = np.fromiter(map(itemgetter("score"), dets), np.float64, n)
+    return ids[0], ids[1], xywh, score
+
+
+def _checked_detection_fields(dets, det_name):
+    """`_detection_fields` row by row: the first missing field or non-number is a `CocoInputError`."""
     d_image = _ids_of(dets, "image_id", det_name, "detection")
     d_cat = _ids_of(dets, "category_id", det_name, "detection")
     for field in ("bbox", "score"):
@@ -204,7 +239,6 @@ def _detection_arrays(dets, det_name):
         raise
     if d_xywh.shape[0] != len(dets):
         _name_bad_entry(dets, det_name)
-    _check_finite(d_xywh, d_score, dets, det_name)
     return d_image, d_cat, d_xywh, d_score
 
 
@@ -260,7 +294,8 @@ def load_coco_arrays(ground_truth, detections, max_dets=MAX_DETS[-1]):
     _check_ids(d_ok_img, image_ids, d_image, "image", det_name, gt_name)
     _check_ids(d_ok_cls, category_ids, d_cat, "category", det_name, gt_name)
     dkeep = np.flatnonzero(d_ok_cls & d_ok_img)
-    dkeep = dkeep[np.lexsort((dkeep, -d_score[dkeep], d_cls[dkeep], d_img[dkeep]))]
+    dkeep = dkeep[np.argsort(-d_score[dkeep], kind="stable")]                 # score, then json order
+    dkeep = dkeep[_stable_argsort(d_img[dkeep] * len(category_ids) + d_cls[dkeep])]  # image, category first
     rank = _rank_in_groups(d_img[dkeep] * len(category_ids) + d_cls[dkeep])
     dkeep, rank = dkeep[rank < max_dets], rank[rank < max_dets]
 
@@ -367,10 +402,70 @@ def _area_ignore(area, params=DEFAULT_PARAMS):
     return (area[:, None] < lo) | (area[:, None] > hi)
 
 
-def _runs(keys):
-    """Unique sorted keys with their start and length."""
-    uniq, start, count = np.unique(keys, return_index=True, return_counts=True)
-    return uniq, start, count
+def _runs(sorted_keys):
+    """Distinct keys of a sorted array with the start and length of each run."""
+    n = len(sorted_keys)
+    start = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]]) if n else np.zeros(0, np.int64)
+    return sorted_keys[start], start, np.diff(np.r_[start, n])
+
+
+@dataclass
+class _SparseMatches:
+    """The matches of `CocoArrays`: one entry per (detection, IoU threshold, area range) that found a ground truth.
+
+    Unlisted (detection, threshold, area) triples are unmatched. Rows index the
+    `CocoArrays` detection and ground-truth arrays.
+    """
+
+    det: np.ndarray          # [E]
+    t: np.ndarray            # [E] threshold index
+    a: np.ndarray            # [E] area-range index
+    gt: np.ndarray           # [E] matched ground truth
+    gt_ignored: np.ndarray   # [E] that ground truth is ignored in area a: the detection is neither TP nor FP
+
+
+def _match_sparse(arr, gt_ignore, params=DEFAULT_PARAMS):
+    """pycocotools' ``evaluateImg`` matching for all images at once, as `_SparseMatches`.
+
+    Only detections with IoU >= the lowest threshold against some ground truth of their
+    image and category can match, and only ground truths some detection reaches can be
+    taken: the greedy step runs on those alone (the others cannot change its choices),
+    which leaves it a few rows per group instead of up to ``max_dets``.
+    """
+    K = len(arr.category_ids)
+    det_key, gt_key = arr.det_image * K + arr.det_class, arr.gt_image * K + arr.gt_class
+    d, g = _group_pairs(det_key, gt_key)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = iou_xywh(arr.det_xywh[d, None], arr.gt_xywh[g, None], arr.gt_crowd[g, None]).reshape(-1)
+    reach = iou >= params.thresholds.min()
+    cand_det, cand_gt = np.unique(d[reach]), np.unique(g[reach])
+    parts = []
+    for d_idx, d_valid, g_idx, g_valid in _padded_groups(det_key[cand_det], gt_key[cand_gt]):
+        d_idx, g_idx = cand_det[d_idx], cand_gt[g_idx]
+        crowd = arr.gt_crowd[g_idx] & g_valid
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ious = iou_xywh(arr.det_xywh[d_idx], arr.gt_xywh[g_idx], crowd)
+        _, mi, m = greedy_match(ious, g_valid, crowd, np.moveaxis(gt_ignore[g_idx], -1, 1), d_valid,
+                                params.thresholds, return_index=True)
+        p, row, t, a = np.nonzero(m >= 0)
+        parts.append((d_idx[p, row], t, a, g_idx[p, m[p, row, t, a]], mi[p, row, t, a]))
+    if not parts:
+        none = np.zeros(0, np.int64)
+        return _SparseMatches(none, none, none, none, np.zeros(0, bool))
+    return _SparseMatches(*(np.concatenate(x) for x in zip(*parts)))
+
+
+def _group_pairs(det_keys, gt_keys):
+    """Every (detection, ground truth) pair with the same key (both sorted): two index arrays."""
+    d_keys, d_start, d_count = _runs(det_keys)
+    g_keys, g_start, g_count = _runs(gt_keys)
+    _, di, gi = np.intersect1d(d_keys, g_keys, assume_unique=True, return_indices=True)
+    d_start, d_count, g_start, g_count = d_start[di], d_count[di], g_start[gi], g_count[gi]
+    n_pairs = d_count * g_count
+    group = np.repeat(np.arange(len(n_pairs)), n_pairs)
+    offset = np.arange(int(n_pairs.sum())) - np.repeat(np.cumsum(n_pairs) - n_pairs, n_pairs)
+    width = g_count[group]
+    return d_start[group] + offset // width, g_start[group] + offset % width
 
 
 @dataclass
@@ -385,34 +480,32 @@ class _Matches:
     npig: np.ndarray          # [K, A] non-ignored ground truths
 
 
-def _match_all(arr, params=DEFAULT_PARAMS):
-    """Match every detection of ``arr`` (pycocotools' ``evaluateImg`` for all images at once)."""
+def _gt_ignore(arr, params):
+    """[G, A]: crowd or annotation area outside the range."""
+    return arr.gt_crowd[:, None] | _area_ignore(arr.gt_area, params)
+
+
+def _npig(arr, gt_ignore):
+    """[K, A]: the non-ignored ground truths of each category."""
     K = len(arr.category_ids)
+    return np.stack([np.bincount(arr.gt_class, ~ig, minlength=K).astype(np.int64) for ig in gt_ignore.T], 1)
+
+
+def _match_all(arr, params=DEFAULT_PARAMS):
+    """Every detection's match as dense [D, T, A] arrays (pycocotools' ``evalImgs``, for the match records)."""
     T, A = len(params.iou_thresholds), len(params.area_ranges)
     n_det = len(arr.det_score)
-    gt_ignore = arr.gt_crowd[:, None] | _area_ignore(arr.gt_area, params)              # [G, A]
-    det_out = _area_ignore(arr.det_xywh[:, 2] * arr.det_xywh[:, 3], params)          # [D, A]
+    gt_ignore = _gt_ignore(arr, params)
+    sm = _match_sparse(arr, gt_ignore, params)
     gt_index = np.full((n_det, T, A), -1, np.int64)
     matched_ignored = np.zeros((n_det, T, A), bool)
-
-    for d_idx, d_valid, g_idx, g_valid in _padded_groups(arr.det_image * K + arr.det_class,
-                                                         arr.gt_image * K + arr.gt_class):
-        crowd = arr.gt_crowd[g_idx] & g_valid
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ious = iou_xywh(arr.det_xywh[d_idx], arr.gt_xywh[g_idx], crowd)
-        _, mi, m = greedy_match(ious, g_valid, crowd, np.moveaxis(gt_ignore[g_idx], -1, 1), d_valid,
-                                params.thresholds, return_index=True)
-        rows = np.arange(len(d_idx))[:, None, None, None]
-        global_m = np.where(m >= 0, g_idx[rows, np.maximum(m, 0)], -1)               # [P, D, T, A]
-        gt_index[d_idx[d_valid]] = global_m[d_valid]
-        matched_ignored[d_idx[d_valid]] = mi[d_valid]
-
+    gt_index[sm.det, sm.t, sm.a] = sm.gt
+    matched_ignored[sm.det, sm.t, sm.a] = sm.gt_ignored
     matched = gt_index >= 0
+    det_out = _area_ignore(arr.det_xywh[:, 2] * arr.det_xywh[:, 3], params)          # [D, A]
     det_ignored = matched_ignored | (~matched & det_out[:, None, :])
-    npig = np.zeros((K, A), np.int64)
-    np.add.at(npig, arr.gt_class, (~gt_ignore).astype(np.int64))
     return _Matches(gt_index=gt_index, ignored=det_ignored, tp=matched & ~det_ignored,
-                    fp=~matched & ~det_ignored, gt_ignore=gt_ignore, npig=npig)
+                    fp=~matched & ~det_ignored, gt_ignore=gt_ignore, npig=_npig(arr, gt_ignore))
 
 
 def _padded_groups(det_keys, gt_keys):
@@ -427,7 +520,7 @@ def _padded_groups(det_keys, gt_keys):
     d_start, d_count, g_start, g_count = d_start[di], d_count[di], g_start[gi], g_count[gi]
     d_pad = 2 ** np.ceil(np.log2(d_count)).astype(int)
     g_pad = 2 ** np.ceil(np.log2(g_count)).astype(int)
-    for dp, gp in set(zip(d_pad.tolist(), g_pad.tolist())):
+    for dp, gp in sorted(set(zip(d_pad.tolist(), g_pad.tolist()))):
         sel = np.flatnonzero((d_pad == dp) & (g_pad == gp))
         d_idx, d_valid = _padded_index(d_start[sel], d_count[sel], dp)
         g_idx, g_valid = _padded_index(g_start[sel], g_count[sel], gp)
@@ -441,42 +534,83 @@ def _padded_index(start, count, size):
 
 
 # ------------------------------------------------------------------ accumulation
-def accumulate(det_class, det_score, det_image, det_rank, tp, fp, npig, params=DEFAULT_PARAMS):
-    """``precision [T,R,K,A,M]`` and ``recall [T,K,A,M]`` as ``COCOeval.accumulate``, vectorised.
+def _stable_argsort(values):
+    """``argsort(kind='stable')``; small non-negative integers go through numpy's radix sort (uint16)."""
+    if values.dtype.kind in "iu" and values.size and 0 <= values.min() and values.max() < 2 ** 16:
+        values = values.astype(np.uint16)
+    return np.argsort(values, kind="stable")
+
+
+def _accumulation_order(arr):
+    """Detection rows by (category, score descending, image, rank): pycocotools' order in ``accumulate``.
+
+    ``arr`` is in (image, category, rank) order, so a stable sort by score, then by
+    category, breaks score ties by image, then rank (pycocotools' mergesort over the
+    per-image lists concatenated in image order).
+    """
+    by_score = np.argsort(-arr.det_score, kind="stable")
+    return by_score[_stable_argsort(arr.det_class[by_score])]
+
+
+def _segment_cumsum(values, starts):
+    """Inclusive running sum of ``values`` restarting at each True of ``starts``."""
+    total = np.cumsum(values)
+    first = np.maximum.accumulate(np.where(starts, np.arange(len(values)), 0))
+    return total - total[first] + values[first]
+
+
+def accumulate_sparse(arr, sm, npig, params=DEFAULT_PARAMS):
+    """``precision [T,R,K,A,M]`` and ``recall [T,K,A,M]`` as ``COCOeval.accumulate``, from `_SparseMatches`.
 
     Equivalent form of pycocotools' loop, exact in float64: at recall point ``r`` the
     interpolated precision is the largest precision at a true positive whose recall is
     ``>= recThr[r]`` (only true positives raise the envelope), 0 if none. Each true
-    positive, with its running counts ``tp`` and ``fp`` (same float ops as pycocotools),
-    falls in bin ``searchsorted(recThrs, tp / npig, 'right')``; a segment max per
-    (column, class, bin) and a suffix max over the bins give all 101 points at once.
+    positive, with its running counts ``tp`` and ``fp`` in its category's score order
+    (same float ops as pycocotools), falls in bin ``searchsorted(recThrs, tp / npig,
+    'right')``; a segment max per (column, class, bin) and a suffix max over the bins
+    give all 101 points at once. The running counts come from the matches alone: an
+    unmatched detection is a false positive unless its box is outside the area range,
+    so ``fp`` = (detections up to here not outside the range, a cumulative count per
+    area range) + (the matched ones' correction: +1 for a TP outside the range, -1 for
+    a match to an ignored ground truth inside it) - ``tp``.
     """
     K, A = npig.shape
     T, R, M = len(params.iou_thresholds), len(RECALL_THRESHOLDS), len(params.max_dets)
     C = T * A  # columns t * A + a
+    n = len(arr.det_score)
     precision = -np.ones((T, R, K, A, M))
     recall = -np.ones((T, K, A, M))
-    order = np.lexsort((det_rank, det_image, -det_score, det_class))
-    cls, rank = det_class[order], det_rank[order]
-    n_rows = len(order)
-    tp = np.ascontiguousarray(tp[order].reshape(n_rows, C).T)                     # [C, N]
-    fp = np.ascontiguousarray(fp[order].reshape(n_rows, C).T)
-    class_start = np.searchsorted(cls, cls, side="left")
+    acc = _accumulation_order(arr)
+    pos = np.empty(n, np.int64)
+    pos[acc] = np.arange(n)
+    cls_sorted = arr.det_class[acc]
+    class_first = np.searchsorted(cls_sorted, np.arange(K), side="left")          # [K]
+    inside = ~_area_ignore(arr.det_xywh[:, 2] * arr.det_xywh[:, 3], params)       # [D, A]
+
+    order = np.argsort((sm.t * A + sm.a) * n + pos[sm.det])   # entries by (column, class, score order)
+    e_det, e_col, e_a = sm.det[order], (sm.t * A + sm.a)[order], sm.a[order]
+    e_tp = ~sm.gt_ignored[order]
+    e_pos, e_cls, e_rank = pos[e_det], arr.det_class[e_det], arr.det_rank[e_det]
+    e_fix = e_tp.astype(np.int64) - inside[e_det, e_a]     # valid as matched - valid as unmatched
+    rank_sorted = arr.det_rank[acc]
     present = npig > 0                                                            # [K, A]
     for m, max_det in enumerate(params.max_dets):
-        kept = (rank < max_det)[None, :]
-        col, pos = np.nonzero(tp & kept)          # true positives, by column then row (-> class)
-        fp_key = np.flatnonzero(fp & kept)        # false positives as col * N + row, sorted
-        group_start = col * n_rows + class_start[pos]
-        # running counts within (column, class) at each true positive
-        first_tp = np.searchsorted(col * n_rows + pos, group_start)
-        c = (np.arange(len(pos)) - first_tp + 1).astype(float)
-        f = (np.searchsorted(fp_key, col * n_rows + pos) - np.searchsorted(fp_key, group_start)).astype(float)
-        k = cls[pos]
-        n = npig[k, col % A]
+        kept = e_rank < max_det
+        col, a, k, p, tp, fix = (x[kept] for x in (e_col, e_a, e_cls, e_pos, e_tp, e_fix))
+        seg = col * K + k
+        starts = np.r_[True, seg[1:] != seg[:-1]] if len(seg) else np.zeros(0, bool)
+        c_all, fix_all = _segment_cumsum(tp.astype(np.int64), starts), _segment_cumsum(fix, starts)
+        # unmatched-style count of valid detections per area range, cumulative in score order
+        valid = (inside[acc] & (rank_sorted < max_det)[:, None]).astype(np.int64)
+        counted = np.concatenate([np.zeros((1, A), np.int64), np.cumsum(valid, axis=0)])   # [n + 1, A]
+        col, a, k, p = col[tp], a[tp], k[tp], p[tp]
+        v = counted[p + 1, a] - counted[class_first[k], a] + fix_all[tp]
+        c = c_all[tp].astype(float)
+        f = (v - c_all[tp]).astype(float)
+        n_gt = npig[k, a]
         with np.errstate(divide="ignore", invalid="ignore"):
             pr = c / (f + c + np.spacing(1))
-            bins = np.searchsorted(RECALL_THRESHOLDS, c / n, side="right")
+            bins = np.searchsorted(RECALL_THRESHOLDS, c / n_gt, side="right")
         table = np.zeros(C * K * (R + 2))
         if len(pr):
             key = (col * K + k) * (R + 2) + bins   # non-decreasing: segments are contiguous
@@ -493,8 +627,8 @@ def accumulate(det_class, det_score, det_image, det_rank, tp, fp, npig, params=D
 
 def evaluate_arrays(arr, params=DEFAULT_PARAMS):
     """``(precision, recall)`` of `CocoArrays` with the numpy engine (``arr`` prepared for ``params``)."""
-    m = _match_all(arr, params)
-    return accumulate(arr.det_class, arr.det_score, arr.det_image, arr.det_rank, m.tp, m.fp, m.npig, params)
+    gt_ignore = _gt_ignore(arr, params)
+    return accumulate_sparse(arr, _match_sparse(arr, gt_ignore, params), _npig(arr, gt_ignore), params)
 
 
 # ------------------------------------------------------------------ entry point
