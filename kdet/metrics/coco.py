@@ -294,7 +294,7 @@ def load_coco_arrays(ground_truth, detections, max_dets=MAX_DETS[-1]):
     _check_ids(d_ok_img, image_ids, d_image, "image", det_name, gt_name)
     _check_ids(d_ok_cls, category_ids, d_cat, "category", det_name, gt_name)
     dkeep = np.flatnonzero(d_ok_cls & d_ok_img)
-    dkeep = dkeep[np.argsort(-d_score[dkeep], kind="stable")]                 # score, then json order
+    dkeep = dkeep[_stable_argsort(-d_score[dkeep])]                          # score, then json order
     dkeep = dkeep[_stable_argsort(d_img[dkeep] * len(category_ids) + d_cls[dkeep])]  # image, category first
     rank = _rank_in_groups(d_img[dkeep] * len(category_ids) + d_cls[dkeep])
     dkeep, rank = dkeep[rank < max_dets], rank[rank < max_dets]
@@ -371,6 +371,10 @@ def greedy_match(ious, gt_valid, gt_crowd, gt_ignore, det_valid, thresholds=DEFA
     P, D, G = ious.shape
     A = gt_ignore.shape[1]
     T = len(thresholds)
+    if G == 1:
+        matched, matched_ignored = _greedy_match_one(ious[..., 0], gt_valid[:, 0], gt_crowd[:, 0],
+                                                     gt_ignore[..., 0], det_valid, thresholds)
+        return (matched, matched_ignored, np.where(matched, 0, -1)) if return_index else (matched, matched_ignored)
     taken = np.zeros((P, T, A, G), bool)
     matched = np.zeros((P, D, T, A), bool)
     matched_ignored = np.zeros((P, D, T, A), bool)
@@ -394,6 +398,17 @@ def greedy_match(ious, gt_valid, gt_crowd, gt_ignore, det_valid, thresholds=DEFA
     if return_index:
         return matched, matched_ignored, index
     return matched, matched_ignored
+
+
+def _greedy_match_one(ious, gt_valid, gt_crowd, gt_ignore, det_valid, thresholds):
+    """`greedy_match` of groups with one ground truth, without the loop: the first detection
+    with IoU >= t takes it (every such detection, when it is a crowd); [P, D, T, A] each."""
+    A = gt_ignore.shape[1]
+    reach = (ious[:, :, None] >= np.asarray(thresholds)) & (det_valid & gt_valid[:, None])[:, :, None]  # [P, D, T]
+    first = reach & (np.cumsum(reach, axis=1) == 1)
+    matched = np.where(gt_crowd[:, None, None], reach, first)
+    matched = np.broadcast_to(matched[..., None], matched.shape + (A,))
+    return matched, matched & gt_ignore[:, None, None, :]
 
 
 def _area_ignore(area, params=DEFAULT_PARAMS):
@@ -535,10 +550,26 @@ def _padded_index(start, count, size):
 
 # ------------------------------------------------------------------ accumulation
 def _stable_argsort(values):
-    """``argsort(kind='stable')``; small non-negative integers go through numpy's radix sort (uint16)."""
-    if values.dtype.kind in "iu" and values.size and 0 <= values.min() and values.max() < 2 ** 16:
-        values = values.astype(np.uint16)
-    return np.argsort(values, kind="stable")
+    """``np.argsort(values, kind="stable")`` of finite values, without the slower timsort.
+
+    Integers spanning < 2**16 take numpy's radix sort; other integers become unique keys
+    ``value * n + position`` (any sort of them is stable); floats are sorted, then equal
+    values put back in input order with the same unique-key trick.
+    """
+    n = len(values)
+    if n < 2:
+        return np.arange(n)
+    if values.dtype.kind in "iub":
+        lo, span = int(values.min()), int(values.max()) - int(values.min()) + 1
+        if span <= 2 ** 16:
+            return np.argsort((values - lo).astype(np.uint16), kind="stable")
+        if span * n < 2 ** 62:
+            return np.argsort((values - lo).astype(np.int64) * n + np.arange(n))
+        return np.argsort(values, kind="stable")
+    order = np.argsort(values)
+    in_order = values[order]
+    run = np.cumsum(np.r_[0, in_order[1:] != in_order[:-1]])
+    return order[np.argsort(run * n + order)]
 
 
 def _accumulation_order(arr):
@@ -548,15 +579,15 @@ def _accumulation_order(arr):
     category, breaks score ties by image, then rank (pycocotools' mergesort over the
     per-image lists concatenated in image order).
     """
-    by_score = np.argsort(-arr.det_score, kind="stable")
+    by_score = _stable_argsort(-arr.det_score)
     return by_score[_stable_argsort(arr.det_class[by_score])]
 
 
 def _segment_cumsum(values, starts):
-    """Inclusive running sum of ``values`` restarting at each True of ``starts``."""
+    """Inclusive running sum of ``values`` restarting at each True of ``starts`` (``starts[0]`` True)."""
     total = np.cumsum(values)
-    first = np.maximum.accumulate(np.where(starts, np.arange(len(values)), 0))
-    return total - total[first] + values[first]
+    first = np.flatnonzero(starts)
+    return total - np.repeat(total[first] - values[first], np.diff(np.r_[first, len(values)]))
 
 
 def accumulate_sparse(arr, sm, npig, params=DEFAULT_PARAMS):
@@ -580,37 +611,37 @@ def accumulate_sparse(arr, sm, npig, params=DEFAULT_PARAMS):
     n = len(arr.det_score)
     precision = -np.ones((T, R, K, A, M))
     recall = -np.ones((T, K, A, M))
+    present = npig > 0                                                            # [K, A]
     acc = _accumulation_order(arr)
     pos = np.empty(n, np.int64)
     pos[acc] = np.arange(n)
-    cls_sorted = arr.det_class[acc]
-    class_first = np.searchsorted(cls_sorted, np.arange(K), side="left")          # [K]
-    inside = ~_area_ignore(arr.det_xywh[:, 2] * arr.det_xywh[:, 3], params)       # [D, A]
+    rank = arr.det_rank[acc]
+    class_first = np.searchsorted(arr.det_class[acc], np.arange(K), side="left")   # [K]
+    area = (arr.det_xywh[:, 2] * arr.det_xywh[:, 3])[acc]
+    inside = np.ascontiguousarray(~_area_ignore(area, params).T)                  # [A, n] in score order
 
-    order = np.argsort((sm.t * A + sm.a) * n + pos[sm.det])   # entries by (column, class, score order)
-    e_det, e_col, e_a = sm.det[order], (sm.t * A + sm.a)[order], sm.a[order]
-    e_tp = ~sm.gt_ignored[order]
-    e_pos, e_cls, e_rank = pos[e_det], arr.det_class[e_det], arr.det_rank[e_det]
-    e_fix = e_tp.astype(np.int64) - inside[e_det, e_a]     # valid as matched - valid as unmatched
-    rank_sorted = arr.det_rank[acc]
-    present = npig > 0                                                            # [K, A]
+    col = sm.t * A + sm.a
+    e_pos = pos[sm.det]
+    order = np.argsort(col * n + e_pos)            # entries by (column, category, score order)
+    e_col, e_a, e_pos = col[order], sm.a[order], e_pos[order]
+    e_cls, e_rank, e_tp = arr.det_class[acc][e_pos], rank[e_pos], ~sm.gt_ignored[order]
+    e_fix = e_tp.astype(np.int64) - inside[e_a, e_pos]   # valid as matched - valid as unmatched
     for m, max_det in enumerate(params.max_dets):
         kept = e_rank < max_det
         col, a, k, p, tp, fix = (x[kept] for x in (e_col, e_a, e_cls, e_pos, e_tp, e_fix))
         seg = col * K + k
         starts = np.r_[True, seg[1:] != seg[:-1]] if len(seg) else np.zeros(0, bool)
         c_all, fix_all = _segment_cumsum(tp.astype(np.int64), starts), _segment_cumsum(fix, starts)
-        # unmatched-style count of valid detections per area range, cumulative in score order
-        valid = (inside[acc] & (rank_sorted < max_det)[:, None]).astype(np.int64)
-        counted = np.concatenate([np.zeros((1, A), np.int64), np.cumsum(valid, axis=0)])   # [n + 1, A]
+        # detections not outside each area range, counted in score order (unmatched ones are FPs)
+        counted = np.zeros((A, n + 1), np.int64)
+        np.cumsum(inside & (rank < max_det), axis=1, out=counted[:, 1:])
         col, a, k, p = col[tp], a[tp], k[tp], p[tp]
-        v = counted[p + 1, a] - counted[class_first[k], a] + fix_all[tp]
-        c = c_all[tp].astype(float)
-        f = (v - c_all[tp]).astype(float)
-        n_gt = npig[k, a]
+        c = c_all[tp]
+        f = (counted[a, p + 1] - counted[a, class_first[k]] + fix_all[tp] - c).astype(float)
+        c = c.astype(float)
         with np.errstate(divide="ignore", invalid="ignore"):
             pr = c / (f + c + np.spacing(1))
-            bins = np.searchsorted(RECALL_THRESHOLDS, c / n_gt, side="right")
+            bins = np.searchsorted(RECALL_THRESHOLDS, c / npig[k, a], side="right")
         table = np.zeros(C * K * (R + 2))
         if len(pr):
             key = (col * K + k) * (R + 2) + bins   # non-decreasing: segments are contiguous
