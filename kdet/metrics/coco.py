@@ -616,37 +616,48 @@ def accumulate_sparse(arr, sm, npig, params=DEFAULT_PARAMS):
     pos = np.empty(n, np.int64)
     pos[acc] = np.arange(n)
     rank = arr.det_rank[acc]
-    class_first = np.searchsorted(arr.det_class[acc], np.arange(K), side="left")   # [K]
+    cls_sorted = arr.det_class[acc]
+    class_first = np.searchsorted(cls_sorted, np.arange(K), side="left")          # [K]
     area = (arr.det_xywh[:, 2] * arr.det_xywh[:, 3])[acc]
     inside = np.ascontiguousarray(~_area_ignore(area, params).T)                  # [A, n] in score order
 
-    col = sm.t * A + sm.a
-    e_pos = pos[sm.det]
-    order = np.argsort(col * n + e_pos)            # entries by (column, category, score order)
-    e_col, e_a, e_pos = col[order], sm.a[order], e_pos[order]
-    e_cls, e_rank, e_tp = arr.det_class[acc][e_pos], rank[e_pos], ~sm.gt_ignored[order]
-    e_fix = e_tp.astype(np.int64) - inside[e_a, e_pos]   # valid as matched - valid as unmatched
-    for m, max_det in enumerate(params.max_dets):
-        kept = e_rank < max_det
-        col, a, k, p, tp, fix = (x[kept] for x in (e_col, e_a, e_cls, e_pos, e_tp, e_fix))
+    e_col, e_pos = sm.t * A + sm.a, pos[sm.det]
+    e_key = e_col * n + e_pos                      # (column, category, score order), unique per entry
+    e_inside = inside[sm.a, e_pos]
+    is_tp = ~sm.gt_ignored
+    # the true positives, one int64 row per field, by key
+    tp_rows = np.flatnonzero(is_tp)
+    tp_rows = tp_rows[np.argsort(e_key[tp_rows])]
+    p_tp = e_pos[tp_rows]
+    tps = np.stack([e_key[tp_rows], e_col[tp_rows], sm.a[tp_rows], p_tp, cls_sorted[p_tp], rank[p_tp],
+                    ~e_inside[tp_rows]])
+    # matches to an ignored ground truth inside the range: not the FPs they would be unmatched
+    gone = np.flatnonzero(~is_tp & e_inside)
+    gone = np.stack([e_key[gone], rank[e_pos[gone]]])
+    gone = gone[:, np.argsort(gone[0])]
+    for m in reversed(range(M)):    # most detections first: each cut keeps a subset of the previous one
+        max_det = params.max_dets[m]
+        tps, gone = tps[:, tps[5] < max_det], gone[:, gone[1] < max_det]
+        key, col, a, p, k, _, outside = tps
         seg = col * K + k
         starts = np.r_[True, seg[1:] != seg[:-1]] if len(seg) else np.zeros(0, bool)
-        c_all, fix_all = _segment_cumsum(tp.astype(np.int64), starts), _segment_cumsum(fix, starts)
-        # detections not outside each area range, counted in score order (unmatched ones are FPs)
+        c = _segment_cumsum(np.ones(len(seg), np.int64), starts)
+        # FPs so far = detections not outside the range (a cumulative count), + TPs outside it,
+        # - matches to ignored ground truths inside it, - TPs
         counted = np.zeros((A, n + 1), np.int64)
         np.cumsum(inside & (rank < max_det), axis=1, out=counted[:, 1:])
-        col, a, k, p = col[tp], a[tp], k[tp], p[tp]
-        c = c_all[tp]
-        f = (counted[a, p + 1] - counted[a, class_first[k]] + fix_all[tp] - c).astype(float)
+        class_start = class_first[k]
+        n_gone = np.searchsorted(gone[0], key) - np.searchsorted(gone[0], col * n + class_start)
+        f = (counted[a, p + 1] - counted[a, class_start] + _segment_cumsum(outside, starts) - n_gone - c).astype(float)
         c = c.astype(float)
         with np.errstate(divide="ignore", invalid="ignore"):
             pr = c / (f + c + np.spacing(1))
             bins = np.searchsorted(RECALL_THRESHOLDS, c / npig[k, a], side="right")
         table = np.zeros(C * K * (R + 2))
         if len(pr):
-            key = (col * K + k) * (R + 2) + bins   # non-decreasing: segments are contiguous
-            first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-            table[key[first]] = np.maximum.reduceat(pr, first)
+            bin_key = (col * K + k) * (R + 2) + bins   # non-decreasing: segments are contiguous
+            first = np.flatnonzero(np.r_[True, bin_key[1:] != bin_key[:-1]])
+            table[bin_key[first]] = np.maximum.reduceat(pr, first)
         table = np.maximum.accumulate(table.reshape(C, K, R + 2)[..., ::-1], axis=-1)[..., ::-1]
         q = table[..., 1:R + 1].reshape(T, A, K, R).transpose(0, 3, 2, 1)          # [T, R, K, A]
         precision[..., m] = np.where(present[None, None], q, -1)
