@@ -49,7 +49,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from itertools import chain
-from operator import itemgetter
+from operator import index, itemgetter
 from pathlib import Path
 
 import numpy as np
@@ -194,7 +194,7 @@ def _detection_arrays(dets, det_name):
     """``(image ids, category ids, boxes [D, 4], scores)`` of a results list, each entry checked."""
     try:
         d_image, d_cat, d_xywh, d_score = _detection_fields(dets)
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError):
         d_image, d_cat, d_xywh, d_score = _checked_detection_fields(dets, det_name)  # names the culprit
     _check_finite(d_xywh, d_score, dets, det_name)
     return d_image, d_cat, d_xywh, d_score
@@ -209,12 +209,8 @@ def _detection_fields(dets):
     n = len(dets)
     if n == 0:
         raise ValueError("no detections")  # the checked path gives the empty arrays
-    ids = []
-    for field in ("image_id", "category_id"):
-        values = np.array(list(map(itemgetter(field), dets)))
-        if values.ndim != 1 or values.dtype.kind not in "iuf":
-            raise ValueError(f"{field} values are not numbers")
-        ids.append(values)
+    # integer ids (operator.index refuses floats, strings and None: those take the checked path)
+    ids = [np.fromiter(map(index, map(itemgetter(field), dets)), np.int64, n) for field in ("image_id", "category_id")]
     boxes = list(map(itemgetter("bbox"), dets))
     if set(map(len, boxes)) != {4}:
         raise ValueError("a bbox is not 4 values")
@@ -253,6 +249,25 @@ def _name_bad_entry(dets, det_name):
     raise CocoInputError(f"{det_name}: every 'bbox' must be [x, y, w, h]")
 
 
+def _annotation_fields(anns, gt_name):
+    """``(boxes [G, 4], area [G], iscrowd [G])``; a missing ``area`` is the box area, a missing ``iscrowd`` 0."""
+    n = len(anns)
+    try:  # one pass per field when every annotation has them all
+        boxes = list(map(itemgetter("bbox"), anns))
+        if n and set(map(len, boxes)) == {4}:
+            xywh = np.fromiter(chain.from_iterable(boxes), np.float64, 4 * n).reshape(n, 4)
+            return (xywh, np.fromiter(map(itemgetter("area"), anns), np.float64, n),
+                    np.fromiter(map(bool, map(itemgetter("iscrowd"), anns)), bool, n))
+    except (KeyError, TypeError, ValueError):
+        pass
+    try:
+        xywh = _boxes([a["bbox"] for a in anns], gt_name)
+    except KeyError as err:
+        raise CocoInputError(f"{gt_name}: an annotation lacks the field {err}") from err
+    area = np.asarray([a.get("area", a["bbox"][2] * a["bbox"][3]) for a in anns], np.float64)
+    return xywh, area, np.asarray([bool(a.get("iscrowd", 0)) for a in anns], bool)
+
+
 def load_coco_arrays(ground_truth, detections, max_dets=MAX_DETS[-1]):
     """Read a COCO ground truth and detection results (dicts / lists or json paths) into `CocoArrays`.
 
@@ -279,12 +294,7 @@ def load_coco_arrays(ground_truth, detections, max_dets=MAX_DETS[-1]):
     anns = gt.get("annotations", [])
     g_img, g_ok_img = _positions(image_ids, _ids_of(anns, "image_id", gt_name, "annotation"))
     g_cls, g_ok_cls = _positions(category_ids, _ids_of(anns, "category_id", gt_name, "annotation"))
-    try:
-        g_xywh = _boxes([a["bbox"] for a in anns], gt_name)
-    except KeyError as err:
-        raise CocoInputError(f"{gt_name}: an annotation lacks the field {err}") from err
-    g_area = np.asarray([a.get("area", a["bbox"][2] * a["bbox"][3]) for a in anns], np.float64)
-    g_crowd = np.asarray([bool(a.get("iscrowd", 0)) for a in anns], bool)
+    g_xywh, g_area, g_crowd = _annotation_fields(anns, gt_name)
     keep = np.flatnonzero(g_ok_img & g_ok_cls)
     keep = keep[np.lexsort((keep, g_cls[keep], g_img[keep]))]
 
