@@ -130,8 +130,12 @@ def run_ultrafast(gt, dets):
     return list(evaluator.stats[:12])
 
 
-OTHERS = {"hotcoco": ("hotcoco", run_hotcoco), "ultrafast-pycocotools": ("ultrafast_pycocotools", run_ultrafast),
-          "faster-coco-eval": ("faster_coco_eval", run_faster_coco_eval), "pycocotools": ("pycocotools", run_pycocotools)}
+OTHERS = {  # name: (module, runner)
+    "hotcoco": ("hotcoco", run_hotcoco),
+    "ultrafast-pycocotools": ("ultrafast_pycocotools", run_ultrafast),
+    "faster-coco-eval": ("faster_coco_eval", run_faster_coco_eval),
+    "pycocotools": ("pycocotools", run_pycocotools),
+}
 
 
 def timed_once(fn, gt, dets):

@@ -41,6 +41,15 @@ Where pycocotools breaks, kdet does the right thing instead:
 
 Two engines give the same numbers: a numpy one (default) and the streaming device
 engine of :mod:`kdet.metrics.coco_device` (``use_device=True``).
+
+The numpy engine does no per-detection Python work past reading the result dicts
+(one ``itemgetter``/``fromiter`` pass per field; malformed input falls back to a
+row-by-row reader that names the bad entry): sorts are radix or unique-key sorts
+equal to numpy's stable sort; the greedy matching runs only on the detections and
+ground truths with IoU >= the lowest threshold (the others cannot change its
+choices), groups with one such ground truth in closed form; the accumulation
+works from the true positives and the few matches to ignored ground truths, with
+the false-positive counts from a cumulative count per area range.
 """
 
 import json
