@@ -4,12 +4,13 @@ import contextlib
 import copy
 import io
 import json
+import re
 
 import numpy as np
 import pytest
 
 from _helpers import run_tool
-from kdet.metrics.coco import STAT_NAMES, coco_evaluate
+from kdet.metrics.coco import STAT_NAMES, _detection_fields, _stable_argsort, coco_evaluate, load_coco_arrays
 
 pycoco = pytest.importorskip("pycocotools.cocoeval")
 from pycocotools.coco import COCO  # noqa: E402
@@ -121,6 +122,38 @@ def random_workload(seed, n_images=25, n_classes=4, max_gt=6, max_random_dets=30
     return {"images": images, "categories": cats, "annotations": anns}, dets
 
 
+def dense_workload(seed, n_images=6, n_classes=3):
+    """Crowded images: many jittered copies of each ground truth (groups with one and with several
+    candidates), > 100 detections in some image and category, scores on a 0.1 grid (ties), crowds,
+    an image and a category without ground truth, boxes outside every area range."""
+    rng = np.random.default_rng(seed)
+    images = [{"id": i + 1, "width": 300, "height": 300} for i in range(n_images)]
+    cats = [{"id": c + 1, "name": f"c{c}"} for c in range(n_classes + 1)]   # the last one has no gt
+    anns, dets = [], []
+    for im in images[:-1]:                                                 # the last image has no gt
+        for _ in range(rng.integers(1, 8)):
+            c = int(rng.integers(n_classes)) + 1
+            x, y, w, h = rng.integers(0, 200, 2).tolist() + rng.integers(4, 120, 2).tolist()
+            anns.append({"id": len(anns) + 1, "image_id": im["id"], "category_id": c, "bbox": [x, y, w, h],
+                         "area": float(w * h * rng.uniform(0.5, 1.1)), "iscrowd": int(rng.random() < 0.15)})
+            for _ in range(rng.integers(0, 30)):
+                jitter = rng.normal(0, 0.12, 4).round(1) * [w, h, w, h]
+                dets.append(det(im["id"], c, np.maximum([x, y, w, h] + jitter, [0, 0, 1, 1]).tolist(),
+                                float(rng.integers(0, 11) / 10)))
+    for im in images:
+        for _ in range(rng.integers(20, 60)):
+            dets.append(det(im["id"], int(rng.integers(n_classes + 1)) + 1,
+                            rng.integers(0, 250, 2).tolist() + rng.integers(1, 150, 2).tolist(),
+                            float(rng.integers(0, 11) / 10)))
+    first = anns[0]                                                        # > 100 detections near it
+    for _ in range(110):
+        box = np.maximum(np.array(first["bbox"]) + rng.normal(0, 6, 4).round(), 1).tolist()
+        dets.append(det(first["image_id"], first["category_id"], box, float(rng.integers(0, 11) / 10)))
+    dets.append(det(1, 1, [0, 0, 400, 400], 1.0))                         # larger than 'large' ranges
+    rng.shuffle(dets)
+    return {"images": images, "categories": cats, "annotations": anns}, dets
+
+
 # ------------------------------------------------------------------ random workloads
 @pytest.mark.parametrize("seed", range(6))
 def test_random_workloads_equal_pycocotools(seed):
@@ -138,6 +171,15 @@ def test_random_workloads_equal_other_coco_implementations(seed, reference):
     got = coco_evaluate(gt, dets)
     for name in STAT_NAMES:
         assert got[name] == pytest.approx(ref[name], abs=1e-9), name
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dense_workloads_equal_pycocotools(seed):
+    gt, dets = dense_workload(seed)
+    ref, ref_precision = pycocotools_eval(gt, dets)
+    got = coco_evaluate(gt, dets, return_arrays=True)
+    np.testing.assert_array_equal(got["precision"], ref_precision)  # float64: diff 0
+    assert [got[n] for n in STAT_NAMES] == [ref[n] for n in STAT_NAMES]
 
 
 # ------------------------------------------------------------------ hand-made cases
@@ -242,3 +284,51 @@ def test_eval_tool_prints_summary_and_table(tmp_path):
     assert "c0" in out and "AP50" in out
     saved = json.loads((tmp_path / "out.json").read_text())
     assert saved["AP"] == pytest.approx(ref["AP"], abs=1e-12)
+
+
+# ------------------------------------------------------------------ input readers and sorting
+def test_fast_and_checked_readers_give_the_same_arrays():
+    """Well-formed dicts are read field by field in bulk; anything else goes row by row (and names a bad
+    entry): float ids, tuples, numpy scalars and annotations without area/iscrowd give the same arrays."""
+    gt, dets = random_workload(2, n_images=8)
+    plain = load_coco_arrays(gt, dets)
+    odd_dets = [dict(d, image_id=float(d["image_id"]), bbox=tuple(d["bbox"]), score=np.float64(d["score"]))
+                for d in dets]
+    odd_dets[0]["category_id"] = np.int64(odd_dets[0]["category_id"])
+    _detection_fields(dets)                       # the bulk reader takes the plain list...
+    with pytest.raises(TypeError):
+        _detection_fields(odd_dets)               # ...and leaves float ids to the checked one
+    odd_gt = copy.deepcopy(gt)
+    for a in odd_gt["annotations"][::2]:
+        a["area"] = a["bbox"][2] * a["bbox"][3]
+    plain_area = load_coco_arrays(odd_gt, dets)
+    for a in odd_gt["annotations"][::2]:
+        del a["area"]
+    odd_gt["annotations"][1].pop("iscrowd")
+    for field in ("det_image", "det_class", "det_xywh", "det_score", "det_rank", "det_source"):
+        np.testing.assert_array_equal(getattr(load_coco_arrays(gt, odd_dets), field), getattr(plain, field), field)
+    odd = load_coco_arrays(odd_gt, dets)
+    for field in ("gt_image", "gt_class", "gt_xywh", "gt_area", "gt_source"):
+        np.testing.assert_array_equal(getattr(odd, field), getattr(plain_area, field), field)
+    assert not odd.gt_crowd[np.flatnonzero(odd.gt_source == 1)].any()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(category_id="RBC"), "detection 3 has category_id 'RBC', not a number"),
+    (dict(image_id="1"), "detection 3 has image_id '1', not a number"),
+    (dict(bbox=[0, 0, 10, 10, 5]), "detection 3 has bbox [0, 0, 10, 10, 5]; it must be 4 numbers"),
+    (dict(score=[0.5]), "detection 3 has score [0.5], not a number"),
+])
+def test_bad_detection_is_named(bad, message):
+    gt, dets = random_workload(2, n_images=4)
+    dets[3] = dict(dets[3], **bad)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        coco_evaluate(gt, dets)
+
+
+def test_stable_argsort_equals_numpys():
+    rng = np.random.default_rng(0)
+    cases = [rng.integers(-3, 3, 500), rng.integers(0, 2 ** 40, 500) // 2 ** 30, rng.integers(0, 2, 500).astype(bool),
+             np.round(rng.normal(size=500), 1), np.where(rng.random(500) < 0.5, 0.0, -0.0), np.zeros(1), np.zeros(0)]
+    for values in cases:
+        np.testing.assert_array_equal(_stable_argsort(values), np.argsort(values, kind="stable"))

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from _helpers import REPO
 from kdet.metrics.coco import OUTCOMES, coco_evaluate, eval_params, format_summary, match_records
-from test_coco_eval import det, ground_truth, random_workload
+from test_coco_eval import dense_workload, det, ground_truth, random_workload
 
 pycoco = pytest.importorskip("pycocotools.cocoeval")
 from pycocotools.coco import COCO  # noqa: E402
@@ -27,6 +27,8 @@ PARAM_SETS = {
     "own_areas": dict(area_ranges={"all": (0, 1e10), "tiny": (0, 20 ** 2), "big": (20 ** 2, 1e10)}),
     "no_cats": dict(use_cats=False),
     "no_cats_few_dets": dict(use_cats=False, max_dets=[1, 2, 4], iou_thresholds=[0.5, 0.75]),
+    # IoU >= 0 holds for every pair: no detection can be left out of the greedy step
+    "iou_zero_few_dets": dict(iou_thresholds=[0.0, 0.5, 0.75], max_dets=[1, 3, 10]),
 }
 
 
@@ -71,10 +73,12 @@ def pycocotools_with(gt, dets, iou_thresholds=None, max_dets=None, area_ranges=N
 def workload(case):
     if case == "edge":
         return edge_case_workload()
+    if case == "dense":
+        return dense_workload(0)
     return random_workload(int(case[-1]), n_images=12, n_classes=3, max_random_dets=10)
 
 
-@pytest.mark.parametrize("case", ["edge", "random0", "random1"])
+@pytest.mark.parametrize("case", ["edge", "random0", "random1", "dense"])
 @pytest.mark.parametrize("name", list(PARAM_SETS))
 def test_host_engine_equals_pycocotools_params(case, name):
     gt, dets = workload(case)

@@ -1,4 +1,4 @@
-"""Time kdet's COCO bbox evaluation against pycocotools and faster-coco-eval on one workload.
+"""Time kdet's COCO bbox evaluation against pycocotools and other exact evaluators on one workload.
 
 The synthetic workload is COCO-val sized by default: 5,000 images, about 36,000 ground
 truths over 80 classes (about 1% crowd, annotation ``area`` differing from the box
@@ -6,14 +6,23 @@ area), 100 detections per image with scores rounded to 3 decimals (so ties occur
 Every evaluator gets the same in-memory ground-truth dict and result list; each
 timing covers building its index, evaluating, accumulating and summarising.
 
-    python tools/benchmark_eval.py                 # full size (slow: pycocotools ~1 min)
-    python tools/benchmark_eval.py --images 300    # quick check
+The others (each an exact reimplementation of pycocotools): faster-coco-eval (C++),
+hotcoco (Rust), ultrafast-pycocotools (numpy); the test extras install them, and a
+missing one is left out. The evaluators run in turns (round-robin, ``--repeat``
+rounds) so that a change in the machine's load hits them all alike; the table shows
+each one's best wall time and the CPU time (user + system of this process) of that run.
+
+    python tools/benchmark_eval.py                           # full size (slow: pycocotools ~1 min)
+    python tools/benchmark_eval.py --images 300              # quick check
+    python tools/benchmark_eval.py --repeat 5 --skip pycocotools faster-coco-eval
 """
 
 import argparse
 import contextlib
 import copy
+import importlib.util
 import io
+import os
 import sys
 import time
 from pathlib import Path
@@ -95,22 +104,65 @@ def run_faster_coco_eval(gt, dets):
     return list(evaluator.stats[:12])
 
 
-def timed(fn, gt, dets, repeat):
-    best, stats = float("inf"), None
+def run_hotcoco(gt, dets):
+    import hotcoco
+
+    coco_gt = hotcoco.COCO(gt)
+    evaluator = hotcoco.COCOeval(coco_gt, coco_gt.load_res(dets), "bbox")
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return list(evaluator.stats[:12])
+
+
+def run_ultrafast(gt, dets):
+    from ultrafast_pycocotools import COCO, COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        evaluator = COCOeval(coco_gt, coco_gt.loadRes(dets), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return list(evaluator.stats[:12])
+
+
+OTHERS = {  # name: (module, runner)
+    "hotcoco": ("hotcoco", run_hotcoco),
+    "ultrafast-pycocotools": ("ultrafast_pycocotools", run_ultrafast),
+    "faster-coco-eval": ("faster_coco_eval", run_faster_coco_eval),
+    "pycocotools": ("pycocotools", run_pycocotools),
+}
+
+
+def timed_once(fn, gt, dets):
+    """``(wall seconds, cpu seconds, stats)`` of one run on fresh copies (evaluators may write into them)."""
+    gt_copy, dets_copy = copy.deepcopy(gt), copy.deepcopy(dets)
+    cpu, start = time.process_time(), time.perf_counter()
+    stats = fn(gt_copy, dets_copy)
+    return time.perf_counter() - start, time.process_time() - cpu, np.asarray(stats, np.float64)
+
+
+def timed_round_robin(runners, gt, dets, repeat):
+    """``{name: (best wall, cpu of that run, stats)}``, the evaluators taking turns ``repeat`` times."""
+    best = {}
     for _ in range(repeat):
-        gt_copy, dets_copy = copy.deepcopy(gt), copy.deepcopy(dets)  # evaluators may write into them
-        start = time.perf_counter()
-        stats = fn(gt_copy, dets_copy)
-        best = min(best, time.perf_counter() - start)
-    return best, np.asarray(stats, np.float64)
+        for name, fn in runners.items():
+            wall, cpu, stats = timed_once(fn, gt, dets)
+            if name not in best or wall < best[name][0]:
+                best[name] = (wall, cpu, stats)
+    return best
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=5000, help="number of images (default 5000)")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per evaluator; the best time is kept")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of runs; each evaluator's best is kept")
     parser.add_argument("--device", action="store_true", help="also time kdet's XLA device engine")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["pycocotools", "faster-coco-eval"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=sorted(OTHERS))
     args = parser.parse_args(argv)
 
     gt, dets = make_workload(args.images)
@@ -120,19 +172,27 @@ def main(argv=None):
     runners = {"kdet": run_kdet}
     if args.device:
         runners["kdet-device"] = lambda g, d: run_kdet(g, d, use_device=True)
-    if "faster-coco-eval" not in args.skip:
-        runners["faster-coco-eval"] = run_faster_coco_eval
-    if "pycocotools" not in args.skip:
-        runners["pycocotools"] = run_pycocotools
-    results = {name: timed(fn, gt, dets, args.repeat) for name, fn in runners.items()}
+    for name, (module, fn) in OTHERS.items():
+        if name in args.skip:
+            continue
+        if importlib.util.find_spec(module) is None:
+            print(f"{name}: not installed, left out")
+            continue
+        runners[name] = fn
+    load_before = os.getloadavg()[0]
+    results = timed_round_robin(runners, gt, dets, args.repeat)
+    print(f"best of {args.repeat} (round-robin); load average {load_before:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after, {os.cpu_count()} CPUs")
 
     reference = results.get("pycocotools")
-    print(f"{'evaluator':<18} {'seconds':>8}  {'kdet / this':>11}  {'max |diff| vs pycocotools':>26}")
+    print(f"{'evaluator':<22} {'wall s':>7} {'cpu s':>7}  {'this / kdet':>11}  {'max |diff| vs pycocotools':>26}")
     kdet_time = results["kdet"][0]
-    for name, (seconds, stats) in results.items():
-        diff = f"{np.max(np.abs(stats - reference[1])):.3g}" if reference is not None else "n/a"
-        print(f"{name:<18} {seconds:8.2f}  {kdet_time / seconds:11.2f}  {diff:>26}")
-    print("kdet AP numbers: " + ", ".join(f"{n}={v:.4f}" for n, v in zip(STAT_NAMES, results["kdet"][1])))
+    for name, (wall, cpu, stats) in sorted(results.items(), key=lambda item: item[1][0]):
+        diff = f"{np.max(np.abs(stats - reference[2])):.3g}" if reference is not None else "n/a"
+        print(f"{name:<22} {wall:7.2f} {cpu:7.2f}  {wall / kdet_time:11.2f}  {diff:>26}")
+    spread = max(np.max(np.abs(stats - results["kdet"][2])) for _, _, stats in results.values())
+    print(f"max |diff| of any evaluator vs kdet: {spread:.3g}")
+    print("kdet AP numbers: " + ", ".join(f"{n}={v:.4f}" for n, v in zip(STAT_NAMES, results["kdet"][2])))
 
 
 if __name__ == "__main__":

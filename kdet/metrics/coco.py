@@ -41,6 +41,15 @@ Where pycocotools breaks, kdet does the right thing instead:
 
 Two engines give the same numbers: a numpy one (default) and the streaming device
 engine of :mod:`kdet.metrics.coco_device` (``use_device=True``).
+
+The numpy engine does no per-detection Python work past reading the result dicts
+(one ``itemgetter``/``fromiter`` pass per field; malformed input falls back to a
+row-by-row reader that names the bad entry): sorts are radix or unique-key sorts
+equal to numpy's stable sort; the greedy matching runs only on the detections and
+ground truths with IoU >= the lowest threshold (the others cannot change its
+choices), groups with one such ground truth in closed form; the accumulation
+works from the true positives and the few matches to ignored ground truths, with
+the false-positive counts from a cumulative count per area range.
 """
 
 import json
@@ -48,6 +57,8 @@ import numbers
 import os
 import warnings
 from dataclasses import dataclass
+from itertools import chain
+from operator import index, itemgetter
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +201,35 @@ def _check_finite(d_xywh, d_score, dets, det_name):
 
 def _detection_arrays(dets, det_name):
     """``(image ids, category ids, boxes [D, 4], scores)`` of a results list, each entry checked."""
+    try:
+        d_image, d_cat, d_xywh, d_score = _detection_fields(dets)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError):
+        d_image, d_cat, d_xywh, d_score = _checked_detection_fields(dets, det_name)  # names the culprit
+    _check_finite(d_xywh, d_score, dets, det_name)
+    return d_image, d_cat, d_xywh, d_score
+
+
+def _detection_fields(dets):
+    """The fields of well-formed result dicts, read in one pass each without per-row Python code.
+
+    Raises (KeyError, TypeError, ValueError...) on anything else; `_checked_detection_fields`
+    then finds and names the bad entry.
+    """
+    n = len(dets)
+    if n == 0:
+        raise ValueError("no detections")  # the checked path gives the empty arrays
+    # integer ids (operator.index refuses floats, strings and None: those take the checked path)
+    ids = [np.fromiter(map(index, map(itemgetter(field), dets)), np.int64, n) for field in ("image_id", "category_id")]
+    boxes = list(map(itemgetter("bbox"), dets))
+    if set(map(len, boxes)) != {4}:
+        raise ValueError("a bbox is not 4 values")
+    xywh = np.fromiter(chain.from_iterable(boxes), np.float64, 4 * n).reshape(n, 4)
+    score = np.fromiter(map(itemgetter("score"), dets), np.float64, n)
+    return ids[0], ids[1], xywh, score
+
+
+def _checked_detection_fields(dets, det_name):
+    """`_detection_fields` row by row: the first missing field or non-number is a `CocoInputError`."""
     d_image = _ids_of(dets, "image_id", det_name, "detection")
     d_cat = _ids_of(dets, "category_id", det_name, "detection")
     for field in ("bbox", "score"):
@@ -204,7 +244,6 @@ def _detection_arrays(dets, det_name):
         raise
     if d_xywh.shape[0] != len(dets):
         _name_bad_entry(dets, det_name)
-    _check_finite(d_xywh, d_score, dets, det_name)
     return d_image, d_cat, d_xywh, d_score
 
 
@@ -217,6 +256,25 @@ def _name_bad_entry(dets, det_name):
         if not _is_number(d["score"]):
             raise CocoInputError(f"{det_name}: detection {i} has score {d['score']!r}, not a number")
     raise CocoInputError(f"{det_name}: every 'bbox' must be [x, y, w, h]")
+
+
+def _annotation_fields(anns, gt_name):
+    """``(boxes [G, 4], area [G], iscrowd [G])``; a missing ``area`` is the box area, a missing ``iscrowd`` 0."""
+    n = len(anns)
+    try:  # one pass per field when every annotation has them all
+        boxes = list(map(itemgetter("bbox"), anns))
+        if n and set(map(len, boxes)) == {4}:
+            xywh = np.fromiter(chain.from_iterable(boxes), np.float64, 4 * n).reshape(n, 4)
+            return (xywh, np.fromiter(map(itemgetter("area"), anns), np.float64, n),
+                    np.fromiter(map(bool, map(itemgetter("iscrowd"), anns)), bool, n))
+    except (KeyError, TypeError, ValueError):
+        pass
+    try:
+        xywh = _boxes([a["bbox"] for a in anns], gt_name)
+    except KeyError as err:
+        raise CocoInputError(f"{gt_name}: an annotation lacks the field {err}") from err
+    area = np.asarray([a.get("area", a["bbox"][2] * a["bbox"][3]) for a in anns], np.float64)
+    return xywh, area, np.asarray([bool(a.get("iscrowd", 0)) for a in anns], bool)
 
 
 def load_coco_arrays(ground_truth, detections, max_dets=MAX_DETS[-1]):
@@ -245,12 +303,7 @@ def load_coco_arrays(ground_truth, detections, max_dets=MAX_DETS[-1]):
     anns = gt.get("annotations", [])
     g_img, g_ok_img = _positions(image_ids, _ids_of(anns, "image_id", gt_name, "annotation"))
     g_cls, g_ok_cls = _positions(category_ids, _ids_of(anns, "category_id", gt_name, "annotation"))
-    try:
-        g_xywh = _boxes([a["bbox"] for a in anns], gt_name)
-    except KeyError as err:
-        raise CocoInputError(f"{gt_name}: an annotation lacks the field {err}") from err
-    g_area = np.asarray([a.get("area", a["bbox"][2] * a["bbox"][3]) for a in anns], np.float64)
-    g_crowd = np.asarray([bool(a.get("iscrowd", 0)) for a in anns], bool)
+    g_xywh, g_area, g_crowd = _annotation_fields(anns, gt_name)
     keep = np.flatnonzero(g_ok_img & g_ok_cls)
     keep = keep[np.lexsort((keep, g_cls[keep], g_img[keep]))]
 
@@ -260,7 +313,8 @@ def load_coco_arrays(ground_truth, detections, max_dets=MAX_DETS[-1]):
     _check_ids(d_ok_img, image_ids, d_image, "image", det_name, gt_name)
     _check_ids(d_ok_cls, category_ids, d_cat, "category", det_name, gt_name)
     dkeep = np.flatnonzero(d_ok_cls & d_ok_img)
-    dkeep = dkeep[np.lexsort((dkeep, -d_score[dkeep], d_cls[dkeep], d_img[dkeep]))]
+    dkeep = dkeep[_stable_argsort(-d_score[dkeep])]                          # score, then json order
+    dkeep = dkeep[_stable_argsort(d_img[dkeep] * len(category_ids) + d_cls[dkeep])]  # image, category first
     rank = _rank_in_groups(d_img[dkeep] * len(category_ids) + d_cls[dkeep])
     dkeep, rank = dkeep[rank < max_dets], rank[rank < max_dets]
 
@@ -336,6 +390,10 @@ def greedy_match(ious, gt_valid, gt_crowd, gt_ignore, det_valid, thresholds=DEFA
     P, D, G = ious.shape
     A = gt_ignore.shape[1]
     T = len(thresholds)
+    if G == 1:
+        matched, matched_ignored = _greedy_match_one(ious[..., 0], gt_valid[:, 0], gt_crowd[:, 0],
+                                                     gt_ignore[..., 0], det_valid, thresholds)
+        return (matched, matched_ignored, np.where(matched, 0, -1)) if return_index else (matched, matched_ignored)
     taken = np.zeros((P, T, A, G), bool)
     matched = np.zeros((P, D, T, A), bool)
     matched_ignored = np.zeros((P, D, T, A), bool)
@@ -361,16 +419,87 @@ def greedy_match(ious, gt_valid, gt_crowd, gt_ignore, det_valid, thresholds=DEFA
     return matched, matched_ignored
 
 
+def _greedy_match_one(ious, gt_valid, gt_crowd, gt_ignore, det_valid, thresholds):
+    """`greedy_match` of groups with one ground truth, without the loop: the first detection
+    with IoU >= t takes it (every such detection, when it is a crowd); [P, D, T, A] each."""
+    A = gt_ignore.shape[1]
+    reach = (ious[:, :, None] >= np.asarray(thresholds)) & (det_valid & gt_valid[:, None])[:, :, None]  # [P, D, T]
+    first = reach & (np.cumsum(reach, axis=1) == 1)
+    matched = np.where(gt_crowd[:, None, None], reach, first)
+    matched = np.broadcast_to(matched[..., None], matched.shape + (A,))
+    return matched, matched & gt_ignore[:, None, None, :]
+
+
 def _area_ignore(area, params=DEFAULT_PARAMS):
     """[N, A]: area outside each area range (bounds inclusive)."""
     lo, hi = params.area_bounds
     return (area[:, None] < lo) | (area[:, None] > hi)
 
 
-def _runs(keys):
-    """Unique sorted keys with their start and length."""
-    uniq, start, count = np.unique(keys, return_index=True, return_counts=True)
-    return uniq, start, count
+def _runs(sorted_keys):
+    """Distinct keys of a sorted array with the start and length of each run."""
+    n = len(sorted_keys)
+    start = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]]) if n else np.zeros(0, np.int64)
+    return sorted_keys[start], start, np.diff(np.r_[start, n])
+
+
+@dataclass
+class _SparseMatches:
+    """The matches of `CocoArrays`: one entry per (detection, IoU threshold, area range) that found a ground truth.
+
+    Unlisted (detection, threshold, area) triples are unmatched. Rows index the
+    `CocoArrays` detection and ground-truth arrays.
+    """
+
+    det: np.ndarray          # [E]
+    t: np.ndarray            # [E] threshold index
+    a: np.ndarray            # [E] area-range index
+    gt: np.ndarray           # [E] matched ground truth
+    gt_ignored: np.ndarray   # [E] that ground truth is ignored in area a: the detection is neither TP nor FP
+
+
+def _match_sparse(arr, gt_ignore, params=DEFAULT_PARAMS):
+    """pycocotools' ``evaluateImg`` matching for all images at once, as `_SparseMatches`.
+
+    Only detections with IoU >= the lowest threshold against some ground truth of their
+    image and category can match, and only ground truths some detection reaches can be
+    taken: the greedy step runs on those alone (the others cannot change its choices),
+    which leaves it a few rows per group instead of up to ``max_dets``.
+    """
+    K = len(arr.category_ids)
+    det_key, gt_key = arr.det_image * K + arr.det_class, arr.gt_image * K + arr.gt_class
+    d, g = _group_pairs(det_key, gt_key)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = iou_xywh(arr.det_xywh[d, None], arr.gt_xywh[g, None], arr.gt_crowd[g, None]).reshape(-1)
+    reach = iou >= params.thresholds.min()
+    cand_det, cand_gt = np.unique(d[reach]), np.unique(g[reach])
+    parts = []
+    for d_idx, d_valid, g_idx, g_valid in _padded_groups(det_key[cand_det], gt_key[cand_gt]):
+        d_idx, g_idx = cand_det[d_idx], cand_gt[g_idx]
+        crowd = arr.gt_crowd[g_idx] & g_valid
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ious = iou_xywh(arr.det_xywh[d_idx], arr.gt_xywh[g_idx], crowd)
+        _, mi, m = greedy_match(ious, g_valid, crowd, np.moveaxis(gt_ignore[g_idx], -1, 1), d_valid,
+                                params.thresholds, return_index=True)
+        p, row, t, a = np.nonzero(m >= 0)
+        parts.append((d_idx[p, row], t, a, g_idx[p, m[p, row, t, a]], mi[p, row, t, a]))
+    if not parts:
+        none = np.zeros(0, np.int64)
+        return _SparseMatches(none, none, none, none, np.zeros(0, bool))
+    return _SparseMatches(*(np.concatenate(x) for x in zip(*parts)))
+
+
+def _group_pairs(det_keys, gt_keys):
+    """Every (detection, ground truth) pair with the same key (both sorted): two index arrays."""
+    d_keys, d_start, d_count = _runs(det_keys)
+    g_keys, g_start, g_count = _runs(gt_keys)
+    _, di, gi = np.intersect1d(d_keys, g_keys, assume_unique=True, return_indices=True)
+    d_start, d_count, g_start, g_count = d_start[di], d_count[di], g_start[gi], g_count[gi]
+    n_pairs = d_count * g_count
+    group = np.repeat(np.arange(len(n_pairs)), n_pairs)
+    offset = np.arange(int(n_pairs.sum())) - np.repeat(np.cumsum(n_pairs) - n_pairs, n_pairs)
+    width = g_count[group]
+    return d_start[group] + offset // width, g_start[group] + offset % width
 
 
 @dataclass
@@ -385,34 +514,32 @@ class _Matches:
     npig: np.ndarray          # [K, A] non-ignored ground truths
 
 
-def _match_all(arr, params=DEFAULT_PARAMS):
-    """Match every detection of ``arr`` (pycocotools' ``evaluateImg`` for all images at once)."""
+def _gt_ignore(arr, params):
+    """[G, A]: crowd or annotation area outside the range."""
+    return arr.gt_crowd[:, None] | _area_ignore(arr.gt_area, params)
+
+
+def _npig(arr, gt_ignore):
+    """[K, A]: the non-ignored ground truths of each category."""
     K = len(arr.category_ids)
+    return np.stack([np.bincount(arr.gt_class, ~ig, minlength=K).astype(np.int64) for ig in gt_ignore.T], 1)
+
+
+def _match_all(arr, params=DEFAULT_PARAMS):
+    """Every detection's match as dense [D, T, A] arrays (pycocotools' ``evalImgs``, for the match records)."""
     T, A = len(params.iou_thresholds), len(params.area_ranges)
     n_det = len(arr.det_score)
-    gt_ignore = arr.gt_crowd[:, None] | _area_ignore(arr.gt_area, params)              # [G, A]
-    det_out = _area_ignore(arr.det_xywh[:, 2] * arr.det_xywh[:, 3], params)          # [D, A]
+    gt_ignore = _gt_ignore(arr, params)
+    sm = _match_sparse(arr, gt_ignore, params)
     gt_index = np.full((n_det, T, A), -1, np.int64)
     matched_ignored = np.zeros((n_det, T, A), bool)
-
-    for d_idx, d_valid, g_idx, g_valid in _padded_groups(arr.det_image * K + arr.det_class,
-                                                         arr.gt_image * K + arr.gt_class):
-        crowd = arr.gt_crowd[g_idx] & g_valid
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ious = iou_xywh(arr.det_xywh[d_idx], arr.gt_xywh[g_idx], crowd)
-        _, mi, m = greedy_match(ious, g_valid, crowd, np.moveaxis(gt_ignore[g_idx], -1, 1), d_valid,
-                                params.thresholds, return_index=True)
-        rows = np.arange(len(d_idx))[:, None, None, None]
-        global_m = np.where(m >= 0, g_idx[rows, np.maximum(m, 0)], -1)               # [P, D, T, A]
-        gt_index[d_idx[d_valid]] = global_m[d_valid]
-        matched_ignored[d_idx[d_valid]] = mi[d_valid]
-
+    gt_index[sm.det, sm.t, sm.a] = sm.gt
+    matched_ignored[sm.det, sm.t, sm.a] = sm.gt_ignored
     matched = gt_index >= 0
+    det_out = _area_ignore(arr.det_xywh[:, 2] * arr.det_xywh[:, 3], params)          # [D, A]
     det_ignored = matched_ignored | (~matched & det_out[:, None, :])
-    npig = np.zeros((K, A), np.int64)
-    np.add.at(npig, arr.gt_class, (~gt_ignore).astype(np.int64))
     return _Matches(gt_index=gt_index, ignored=det_ignored, tp=matched & ~det_ignored,
-                    fp=~matched & ~det_ignored, gt_ignore=gt_ignore, npig=npig)
+                    fp=~matched & ~det_ignored, gt_ignore=gt_ignore, npig=_npig(arr, gt_ignore))
 
 
 def _padded_groups(det_keys, gt_keys):
@@ -427,7 +554,7 @@ def _padded_groups(det_keys, gt_keys):
     d_start, d_count, g_start, g_count = d_start[di], d_count[di], g_start[gi], g_count[gi]
     d_pad = 2 ** np.ceil(np.log2(d_count)).astype(int)
     g_pad = 2 ** np.ceil(np.log2(g_count)).astype(int)
-    for dp, gp in set(zip(d_pad.tolist(), g_pad.tolist())):
+    for dp, gp in sorted(set(zip(d_pad.tolist(), g_pad.tolist()))):
         sel = np.flatnonzero((d_pad == dp) & (g_pad == gp))
         d_idx, d_valid = _padded_index(d_start[sel], d_count[sel], dp)
         g_idx, g_valid = _padded_index(g_start[sel], g_count[sel], gp)
@@ -441,47 +568,115 @@ def _padded_index(start, count, size):
 
 
 # ------------------------------------------------------------------ accumulation
-def accumulate(det_class, det_score, det_image, det_rank, tp, fp, npig, params=DEFAULT_PARAMS):
-    """``precision [T,R,K,A,M]`` and ``recall [T,K,A,M]`` as ``COCOeval.accumulate``, vectorised.
+def _stable_argsort(values):
+    """``np.argsort(values, kind="stable")`` of finite values, without the slower timsort.
+
+    Integers spanning < 2**16 take numpy's radix sort; other integers become unique keys
+    ``value * n + position`` (any sort of them is stable); floats are sorted, then equal
+    values put back in input order with the same unique-key trick.
+    """
+    n = len(values)
+    if n < 2:
+        return np.arange(n)
+    if values.dtype.kind in "iub":
+        lo, span = int(values.min()), int(values.max()) - int(values.min()) + 1
+        if span <= 2 ** 16:
+            return np.argsort((values - lo).astype(np.uint16), kind="stable")
+        if span * n < 2 ** 62:
+            return np.argsort((values - lo).astype(np.int64) * n + np.arange(n))
+        return np.argsort(values, kind="stable")
+    order = np.argsort(values)
+    in_order = values[order]
+    run = np.cumsum(np.r_[0, in_order[1:] != in_order[:-1]])
+    return order[np.argsort(run * n + order)]
+
+
+def _accumulation_order(arr):
+    """Detection rows by (category, score descending, image, rank): pycocotools' order in ``accumulate``.
+
+    ``arr`` is in (image, category, rank) order, so a stable sort by score, then by
+    category, breaks score ties by image, then rank (pycocotools' mergesort over the
+    per-image lists concatenated in image order).
+    """
+    by_score = _stable_argsort(-arr.det_score)
+    return by_score[_stable_argsort(arr.det_class[by_score])]
+
+
+def _segment_cumsum(values, starts):
+    """Inclusive running sum of ``values`` restarting at each True of ``starts`` (``starts[0]`` True)."""
+    total = np.cumsum(values)
+    first = np.flatnonzero(starts)
+    return total - np.repeat(total[first] - values[first], np.diff(np.r_[first, len(values)]))
+
+
+def accumulate_sparse(arr, sm, npig, params=DEFAULT_PARAMS):
+    """``precision [T,R,K,A,M]`` and ``recall [T,K,A,M]`` as ``COCOeval.accumulate``, from `_SparseMatches`.
 
     Equivalent form of pycocotools' loop, exact in float64: at recall point ``r`` the
     interpolated precision is the largest precision at a true positive whose recall is
     ``>= recThr[r]`` (only true positives raise the envelope), 0 if none. Each true
-    positive, with its running counts ``tp`` and ``fp`` (same float ops as pycocotools),
-    falls in bin ``searchsorted(recThrs, tp / npig, 'right')``; a segment max per
-    (column, class, bin) and a suffix max over the bins give all 101 points at once.
+    positive, with its running counts ``tp`` and ``fp`` in its category's score order
+    (same float ops as pycocotools), falls in bin ``searchsorted(recThrs, tp / npig,
+    'right')``; a segment max per (column, class, bin) and a suffix max over the bins
+    give all 101 points at once. The running counts come from the matches alone: an
+    unmatched detection is a false positive unless its box is outside the area range,
+    so ``fp`` = (detections up to here not outside the range, a cumulative count per
+    area range) + (the matched ones' correction: +1 for a TP outside the range, -1 for
+    a match to an ignored ground truth inside it) - ``tp``.
     """
     K, A = npig.shape
     T, R, M = len(params.iou_thresholds), len(RECALL_THRESHOLDS), len(params.max_dets)
     C = T * A  # columns t * A + a
+    n = len(arr.det_score)
     precision = -np.ones((T, R, K, A, M))
     recall = -np.ones((T, K, A, M))
-    order = np.lexsort((det_rank, det_image, -det_score, det_class))
-    cls, rank = det_class[order], det_rank[order]
-    n_rows = len(order)
-    tp = np.ascontiguousarray(tp[order].reshape(n_rows, C).T)                     # [C, N]
-    fp = np.ascontiguousarray(fp[order].reshape(n_rows, C).T)
-    class_start = np.searchsorted(cls, cls, side="left")
     present = npig > 0                                                            # [K, A]
-    for m, max_det in enumerate(params.max_dets):
-        kept = (rank < max_det)[None, :]
-        col, pos = np.nonzero(tp & kept)          # true positives, by column then row (-> class)
-        fp_key = np.flatnonzero(fp & kept)        # false positives as col * N + row, sorted
-        group_start = col * n_rows + class_start[pos]
-        # running counts within (column, class) at each true positive
-        first_tp = np.searchsorted(col * n_rows + pos, group_start)
-        c = (np.arange(len(pos)) - first_tp + 1).astype(float)
-        f = (np.searchsorted(fp_key, col * n_rows + pos) - np.searchsorted(fp_key, group_start)).astype(float)
-        k = cls[pos]
-        n = npig[k, col % A]
+    acc = _accumulation_order(arr)
+    pos = np.empty(n, np.int64)
+    pos[acc] = np.arange(n)
+    rank = arr.det_rank[acc]
+    cls_sorted = arr.det_class[acc]
+    class_first = np.searchsorted(cls_sorted, np.arange(K), side="left")          # [K]
+    area = (arr.det_xywh[:, 2] * arr.det_xywh[:, 3])[acc]
+    inside = np.ascontiguousarray(~_area_ignore(area, params).T)                  # [A, n] in score order
+
+    e_col, e_pos = sm.t * A + sm.a, pos[sm.det]
+    e_key = e_col * n + e_pos                      # (column, category, score order), unique per entry
+    e_inside = inside[sm.a, e_pos]
+    is_tp = ~sm.gt_ignored
+    # the true positives, one int64 row per field, by key
+    tp_rows = np.flatnonzero(is_tp)
+    tp_rows = tp_rows[np.argsort(e_key[tp_rows])]
+    p_tp = e_pos[tp_rows]
+    tps = np.stack([e_key[tp_rows], e_col[tp_rows], sm.a[tp_rows], p_tp, cls_sorted[p_tp], rank[p_tp],
+                    ~e_inside[tp_rows]])
+    # matches to an ignored ground truth inside the range: not the FPs they would be unmatched
+    gone = np.flatnonzero(~is_tp & e_inside)
+    gone = np.stack([e_key[gone], rank[e_pos[gone]]])
+    gone = gone[:, np.argsort(gone[0])]
+    for m in reversed(range(M)):    # most detections first: each cut keeps a subset of the previous one
+        max_det = params.max_dets[m]
+        tps, gone = tps[:, tps[5] < max_det], gone[:, gone[1] < max_det]
+        key, col, a, p, k, _, outside = tps
+        seg = col * K + k
+        starts = np.r_[True, seg[1:] != seg[:-1]] if len(seg) else np.zeros(0, bool)
+        c = _segment_cumsum(np.ones(len(seg), np.int64), starts)
+        # FPs so far = detections not outside the range (a cumulative count), + TPs outside it,
+        # - matches to ignored ground truths inside it, - TPs
+        counted = np.zeros((A, n + 1), np.int64)
+        np.cumsum(inside & (rank < max_det), axis=1, out=counted[:, 1:])
+        class_start = class_first[k]
+        n_gone = np.searchsorted(gone[0], key) - np.searchsorted(gone[0], col * n + class_start)
+        f = (counted[a, p + 1] - counted[a, class_start] + _segment_cumsum(outside, starts) - n_gone - c).astype(float)
+        c = c.astype(float)
         with np.errstate(divide="ignore", invalid="ignore"):
             pr = c / (f + c + np.spacing(1))
-            bins = np.searchsorted(RECALL_THRESHOLDS, c / n, side="right")
+            bins = np.searchsorted(RECALL_THRESHOLDS, c / npig[k, a], side="right")
         table = np.zeros(C * K * (R + 2))
         if len(pr):
-            key = (col * K + k) * (R + 2) + bins   # non-decreasing: segments are contiguous
-            first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-            table[key[first]] = np.maximum.reduceat(pr, first)
+            bin_key = (col * K + k) * (R + 2) + bins   # non-decreasing: segments are contiguous
+            first = np.flatnonzero(np.r_[True, bin_key[1:] != bin_key[:-1]])
+            table[bin_key[first]] = np.maximum.reduceat(pr, first)
         table = np.maximum.accumulate(table.reshape(C, K, R + 2)[..., ::-1], axis=-1)[..., ::-1]
         q = table[..., 1:R + 1].reshape(T, A, K, R).transpose(0, 3, 2, 1)          # [T, R, K, A]
         precision[..., m] = np.where(present[None, None], q, -1)
@@ -493,8 +688,8 @@ def accumulate(det_class, det_score, det_image, det_rank, tp, fp, npig, params=D
 
 def evaluate_arrays(arr, params=DEFAULT_PARAMS):
     """``(precision, recall)`` of `CocoArrays` with the numpy engine (``arr`` prepared for ``params``)."""
-    m = _match_all(arr, params)
-    return accumulate(arr.det_class, arr.det_score, arr.det_image, arr.det_rank, m.tp, m.fp, m.npig, params)
+    gt_ignore = _gt_ignore(arr, params)
+    return accumulate_sparse(arr, _match_sparse(arr, gt_ignore, params), _npig(arr, gt_ignore), params)
 
 
 # ------------------------------------------------------------------ entry point
