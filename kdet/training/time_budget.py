@@ -162,7 +162,8 @@ class TimeBudget(keras.callbacks.Callback):
     def _stop(self, done, message):
         self.model.stop_training = True
         if message and self.verbose:
-            print(f"\n{message}; stopping (decided {self.epochs} epochs)")
+            plan = f"decided {self.epochs} epochs" if self.decided else "before a decision: the first epoch's step was all"
+            print(f"\n{message}; stopping ({plan})")
 
     def _show_epochs(self):
         if self.progbar is not None:
