@@ -419,7 +419,7 @@ def train(recipe, work_dir, resume=False):
 
         callbacks.insert(0, PassEpoch(pass_epoch))
     started = time.time()
-    history = model.fit(train_ds, epochs=MAX_BUDGET_EPOCHS if budget is not None else int(train_cfg["epochs"]),
+    history = model.fit(train_ds, epochs=budget.fit_epochs(initial_epoch) if budget is not None else int(train_cfg["epochs"]),
                         initial_epoch=initial_epoch, callbacks=callbacks, verbose=recipe.get("verbose", 1),
                         shuffle=False)   # train_ds shuffles itself; Keras' default True only warns for a tf.data input
     train_seconds = time.time() - started
@@ -430,9 +430,6 @@ def train(recipe, work_dir, resume=False):
     if val_records and train_cfg.get("ema_momentum") is not None:
         _evaluate_averaged_weights(model, val_records, class_names, recipe)
     return finish(model, recipe, work_dir, class_names, test_records, train_seconds, train_records=records["train"])
-
-
-MAX_BUDGET_EPOCHS = 1_000_000  # fit's epochs under a time budget: TimeBudget stops the run
 
 
 def _mosaic_switch(recipe, pass_epoch):

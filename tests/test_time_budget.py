@@ -135,6 +135,9 @@ def test_resumed_budget_keeps_the_decision_and_the_time_used():
     # the resumed process compiled again (4 s of the budget): 13 epochs fit, not 14
     assert model2.stop_training and resumed.epochs == 13 and resumed.elapsed() == pytest.approx(60.0)
     assert 4 <= int(mosaic_off2.numpy()) <= 12
+    # resumed once more, after the end: no epoch left to run
+    finished, _, _, _ = budget_and_model(resumed=resumed.state())
+    assert finished.fit_epochs(13) == 13 and resumed.fit_epochs(12) > 13
 
 
 # ------------------------------------------------------------------ close_mosaic in the input pipeline

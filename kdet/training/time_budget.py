@@ -77,6 +77,11 @@ class TimeBudget(keras.callbacks.Callback):
             state["mosaic_off_from"] = int(self.mosaic_off_from.numpy())
         return state
 
+    def fit_epochs(self, initial_epoch, most=1_000_000):
+        """``fit``'s ``epochs``: ``most`` (this callback stops the run), or none left for a finished resumed run."""
+        finished = self.decided and (initial_epoch >= self.epochs or self.used_before_s >= self.budget_s)
+        return initial_epoch if finished else most
+
     # ------------------------------------------------------------ Keras hooks
     def on_train_begin(self, logs=None):
         self._fit_start = self.clock()
