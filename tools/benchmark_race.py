@@ -21,7 +21,13 @@
    AP50, AP50 per class, epochs, training minutes (the budget clock of each: kdet's from ``fit``'s
    start, Ultralytics' ``results.csv`` time) and training images per second.
 
-keras-cv's ``YOLOV8Detector`` (keras-cv 0.9.0 is installed beside kdet) is not raced yet (issue 19).
+With ``--keras-cv``, keras-cv's ``YOLOV8Detector`` races too, in this process after kdet: the
+YOLOv8n-sized backbone (keras-cv's ``yolo_v8_xs_backbone`` architecture, built here: its presets
+are downloads), ``fpn_depth=1``, the keras-cv YOLOv8 guide's training set-up (Adam 1e-3,
+``global_clipnorm=10``, CIoU box loss, binary cross-entropy classes), ``imgsz`` 320, fed by kdet's
+input pipeline with flip + resize (keras-cv ships no training recipe of its own), stopped by kdet's
+``TimeBudget`` (no schedule to fit: a constant rate); predictions at confidence 0.001, NMS IoU 0.7,
+the same ``max_det``.
 
 ``--max-train-images N`` trains both on the first N training images (a quick check of the set-up).
 """
@@ -49,6 +55,8 @@ def parse_args(argv=None):
     parser.add_argument("--ultralytics-python", default=None,
                         help="a Python with ultralytics installed (say /work/venv-race/bin/python); none: kdet only")
     parser.add_argument("--imgsz", type=int, default=320, help="Ultralytics' input size")
+    parser.add_argument("--reuse-kdet", action="store_true", help="score WORK_DIR/kdet as it is (no kdet training)")
+    parser.add_argument("--keras-cv", action="store_true", help="race keras-cv's YOLOV8Detector too")
     parser.add_argument("--max-train-images", type=int, default=None, help="train both on the first N images")
     parser.add_argument("--peer", default=None, help=argparse.SUPPRESS)  # internal: the Ultralytics side
     return parser.parse_args(argv)
@@ -92,6 +100,15 @@ def run_kdet(recipe, work_dir):
         epochs = json.load(f)["epochs_done"]
     return dict(epochs=epochs, train_seconds=metrics["train_seconds"],
                 cpu_seconds=round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1))
+
+
+def kdet_timing(work_dir):
+    """The row's timing fields of a finished kdet run (``--reuse-kdet``; its CPU time is not known)."""
+    with open(os.path.join(work_dir, "state.json")) as f:
+        epochs = json.load(f)["epochs_done"]
+    with open(os.path.join(work_dir, "metrics.json")) as f:
+        seconds = json.load(f)["train_seconds"]
+    return dict(epochs=epochs, train_seconds=seconds, cpu_seconds=float("nan"))
 
 
 def split_records(recipe, split):
@@ -170,6 +187,66 @@ def ultralytics_results(peer, ground_truth):
     return results
 
 
+# ------------------------------------------------------------------ keras-cv (this process)
+def keras_cv_detector(num_classes, max_det):
+    import keras
+    import keras_cv
+
+    backbone = keras_cv.models.YOLOV8Backbone(stackwise_channels=[32, 64, 128, 256], stackwise_depth=[1, 2, 2, 1],
+                                              include_rescaling=True, activation="swish")  # yolo_v8_xs_backbone
+    decoder = keras_cv.layers.NonMaxSuppression(bounding_box_format="xyxy", from_logits=False, iou_threshold=0.7,
+                                                confidence_threshold=0.001, max_detections=max_det)
+    model = keras_cv.models.YOLOV8Detector(num_classes=num_classes, bounding_box_format="xyxy", backbone=backbone,
+                                           fpn_depth=1, prediction_decoder=decoder)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=1e-3, global_clipnorm=10.0),
+                  classification_loss="binary_crossentropy", box_loss="ciou")
+    return model
+
+
+def run_keras_cv(args, recipe, train, test, max_det, ground_truth):
+    """Train keras-cv's YOLOV8Detector for the budget, predict the test split; the row's fields and results."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from kdet.data.augment import hflip, resize
+    from kdet.data.pipeline import make_dataset
+    from kdet.training.time_budget import TimeBudget
+
+    size, class_names = args.imgsz, recipe["data"]["class_names"]
+    batch = recipe["data"]["batch_size"]
+
+    def keras_cv_batch(images, targets):
+        boxes = targets[..., :4] * float(size)  # normalised xyxy -> pixels of the input
+        return tf.cast(images, tf.float32), dict(boxes=boxes, classes=targets[..., 4])
+
+    data = make_dataset(train, size, batch, augment=[hflip(), resize()], max_boxes=recipe["data"]["max_boxes"],
+                        seed=0, cache_images=True).map(keras_cv_batch)
+    steps = len(train) // batch
+    model = keras_cv_detector(len(class_names), max_det)
+    progbar = keras.callbacks.ProgbarLogger()
+    budget = TimeBudget(args.budget, 100, steps, progbar=progbar)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    history = model.fit(data, epochs=budget.fit_epochs(0), steps_per_epoch=steps, callbacks=[budget, progbar],
+                        verbose=2, shuffle=False)  # kdet's pipeline shuffles
+    seconds = budget.elapsed()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    test_data = make_dataset(test, size, batch, training=False, max_boxes=recipe["data"]["max_boxes"], with_meta=True)
+    image_ids = {image["file_name"]: image["id"] for image in ground_truth["images"]}
+    results = []
+    for images, _, meta in test_data:
+        out = model.predict(tf.cast(images, tf.float32), verbose=0)
+        scale = np.stack([meta["width"], meta["height"], meta["width"], meta["height"]], -1) / float(size)
+        for row, index in enumerate(meta["index"].numpy()):
+            image_id = image_ids[os.path.basename(test[index].image_path)]
+            for k in range(int(out["num_detections"][row])):
+                x0, y0, x1, y1 = (np.asarray(out["boxes"][row, k]) * scale[row]).tolist()
+                results.append(dict(image_id=image_id, category_id=int(out["classes"][row, k]) + 1,
+                                    bbox=[x0, y0, x1 - x0, y1 - y0], score=float(out["confidence"][row, k])))
+    return dict(epochs=len(history.epoch), train_seconds=seconds, train_images=len(train),
+                cpu_seconds=round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1)), results
+
+
 # ------------------------------------------------------------------ scoring and the table
 def coco_scores(ground_truth, results):
     """pycocotools' AP, AP50 and AP50 per category (in the ground truth's category order)."""
@@ -217,8 +294,9 @@ def main(argv=None):
     max_det = nms_settings(recipe.get("eval"))["max_detections"]
     kdet_dir = os.path.join(args.work_dir, "kdet")
     rows = []
-    print(f"== kdet: {os.path.relpath(args.recipe, REPO)}, train.time_budget={args.budget:g} min", flush=True)
-    timing = run_kdet(recipe, kdet_dir)
+    reused = " (reused: not trained now)" if args.reuse_kdet else ""
+    print(f"== kdet: {os.path.relpath(args.recipe, REPO)}, train.time_budget={args.budget:g} min{reused}", flush=True)
+    timing = run_kdet(recipe, kdet_dir) if not args.reuse_kdet else kdet_timing(kdet_dir)
     with open(os.path.join(kdet_dir, "ground_truth.json")) as f:
         ground_truth = json.load(f)
     with open(os.path.join(kdet_dir, "test_detections.json")) as f:
@@ -235,7 +313,12 @@ def main(argv=None):
                          train_images=peer["train_images"],
                          **coco_scores(ground_truth, ultralytics_results(peer, ground_truth))))
     else:
-        print("note: no --ultralytics-python: kdet only")
+        print("note: no --ultralytics-python: Ultralytics not raced")
+    if args.keras_cv:
+        print(f"== keras-cv YOLOV8Detector (xs backbone, from scratch), imgsz {args.imgsz}", flush=True)
+        train = recipe["data"]["train"].records() if args.max_train_images else split_records(recipe, "train")
+        row, results = run_keras_cv(args, recipe, train, split_records(recipe, "test"), max_det, ground_truth)
+        rows.append(dict(system=f"keras-cv YOLOV8Detector {args.imgsz} px", **row, **coco_scores(ground_truth, results)))
     names = [c["name"] for c in sorted(ground_truth["categories"], key=lambda c: c["id"])]
     table = format_table(rows, names)
     print(f"\nTest split: {len(ground_truth['images'])} images, pycocotools, at most {max_det} detections per image "

@@ -167,7 +167,7 @@ class TimeBudget(keras.callbacks.Callback):
     def _stop(self, done, message):
         self.model.stop_training = True
         if message and self.verbose:
-            plan = f"decided {self.epochs} epochs" if self.decided else "before a decision: the first epoch's step was all"
+            plan = f"decided {self.epochs} epochs" if self.decided else "no epoch after the first step to time yet"
             print(f"\n{message}; stopping ({plan})")
 
     def _show_epochs(self):
