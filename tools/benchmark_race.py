@@ -322,7 +322,7 @@ def main(argv=None):
     names = [c["name"] for c in sorted(ground_truth["categories"], key=lambda c: c["id"])]
     table = format_table(rows, names)
     print(f"\nTest split: {len(ground_truth['images'])} images, pycocotools, at most {max_det} detections per image "
-          f"(both); budget {args.budget:g} min each; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n{table}")
+          f"(every system); budget {args.budget:g} min each; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n{table}")
     with open(os.path.join(args.work_dir, "race.json"), "w") as f:
         json.dump(dict(budget_minutes=args.budget, max_detections=max_det, rows=rows), f, indent=1)
     return 0
