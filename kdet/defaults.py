@@ -61,6 +61,8 @@ def default_recipe():
             val=None,
             test=None,
             augment=ssd_augmentation(),  # photometric, expand, min-IoU crop, flip, resize; None: resize only
+            close_mosaic=0,              # mosaic() off for the last N epochs (Ultralytics' close_mosaic; scaled
+                                         # with train.time_budget); needs train.seed
             batch_size=32,
             eval_batch_size=32,
             max_boxes=100,
@@ -103,6 +105,9 @@ def default_recipe():
             jit_compile=False,
             strategy="default",          # "mirrored" | "multiworker" | "tpu"
             early_stopping_patience=None,  # epochs without val_AP improvement
+            time_budget=None,            # minutes of training (Ultralytics' time=): epochs are measured and as many
+                                         # run as fit; the LR schedule and close_mosaic, planned over `epochs`,
+                                         # are re-paced to them (kdet/training/time_budget.py)
         ),
         pretrained=None,                 # with model.backbone_weights="auto": recipe settings merged in when ImageNet
                                          # weights can be fetched, e.g. dict(model=dict(backbone="vgg16"), train=...)

@@ -52,15 +52,18 @@ def load_records(sources):
         raise UserError(str(err)) from err
 
 
-def build_train_dataset(recipe, records, seed=None, epoch=None):
-    """Training batches; with ``epoch`` (a ``tf.Variable`` set by ``PassEpoch``) each epoch's pass comes from it."""
+def build_train_dataset(recipe, records, seed=None, epoch=None, mosaic_off_from=None):
+    """Training batches; with ``epoch`` (a ``tf.Variable`` set by ``PassEpoch``) each epoch's pass comes from it.
+
+    ``mosaic_off_from`` (a ``tf.Variable``): the first epoch without mosaic (``data.close_mosaic``).
+    """
     from kdet.data.pipeline import make_dataset
 
     data = recipe["data"]
     return make_dataset(records, image_size=_image_size(recipe), batch_size=data["batch_size"],
                         augment=data.get("augment"), training=True, max_boxes=data["max_boxes"],
                         seed=seed, cache_images=data.get("cache_images", False), workers=data.get("workers"),
-                        epoch=epoch)
+                        epoch=epoch, mosaic_off_from=mosaic_off_from)
 
 
 def build_eval_dataset(recipe, records, with_meta=False):
@@ -161,7 +164,20 @@ def build_loss(recipe, class_names, train_records=None, verbose=True, anchors_pe
 
 
 def build_learning_rate(train_cfg, steps_per_epoch):
-    """Warm-up plus the recipe's step / cosine / constant schedule, in optimizer steps."""
+    """Warm-up plus the recipe's step / cosine / constant schedule, in optimizer steps.
+
+    With ``train.time_budget`` the schedule is planned over ``train.epochs`` and re-paced to the
+    epochs that fit (a ``FittedSchedule``, see kdet/training/time_budget.py).
+    """
+    schedule = _planned_learning_rate(train_cfg, steps_per_epoch)
+    if not train_cfg.get("time_budget"):
+        return schedule
+    from kdet.training.optim import FittedSchedule
+
+    return FittedSchedule(schedule, planned_steps=int(train_cfg["epochs"]) * steps_per_epoch)
+
+
+def _planned_learning_rate(train_cfg, steps_per_epoch):
     from kdet.training.optim import ConstantSchedule, cosine_schedule, epochs_to_steps, step_schedule
 
     base_lr = float(train_cfg["learning_rate"])
@@ -236,11 +252,12 @@ def evaluate_records(model, records, class_names, recipe):
 
 
 # ------------------------------------------------------------------ training
-def build_callbacks(recipe, work_dir, class_names, val_dataset, resume_point=None):
+def build_callbacks(recipe, work_dir, class_names, val_dataset, resume_point=None, extra_state=None):
     """Checkpoints, logs, COCO evaluation, early stopping, freezing and the non-finite guard.
 
     ``resume_point`` (from `load_resume_point`) keeps ``log.csv``'s rows of the finished
-    epochs and the best value ``best.keras`` was saved at.
+    epochs and the best value ``best.keras`` was saved at; ``extra_state()`` returns more
+    entries for ``state.json`` (the time budget's).
     """
     from kdet.training.callbacks import Checkpoints, CSVLog, EarlyStoppingOnEvaluations, StopOnNonFiniteLoss
 
@@ -264,7 +281,7 @@ def build_callbacks(recipe, work_dir, class_names, val_dataset, resume_point=Non
     callbacks += [
         _image_logger(work_dir, val_dataset, eval_cfg.get("every_n_epochs", 1)),
         CSVLog(os.path.join(work_dir, "log.csv"), keep_epochs=epochs_done),   # written before state.json
-        Checkpoints(work_dir, monitor=monitor, mode="max", best=best),         # best, last, state.json
+        Checkpoints(work_dir, monitor=monitor, mode="max", best=best, extra_state=extra_state),  # + state.json
         keras.callbacks.TensorBoard(os.path.join(work_dir, "tensorboard"), write_graph=False),
     ]
     return callbacks
@@ -321,7 +338,7 @@ def load_resume_point(work_dir, steps_per_epoch):
                             "state.json and last.keras to start over")
         epochs_done += 1   # killed between writing last.keras and state.json
         print(f"{last} is one epoch ahead of {state_path} (the run was stopped between the two writes)")
-    return dict(model=model, epochs_done=epochs_done, best=state.get("best"))
+    return dict(model=model, epochs_done=epochs_done, best=state.get("best"), time_budget=state.get("time_budget"))
 
 
 def _read_state(path):
@@ -381,13 +398,14 @@ def train(recipe, work_dir, resume=False):
     seed = train_cfg.get("seed")
     # seeded: each epoch's data order and augmentation come from (seed, epoch), so a resumed run repeats none
     pass_epoch = tf.Variable(0, dtype=tf.int64, trainable=False) if seed is not None else None
-    train_ds = build_train_dataset(recipe, epoch_records, seed=seed, epoch=pass_epoch)
     steps_per_epoch = len(epoch_records) // recipe["data"]["batch_size"]
     if steps_per_epoch < 1:
         raise RecipeError(f"{len(epoch_records)} training images are fewer than one batch "
                           f"({recipe['data']['batch_size']})")
-    train_ds = train_ds.apply(tf.data.experimental.assert_cardinality(steps_per_epoch))  # a known epoch length
     _resolve_auto_epochs(train_cfg, steps_per_epoch)
+    mosaic_off_from = _mosaic_switch(recipe, pass_epoch)
+    train_ds = build_train_dataset(recipe, epoch_records, seed=seed, epoch=pass_epoch, mosaic_off_from=mosaic_off_from)
+    train_ds = train_ds.apply(tf.data.experimental.assert_cardinality(steps_per_epoch))  # a known epoch length
     # with meta: val_AP's small / medium / large ranges use the original image sizes, as the final evaluation
     val_ds = build_eval_dataset(recipe, val_records, with_meta=True) if val_records else None
 
@@ -413,19 +431,64 @@ def train(recipe, work_dir, resume=False):
             model.compile(optimizer=build_optimizer(recipe, model, steps_per_epoch), loss=loss,
                           metrics=[MultiBoxParts(loss)],  # loc, conf, positives_per_image each epoch
                           jit_compile=bool(train_cfg.get("jit_compile", False)))
-    callbacks = build_callbacks(recipe, work_dir, class_names, val_ds, resume_point)
+    budget = _time_budget(recipe, steps_per_epoch, mosaic_off_from, resume_point)
+    callbacks = build_callbacks(recipe, work_dir, class_names, val_ds, resume_point,
+                                extra_state=(lambda: dict(time_budget=budget.state())) if budget is not None else None)
+    if budget is not None:  # first: it decides before val_AP and the checkpoint of the epoch are written
+        callbacks[:0] = [budget] + ([budget.progbar] if budget.progbar else [])
     if pass_epoch is not None:
         from kdet.training.callbacks import PassEpoch
 
         callbacks.insert(0, PassEpoch(pass_epoch))
     started = time.time()
-    model.fit(train_ds, epochs=int(train_cfg["epochs"]), initial_epoch=initial_epoch,
-              callbacks=callbacks, verbose=recipe.get("verbose", 1),
-              shuffle=False)   # train_ds shuffles itself; Keras' default True only warns for a tf.data input
+    history = model.fit(train_ds, epochs=budget.fit_epochs(initial_epoch) if budget is not None else int(train_cfg["epochs"]),
+                        initial_epoch=initial_epoch, callbacks=callbacks, verbose=recipe.get("verbose", 1),
+                        shuffle=False)   # train_ds shuffles itself; Keras' default True only warns for a tf.data input
     train_seconds = time.time() - started
+    if budget is not None:
+        train_seconds = budget.elapsed()  # the whole budget's time, with the runs this one resumes
+        print(f"time_budget {budget.minutes:g} min: {initial_epoch + len(history.epoch)} epochs in "
+              f"{train_seconds / 60:.2f} min")
     if val_records and train_cfg.get("ema_momentum") is not None:
         _evaluate_averaged_weights(model, val_records, class_names, recipe)
     return finish(model, recipe, work_dir, class_names, test_records, train_seconds, train_records=records["train"])
+
+
+def _mosaic_switch(recipe, pass_epoch):
+    """The ``tf.Variable`` holding the first epoch without mosaic, for ``data.close_mosaic`` (None without it)."""
+    import tensorflow as tf
+
+    from kdet.data.augment import Mosaic
+
+    close = int(recipe["data"].get("close_mosaic") or 0)
+    if not close:
+        return None
+    if close < 0:
+        raise RecipeError(f"data.close_mosaic must be a number of epochs >= 0, got {close}")
+    if not any(isinstance(t, Mosaic) for t in recipe["data"].get("augment") or []):
+        print(f"note: data.close_mosaic={close} does nothing: data.augment has no mosaic() entry")
+        return None
+    if pass_epoch is None:
+        raise RecipeError("data.close_mosaic needs train.seed (the epoch reaches the input pipeline "
+                          "through the seeded passes)")
+    first_off = max(0, int(recipe["train"]["epochs"]) - close)
+    return tf.Variable(first_off, dtype=tf.int64, trainable=False)
+
+
+def _time_budget(recipe, steps_per_epoch, mosaic_off_from, resume_point):
+    """The ``TimeBudget`` callback for ``train.time_budget`` (None without one)."""
+    minutes = recipe["train"].get("time_budget")
+    if minutes is None:
+        return None
+    if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or minutes <= 0:
+        raise RecipeError(f"train.time_budget must be a number of minutes > 0, got {minutes!r}")
+    from kdet.training.time_budget import TimeBudget
+
+    verbose = recipe.get("verbose", 1)
+    return TimeBudget(minutes, recipe["train"]["epochs"], steps_per_epoch,
+                      close_mosaic=recipe["data"].get("close_mosaic") or 0, mosaic_off_from=mosaic_off_from,
+                      resumed=(resume_point or {}).get("time_budget"),
+                      progbar=keras.callbacks.ProgbarLogger() if verbose else None)
 
 
 def _preflight(recipe, records, class_names, work_dir):

@@ -36,6 +36,10 @@ from kdet.data.image_check import CHANGED_HINT, apply_orientation, swaps_axes, t
 from kdet.data.records import load_image
 
 
+# A pass key with this bit set is a pass without mosaic (data.close_mosaic); drawn keys are below 2**62.
+MOSAIC_OFF_BIT = 1 << 62
+
+
 class _Sampler:
     """The Python step of one element: (decoded image, pass key, index) -> (image, targets, original hw)."""
 
@@ -77,7 +81,7 @@ class _Sampler:
         record = self.records[index]
         sample = (image, record.boxes, record.classes, record.ignore)
         if self.augmenter is not None:
-            sample = self._augment(sample, rng)
+            sample = self._augment(sample, rng, mosaic_on=not int(key) & MOSAIC_OFF_BIT)
         image, boxes = sample[0], _normalize(sample[1], sample[0].shape)
         if image.shape[:2] != self.size:
             image = cv2.resize(image, self.size[::-1], interpolation=cv2.INTER_LINEAR)
@@ -97,9 +101,9 @@ class _Sampler:
             images[row], targets[row], sizes[row] = self(empty, key, index)
         return images, targets, sizes
 
-    def _augment(self, sample, rng):
+    def _augment(self, sample, rng, mosaic_on=True):
         mosaic = self.augmenter.mosaic
-        if mosaic is not None and rng.random() < mosaic.p:
+        if mosaic is not None and mosaic_on and rng.random() < mosaic.p:
             others = rng.integers(0, len(self.records), 3)
             samples = [sample] + [self._sample(int(j)) for j in others]
             sample = mosaic.combine(samples, rng, min_visibility=self.augmenter.min_visibility)

@@ -50,7 +50,7 @@ def make_dataset(records, image_size, batch_size: int, augment=None, training: b
                  shuffle: bool = True,
                  seed=None, num_parallel_calls=AUTOTUNE, cache_images=False, with_meta=False,
                  min_visibility=DEFAULT_MIN_VISIBILITY, cv2_threads=0, decode="auto", workers=None,
-                 worker_chunksize=8, epoch=None):
+                 worker_chunksize=8, epoch=None, mosaic_off_from=None):
     """A batched ``tf.data.Dataset`` of ``(images, targets)`` (plus ``meta`` when ``with_meta``).
 
     Args:
@@ -85,6 +85,9 @@ def make_dataset(records, image_size, batch_size: int, augment=None, training: b
         from ``(seed, epoch)`` instead of from how often the dataset has been iterated, so a
         run resumed at epoch ``k`` sees exactly the passes of a run without a break (Keras
         itself iterates once to build the model). Needs a ``seed``.
+        ``mosaic_off_from``: a ``tf.Variable`` (int64), the first epoch whose pass has no mosaic
+        (``data.close_mosaic``; read with ``epoch`` when each pass starts, so it may change during
+        training and a resumed run switches at the same epoch). Needs ``epoch``.
 
     Returns:
         a ``tf.data.Dataset`` of ``(images uint8 [B, H, W, 3], targets float32 [B, max_boxes, 6])``
@@ -105,6 +108,8 @@ def make_dataset(records, image_size, batch_size: int, augment=None, training: b
     records = _as_records(records)
     if epoch is not None and seed is None:
         raise ValueError("make_dataset(epoch=...) needs a seed: the passes are drawn from (seed, epoch)")
+    if mosaic_off_from is not None and epoch is None:
+        raise ValueError("make_dataset(mosaic_off_from=...) needs the epoch variable (epoch=...)")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if cv2_threads is not None:
@@ -141,11 +146,11 @@ def make_dataset(records, image_size, batch_size: int, augment=None, training: b
 
     if workers:
         dataset = _process_batches(sampler, len(records), batch_size, training, shuffle, seed, cv2_threads, workers,
-                                   worker_chunksize, epoch)
+                                   worker_chunksize, epoch, mosaic_off_from)
         dataset = dataset.map(with_meta_of)
         return dataset.prefetch(AUTOTUNE)
 
-    indices = _element_indices(len(records), training, shuffle, seed, seed_base, epoch)
+    indices = _element_indices(len(records), training, shuffle, seed, seed_base, epoch, mosaic_off_from)
     deterministic = True if (seed is not None or not training) else None
     if in_graph:
         dataset = _decoded_in_graph(indices, sampler, records, with_meta_of, num_parallel_calls, deterministic)
@@ -388,19 +393,21 @@ def _warn_too_many_boxes(records, max_boxes):
             f"only the first {max_boxes} of each are used as targets", stacklevel=3)
 
 
-def _element_indices(count, training, shuffle, seed, seed_base, epoch=None):
+def _element_indices(count, training, shuffle, seed, seed_base, epoch=None, mosaic_off_from=None):
     """``(pass_key, index)`` pairs: one pass over the records, shuffled anew each pass."""
     return _passes(count, training, shuffle, seed, seed_base,
-                   lambda key, order: tf.data.Dataset.from_tensor_slices(order).map(lambda i: (key, i)), epoch)
+                   lambda key, order: tf.data.Dataset.from_tensor_slices(order).map(lambda i: (key, i)), epoch,
+                   mosaic_off_from)
 
 
-def _passes(count, training, shuffle, seed, seed_base, one_pass, epoch=None):
+def _passes(count, training, shuffle, seed, seed_base, one_pass, epoch=None, mosaic_off_from=None):
     """``one_pass(key, order)`` flat-mapped over one pass key per iteration.
 
     Training: the key is a seeded random number drawn anew each time the dataset
     is iterated, or, with an ``epoch`` variable, drawn from ``(seed, epoch)`` when the
     pass starts; ``order`` is the records' indices shuffled by ``(seed, key)``.
-    Evaluation: key 0, indices in order.
+    Evaluation: key 0, indices in order. From epoch ``mosaic_off_from`` on, the key carries
+    ``MOSAIC_OFF_BIT`` (the Python step then skips mosaic).
     """
     if not training:
         return tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).flat_map(
@@ -408,7 +415,8 @@ def _passes(count, training, shuffle, seed, seed_base, one_pass, epoch=None):
     if epoch is None:
         keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1)
     else:  # read when the pass starts, after the epoch's on_epoch_begin
-        keys = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).map(lambda _: _pass_key(seed, epoch))
+        keys = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).map(
+            lambda _: _pass_key(seed, epoch, mosaic_off_from))
 
     def shuffled(key):
         order = tf.range(count, dtype=tf.int64)
@@ -434,14 +442,22 @@ def _auto_workers(training, augmenter, decode):
     return min(cpus, 4) if cpus >= MIN_CPUS_FOR_WORKERS else 0
 
 
-def _pass_key(seed, epoch):
-    """A non-negative int64 key for the pass of ``epoch`` (a variable), stateless in ``(seed, epoch)``."""
-    pair = tf.stack([tf.constant(int(seed), tf.int64), tf.cast(epoch.read_value(), tf.int64)])
-    return tf.random.stateless_uniform([], seed=pair, minval=0, maxval=2 ** 62, dtype=tf.int64)
+def _pass_key(seed, epoch, mosaic_off_from=None):
+    """A non-negative int64 key for the pass of ``epoch`` (a variable), stateless in ``(seed, epoch)``.
+
+    With ``mosaic_off_from`` (a variable), epochs from it on get ``MOSAIC_OFF_BIT`` set.
+    """
+    current = tf.cast(epoch.read_value(), tf.int64)
+    pair = tf.stack([tf.constant(int(seed), tf.int64), current])
+    key = tf.random.stateless_uniform([], seed=pair, minval=0, maxval=2 ** 62, dtype=tf.int64)
+    if mosaic_off_from is None:
+        return key
+    off = current >= tf.cast(mosaic_off_from.read_value(), tf.int64)
+    return tf.where(off, tf.bitwise.bitwise_or(key, tf.constant(_workers.MOSAIC_OFF_BIT, tf.int64)), key)
 
 
 def _process_batches(sampler, count, batch_size, training, shuffle, seed, cv2_threads, workers, chunksize,
-                     epoch=None):
+                     epoch=None, mosaic_off_from=None):
     """Batches ``(images uint8, targets, original_hw, index)`` computed by ``workers`` processes, in order.
 
     The same elements as the in-thread path: pass keys and orders come from the
@@ -468,7 +484,7 @@ def _process_batches(sampler, count, batch_size, training, shuffle, seed, cv2_th
         pass_id = tf.numpy_function(feeder.start, [key, order], tf.int64, stateful=True)
         return tf.data.Dataset.range(batches).map(lambda b: fetch(pass_id, b))
 
-    return _passes(count, training, shuffle, seed, sampler.seed_base, one_pass, epoch)
+    return _passes(count, training, shuffle, seed, sampler.seed_base, one_pass, epoch, mosaic_off_from)
 
 
 class _Feeder:

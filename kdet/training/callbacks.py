@@ -236,8 +236,9 @@ class Checkpoints(keras.callbacks.Callback):
     from overwriting a better ``best.keras``.
     """
 
-    def __init__(self, work_dir, monitor=None, mode="max", best=None):
+    def __init__(self, work_dir, monitor=None, mode="max", best=None, extra_state=None):
         super().__init__()
+        self.extra_state = extra_state  # a callable: more entries for state.json
         self.work_dir = work_dir
         self.monitor = monitor
         self.better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
@@ -254,6 +255,8 @@ class Checkpoints(keras.callbacks.Callback):
         state = dict(epochs_done=epoch + 1, iterations=int(self.model.optimizer.iterations.numpy()))
         if self.best:
             state["best"] = self.best
+        if self.extra_state:
+            state.update(self.extra_state())
         atomic_write_text(os.path.join(self.work_dir, "state.json"), json.dumps(state, indent=1))
 
 

@@ -21,8 +21,9 @@ All schedules are ``keras.optimizers.schedules.LearningRateSchedule``
 subclasses written with ``keras.ops`` and registered for serialization:
 :class:`WarmupSchedule` (linear warm-up wrapped around any schedule or float),
 :class:`StepSchedule` (the SSD paper's x0.1 drops at 80k/100k iterations),
-:class:`CosineSchedule` and :class:`ScaledSchedule` (a constant multiplier,
-used by gradual unfreezing's ``lr_factors``).
+:class:`CosineSchedule`, :class:`ScaledSchedule` (a constant multiplier,
+used by gradual unfreezing's ``lr_factors``) and :class:`FittedSchedule` (a planned
+schedule re-paced to fit ``train.time_budget``).
 """
 
 import math
@@ -167,6 +168,62 @@ class ScaledSchedule(Schedule):
 
     def get_config(self):
         return {"base": _serialize_schedule(self.base), "factor": self.factor}
+
+
+@keras.saving.register_keras_serializable(package="kdet")
+class FittedSchedule(Schedule):
+    """A planned schedule (``planned_steps`` long) played at an adjustable pace: what ``train.time_budget`` fits.
+
+    ``lr(step) = base(position)`` with ``position = anchor_position + (step - anchor_step) * rate``:
+    the identity until :meth:`fit_rest` says the run will end at ``total_steps`` instead; the
+    rest of the plan (warm-up left, step drops, cosine) is then squeezed or stretched into the
+    steps left, continuing from where it is (no jump in the learning rate). The three numbers
+    live in one variable read inside the compiled train step, so a re-fit during ``fit`` needs
+    no retrace; ``get_config`` saves their values with the checkpoint (``--resume``).
+    """
+
+    def __init__(self, base, planned_steps, anchor_step=0.0, anchor_position=0.0, rate=1.0):
+        if planned_steps <= 0:
+            raise ValueError(f"planned_steps must be > 0, got {planned_steps}")
+        self.base = _as_schedule(base)
+        self.planned_steps = int(planned_steps)
+        self.pace = keras.Variable([anchor_step, anchor_position, rate], dtype="float32", trainable=False,
+                                   name="fitted_schedule_pace")
+
+    def position(self, step):
+        """Where ``step`` falls on the planned schedule's step axis (a tensor)."""
+        anchor_step, anchor_position, rate = ops.unstack(ops.convert_to_tensor(self.pace), 3)
+        return anchor_position + (ops.cast(step, "float32") - anchor_step) * rate
+
+    def __call__(self, step):
+        return ops.cast(self.base(self.position(step)), "float32")
+
+    def fit_rest(self, step, total_steps):
+        """From optimizer step ``step`` on, play the rest of the plan so that it ends at ``total_steps``."""
+        here = float(ops.convert_to_numpy(self.position(step)))
+        left_planned, left_steps = self.planned_steps - here, total_steps - step
+        rate = left_planned / left_steps if left_planned > 0 and left_steps > 0 else 0.0
+        self.pace.assign([float(step), here, rate])
+
+    def step_at(self, position):
+        """The optimizer step at which the current pace reaches planned ``position`` (None: never)."""
+        anchor_step, anchor_position, rate = (float(v) for v in self.pace.numpy())
+        if rate <= 0:
+            return None
+        return anchor_step + (position - anchor_position) / rate
+
+    def get_config(self):
+        anchor_step, anchor_position, rate = (float(v) for v in self.pace.numpy())
+        return {"base": _serialize_schedule(self.base), "planned_steps": self.planned_steps,
+                "anchor_step": anchor_step, "anchor_position": anchor_position, "rate": rate}
+
+
+def find_fitted_schedule(optimizer):
+    """The :class:`FittedSchedule` in ``optimizer``'s learning rate (inside any wrappers), or None."""
+    schedule = getattr(optimizer, "_learning_rate", None)  # Keras keeps the schedule object there
+    while schedule is not None and not isinstance(schedule, FittedSchedule):
+        schedule = getattr(schedule, "base", None)
+    return schedule
 
 
 def epochs_to_steps(epochs, steps_per_epoch):
