@@ -116,8 +116,9 @@ def append_slots(spec, count, classes):
     n = ops.shape(classes)[0]
     slots = ops.cast(count, "int32") + ops.arange(n, dtype="int32")
     fits = slots < spec.capacity
-    lost = ops.sum(ops.cast(ops.logical_not(fits) & (classes >= 0), "int32"))
-    return ops.where(fits, slots, spec.capacity), lost, ops.minimum(ops.cast(count, "int32") + n, spec.capacity)
+    lost = ops.cast(ops.sum(ops.cast(ops.logical_not(fits) & (classes >= 0), "int32")), "int32")
+    new_count = ops.cast(ops.minimum(ops.cast(count, "int32") + n, spec.capacity), "int32")
+    return ops.cast(ops.where(fits, slots, spec.capacity), "int32"), lost, new_count
 
 
 def match_batch(spec, gt_boxes, gt_classes, gt_crowd, gt_area, det_boxes, det_scores, det_classes, gt_ignore=None):
@@ -178,7 +179,7 @@ def _count_ground_truth(gt_classes, gt_valid, gt_ignored, num_classes):
     counted = ops.cast(gt_valid[:, None, :] & ops.logical_not(gt_ignored), "int32")        # [B,A,G]
     per_row = ops.reshape(ops.transpose(counted, [0, 2, 1]), [-1, ops.shape(counted)[1]])  # [B*G,A]
     segment = ops.reshape(ops.where(gt_valid, gt_classes, num_classes), [-1])
-    return ops.segment_sum(per_row, segment, num_segments=num_classes + 1)[:num_classes]
+    return ops.cast(ops.segment_sum(per_row, segment, num_segments=num_classes + 1)[:num_classes], "int32")
 
 
 def _rank_within_class(classes):
@@ -186,7 +187,7 @@ def _rank_within_class(classes):
     index = ops.arange(ops.shape(classes)[1], dtype="int32")
     earlier = index[None, :] < index[:, None]                                 # [i, j]: j before i
     same = classes[:, :, None] == classes[:, None, :]
-    return ops.sum(ops.cast(same & earlier[None], "int32"), axis=-1)
+    return ops.cast(ops.sum(ops.cast(same & earlier[None], "int32"), axis=-1), "int32")  # int64 under x64
 
 
 def _outside_areas(area, params, dtype):
@@ -268,6 +269,7 @@ def state_result(spec, state):
     npig_row = ops.tile(ops.take(ops.maximum(num_gt, 1), safe_cls, axis=0), [1, M * T])   # [N,cols]
     class_size = ops.segment_sum(ops.cast(valid, "int32"), safe_cls, num_segments=K)
     class_start = ops.take(ops.cumsum(class_size) - class_size, safe_cls, axis=0)
+    num_gt_f = ops.cast(num_gt, f)
 
     tp_count = _cumsum_within(is_tp, class_start)
     fp_count = _cumsum_within(is_fp, class_start)
@@ -281,9 +283,11 @@ def state_result(spec, state):
     best = ops.maximum(ops.reshape(best[:sink], [K, M, T, A, R + 1]), 0.0)
     q = _suffix_max(best[..., 1:])                                                       # [K,M,T,A,R]
     tp_total = ops.reshape(ops.cast(ops.segment_sum(is_tp, safe_cls, num_segments=K), f), [K, M, T, A])
-    num_gt_f = ops.cast(num_gt, f)
     present = (num_gt > 0)[:, None, None, :]                                             # [K,1,1,A]
-    recall = ops.where(present, tp_total / ops.maximum(num_gt_f, 1.0)[:, None, None, :], -1.0)
+    # "+ 0 * tp_total": a full-shape divisor; XLA turns a division by a broadcast into a product
+    # with its reciprocal (1 ulp off pycocotools' tp / npig)
+    divisor = ops.maximum(num_gt_f, 1.0)[:, None, None, :] + 0.0 * tp_total
+    recall = ops.where(present, tp_total / divisor, -1.0)
     precision = ops.where(present[..., None], q, -1.0)
     return ops.transpose(precision, [2, 4, 0, 3, 1]), ops.transpose(recall, [2, 0, 3, 1])
 
@@ -304,7 +308,7 @@ def _rows_by_class_and_score(state, capacity, num_classes):
 
 def _cumsum_within(values, start):
     """Cumulative sum along axis 0 restarting at each row's class start: [N, C]."""
-    total = ops.cumsum(values, axis=0)
+    total = ops.cast(ops.cumsum(values, axis=0), "int32")  # int64 under JAX's x64
     return total - ops.take(total - values, start, axis=0)
 
 
