@@ -7,24 +7,11 @@ import tensorflow as tf
 from kdet.metrics.coco import STAT_NAMES, coco_evaluate, evaluate_arrays, load_coco_arrays
 from kdet.metrics.coco_device import COCOAccumulator, padded_batches
 from kdet.metrics._coco_common import summarize
-from test_coco_eval import det, ground_truth, pycocotools_eval, random_workload
+from test_coco_eval import det, pycocotools_eval, random_workload
+from _coco_cases import edge_case_workload, ignore_flag_case, uncut_update_arguments
 
-BATCH, GT_WIDTH, DET_WIDTH, NUM_CLASSES = 8, 8, 48, 4
-
-
-def edge_case_workload():
-    """Crowds, IoU exactly 0.5, equal scores, an image without gt, a class without gt, area != box area."""
-    anns = [
-        {"image_id": 1, "category_id": 1, "bbox": [0, 0, 100, 100], "iscrowd": 1},
-        {"image_id": 1, "category_id": 1, "bbox": [200, 200, 20, 20]},
-        {"image_id": 2, "category_id": 1, "bbox": [0, 0, 10, 10]},
-        {"image_id": 2, "category_id": 2, "bbox": [0, 0, 100, 100], "area": 500.0},
-        {"image_id": 3, "category_id": 2, "bbox": [0, 0, 30, 30]},
-    ]
-    dets = [det(1, 1, [10, 10, 20, 20], 0.9), det(1, 1, [50, 50, 20, 20], 0.5), det(1, 1, [200, 200, 20, 20], 0.5),
-            det(2, 1, [0, 0, 10, 20], 0.5), det(2, 2, [0, 0, 100, 100], 0.7), det(3, 2, [60, 60, 30, 30], 0.7),
-            det(3, 2, [0, 0, 30, 30], 0.7), det(4, 2, [0, 0, 30, 30], 0.95), det(4, 3, [0, 0, 30, 30], 0.6)]
-    return ground_truth(anns, n_images=4, n_classes=NUM_CLASSES), dets
+BATCH, GT_WIDTH, DET_WIDTH = 8, 8, 48
+NUM_CLASSES = 4
 
 
 @pytest.fixture(scope="module")
@@ -70,30 +57,6 @@ def test_float32_within_1e4_of_pycocotools(jit_compile):
         assert abs(got[name] - ref[name]) <= 1e-4, name
 
 
-def uncut_update_arguments(gt, dets):
-    """``COCOAccumulator.update`` arguments (xywh) for all images in one batch, every detection kept
-    (``load_coco_arrays`` already cuts each image to 100 per class; the callback feeds ``detect`` uncut)."""
-    image_ids = sorted(im["id"] for im in gt["images"])
-    class_of = {c["id"]: k for k, c in enumerate(sorted(gt["categories"], key=lambda c: c["id"]))}
-
-    def padded(items, fields):
-        rows = [[a for a in items if a["image_id"] == i] for i in image_ids]
-        width = max(max(len(r) for r in rows), 1)
-        boxes = np.zeros((len(rows), width, 4))
-        classes = np.full((len(rows), width), -1, np.int32)
-        extra = [np.zeros((len(rows), width)) for _ in fields]
-        for i, row in enumerate(rows):
-            for j, a in enumerate(row):
-                boxes[i, j], classes[i, j] = a["bbox"], class_of[a["category_id"]]
-                for out, field in zip(extra, fields):
-                    out[i, j] = a[field]
-        return boxes, classes, extra
-
-    g_box, g_cls, (g_crowd, g_area) = padded(gt["annotations"], ("iscrowd", "area"))
-    d_box, d_cls, (d_score,) = padded(dets, ("score",))
-    return g_box, g_cls, g_crowd, g_area, d_box, d_score, d_cls
-
-
 def test_more_than_100_detections_per_image_on_the_device():
     """COCO keeps each image's 100 best detections per class: the device engine must cut there itself."""
     gt, dets = random_workload(0, n_images=3, n_classes=1, max_random_dets=20)
@@ -120,20 +83,6 @@ def test_overflow_is_reported():
     acc.update(boxes, [[0, 0, 0, 0]], np.zeros((1, 4)), np.full((1, 4), 100.0), boxes, [[0.9] * 4], [[0] * 4])
     with pytest.raises(ValueError, match="capacity=3"):
         acc.check()
-
-
-def ignore_flag_case(gt_ignore, gt_crowd):
-    """One image, two ground truths (regular A, flagged B), four detections, xyxy input.
-
-    Scores: 0.9 and 0.85 on B, 0.8 on A, 0.7 on nothing. The flag on B decides the ranking's TP/FP.
-    """
-    acc = COCOAccumulator(1, capacity=8, box_format="xyxy")
-    gt = np.array([[[0, 0, 40, 40], [100, 100, 140, 140]]], np.float64)
-    dets = np.array([[[100, 100, 140, 140], [100, 100, 140, 140], [0, 0, 40, 40], [200, 0, 240, 40]]], np.float64)
-    acc.update(gt, [[0, 0]], [[False, gt_crowd]], [[1600.0, 1600.0]], dets, [[0.9, 0.85, 0.8, 0.7]], [[0, 0, 0, 0]],
-               gt_ignore=[[False, gt_ignore]])
-    precision, recall = (x.numpy() for x in acc.result())
-    return precision[:, :, 0, 0, -1], recall[:, 0, 0, -1], summarize(precision, recall)  # all areas, 100 dets
 
 
 def test_xyxy_input_and_ignore_flag():

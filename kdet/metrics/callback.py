@@ -23,19 +23,26 @@ Conventions:
   (a detection matched to one is neither TP nor FP, and it matches at most once);
 * score ties between images are broken by dataset order (pycocotools: image-id order).
 
-Under a ``tf.distribute`` strategy the detection step runs per replica with
-``strategy.run`` over ``strategy.experimental_distribute_dataset(val_dataset)``; the
-per-replica results are gathered and matched on the default device.
+Backends: the matching is `kdet.metrics.coco_device` (``keras.ops``, compiled by the backend).
+Under TensorFlow the detection step is a ``tf.function``; under a ``tf.distribute`` strategy it
+runs per replica with ``strategy.run`` over ``strategy.experimental_distribute_dataset(val_dataset)``
+and the per-replica results are gathered and matched on the default device. Under JAX it is a
+``jax.jit`` of ``detect_fn`` over the model's current weights (a ``keras.StatelessScope``), on the
+default device. ``val_dataset`` is a ``tf.data.Dataset`` (read as numpy under other backends),
+a ``keras.utils.PyDataset`` or any re-iterable of batches (numpy arrays or backend tensors).
 """
 
 import numpy as np
-import tensorflow as tf
 import keras
+from keras import ops
 
 from kdet.metrics._coco_common import EvalParams, format_per_class, per_class, summarize
-from kdet.metrics.coco_device import COCOAccumulator
+from kdet.metrics.coco_device import COCOAccumulator, to_numpy
+from kdet.metrics.coco_stream import stable_argsort
 
 __all__ = ["COCOEvalCallback", "default_detect"]
+
+_MIN_CAPACITY = 1024
 
 
 def default_detect(model, images):
@@ -47,13 +54,14 @@ class COCOEvalCallback(keras.callbacks.Callback):
     """COCO bbox evaluation every ``every_n_epochs`` epochs, logged as ``val_AP`` etc.
 
     Args:
-      val_dataset: ``tf.data.Dataset`` of ``(images, targets)``.
+      val_dataset: batches of ``(images, targets)`` or ``(images, targets, meta)``: a
+        ``tf.data.Dataset``, a ``keras.utils.PyDataset`` or a re-iterable (e.g. a list).
       every_n_epochs: evaluate when ``(epoch + 1) % every_n_epochs == 0``.
       class_names: names of the classes (their number sets the class count).
       detect_fn: ``detect_fn(model, images) -> {"boxes", "scores", "classes", ...}``;
         default ``model.detect(images)``.
       dtype: ``"float64"`` (exact COCO) or ``"float32"`` (devices without float64).
-      jit_compile: compile the matching step with XLA.
+      jit_compile: compile the detection and matching steps (XLA under TensorFlow, ``jax.jit``).
       verbose: print the summary and a per-class table after each evaluation.
       prefix: prefix of the log keys.
       ignore_as_crowd: evaluate ignore-flagged ground truths as COCO crowd regions (default,
@@ -86,6 +94,7 @@ class COCOEvalCallback(keras.callbacks.Callback):
         self._result_fn = None
         self._predict_fn = None
         self._batch_size = None
+        self._rows = 0  # buffer rows used, counted on the host (no device read per batch)
 
     # ------------------------------------------------------------ keras hooks
     def on_epoch_end(self, epoch, logs=None):
@@ -103,102 +112,154 @@ class COCOEvalCallback(keras.callbacks.Callback):
     # ------------------------------------------------------------ evaluation
     def evaluate(self):
         """Run the model over the validation set; returns the 12 numbers and ``per_class``."""
-        strategy = self.model.distribute_strategy if self.model is not None else tf.distribute.get_strategy()
-        if self._predict_fn is None:
-            self._predict_fn = self._make_predict_fn(strategy)
         if self._accumulator is not None:
             self._accumulator.reset()
-        for batch in strategy.experimental_distribute_dataset(self.val_dataset):
-            images, targets = batch[0], batch[1]
-            hw = _original_hw(batch[2]) if len(batch) > 2 else None  # the original images' sizes
-            detections, targets, size = self._predict_fn(images, targets, hw)
-            self._update(*_gather(strategy, detections, targets, size))
+        self._rows = 0
+        for detections, targets, sizes in self._predictions():
+            self._stream(detections, targets, sizes)
         if self._accumulator is None:
             raise ValueError("COCOEvalCallback: the validation dataset is empty")
         self._accumulator.check()
-        precision, recall = self._result_fn()
-        precision, recall = precision.numpy().astype(np.float64), recall.numpy().astype(np.float64)
+        precision, recall = (to_numpy(x).astype(np.float64) for x in self._result_fn())
         result = summarize(precision, recall, self.eval_params)
         result["per_class"] = per_class(precision, self.class_names, self.eval_params) if self.eval_params.use_cats else {}
         self.last_result = result
         return result
 
-    def _make_predict_fn(self, strategy):
-        model, detect_fn = self.model, self.detect_fn
+    def _predictions(self):
+        """``(detections, targets, sizes [B, 2])`` per validation batch, on the device."""
+        if keras.backend.backend() == "tensorflow" and _is_tf_dataset(self.val_dataset):
+            from kdet.metrics import _callback_tf
 
-        def step(images, targets, height=None, width=None):
-            detections = detect_fn(model, images)
-            if height is None:  # no meta: pixels of the model input
-                sizes = tf.broadcast_to(tf.shape(images)[1:3], [tf.shape(images)[0], 2])
-            else:
-                sizes = tf.stack([tf.cast(height, tf.int32), tf.cast(width, tf.int32)], axis=-1)
-            return {k: detections[k] for k in ("boxes", "scores", "classes")}, targets, sizes
+            yield from _callback_tf.distributed_predictions(self)
+            return
+        if self._predict_fn is None:
+            self._predict_fn = _make_predict_fn(self.model, self.detect_fn, self.jit_compile)
+        for batch in _host_batches(self.val_dataset):
+            images, targets = batch[0], batch[1]
+            hw = _original_hw(batch[2]) if len(batch) > 2 else None  # the original images' sizes
+            yield self._predict_fn(images, targets, hw)
 
-        @tf.function(reduce_retracing=True)
-        def predict(images, targets, hw):
-            args = (images, targets) if hw is None else (images, targets, *hw)
-            return strategy.run(step, args=args)
+    def _stream(self, detections, targets, sizes):
+        """Stream one batch in (a short last batch padded to the first batch's size: one compiled shape)."""
+        batch = int(ops.shape(targets)[0])
+        self._batch_size = self._batch_size or batch
+        if batch > self._batch_size:
+            raise ValueError(f"COCOEvalCallback: a validation batch of {batch} images after one of "
+                             f"{self._batch_size}; only the last batch may be smaller")
+        pad = self._batch_size - batch
+        args = [{k: detections[k] for k in ("boxes", "scores", "classes")}, targets, sizes]
+        if pad:
+            args = [_pad_batch(x, pad) for x in args]
+        self._ensure_capacity(self._batch_size * int(ops.shape(detections["classes"])[1]))
+        self._update_fn(*args)
+        self._rows += self._batch_size * int(ops.shape(detections["classes"])[1])
 
-        return predict
+    def _ensure_capacity(self, rows):
+        """Create the accumulator, or a bigger one (state copied) when the next batch does not fit."""
+        acc = self._accumulator
+        if acc is not None and self._rows + rows <= acc.capacity:
+            return
+        capacity = max(2 * (self._rows + rows), _MIN_CAPACITY)
+        num_classes = len(self.class_names) if self.eval_params.use_cats else 1
+        if acc is None:
+            acc = COCOAccumulator(num_classes, capacity, dtype=self.dtype, params=self.eval_params)
+        else:
+            acc = acc.grown(capacity)
+        self._accumulator = acc
+        # compiled once per accumulator: recompiling at every evaluation would retrace each time
+        self._update_fn, self._result_fn = acc.compiled(self.jit_compile, prepare=self._prepare)
 
-    def _update(self, detections, targets, sizes):
-        """Scale one gathered batch to pixels (``sizes [B, 2]``: height, width) and stream it in."""
-        height, width = (tf.cast(sizes[:, i, None], tf.float64) for i in (0, 1))
-        scale = tf.stack([width, height, width, height], axis=-1)                # [B, 1, 4]
-        targets = tf.cast(targets, tf.float64)
+    def _prepare(self, detections, targets, sizes):
+        """`COCOAccumulator.update` arguments of one batch, boxes scaled to pixels (``sizes``: height, width)."""
+        f = self.dtype
+        sizes = ops.cast(sizes, f)
+        height, width = sizes[:, 0, None], sizes[:, 1, None]
+        scale = ops.stack([width, height, width, height], axis=-1)                      # [B, 1, 4]
+        targets = ops.cast(targets, f)
         gt_boxes = targets[..., :4] * scale
-        gt_classes = tf.cast(targets[..., 4], tf.int32)
+        gt_classes = ops.cast(targets[..., 4], "int32")
         gt_ignore = targets[..., 5] > 0
         if targets.shape[-1] > 6:
             gt_area = targets[..., 6]
         else:
             gt_area = (gt_boxes[..., 2] - gt_boxes[..., 0]) * (gt_boxes[..., 3] - gt_boxes[..., 1])
-        det_boxes = tf.cast(detections["boxes"], tf.float64) * scale
-        det_classes = tf.cast(detections["classes"], tf.int32)
+        det_boxes = ops.cast(detections["boxes"], f) * scale
+        det_classes = ops.cast(detections["classes"], "int32")
         det_scores = detections["scores"]
         if not self.eval_params.use_cats:  # one category: matching across classes
             # pycocotools breaks score ties between categories by category: rows in class order first
-            order = tf.argsort(tf.where(det_classes >= 0, det_classes, tf.int32.max), axis=-1, stable=True)
-            det_boxes, det_scores, det_classes = (tf.gather(x, order, batch_dims=1)
-                                                  for x in (det_boxes, det_scores, det_classes))
-            gt_classes, det_classes = (tf.where(c >= 0, 0, -1) for c in (gt_classes, det_classes))
+            order = stable_argsort(ops.where(det_classes >= 0, det_classes, np.iinfo(np.int32).max))
+            det_boxes = ops.take_along_axis(det_boxes, order[:, :, None], axis=1)
+            det_scores, det_classes = (ops.take_along_axis(x, order, axis=1) for x in (det_scores, det_classes))
+            gt_classes, det_classes = (ops.where(c >= 0, 0, -1) for c in (gt_classes, det_classes))
         if self.ignore_as_crowd:
-            gt_crowd, gt_ignore = gt_ignore, tf.zeros_like(gt_ignore)
+            gt_crowd, gt_ignore = gt_ignore, ops.zeros_like(gt_ignore)
         else:
-            gt_crowd = tf.zeros_like(gt_ignore)
-        args = [gt_boxes, gt_classes, gt_crowd, gt_area, det_boxes, det_scores, det_classes, gt_ignore]
-        # a short last batch is padded (class -1) to the first batch's size: one compiled shape
-        self._batch_size = self._batch_size or int(gt_boxes.shape[0])
-        pad = self._batch_size - int(gt_boxes.shape[0])
-        if pad > 0:
-            args = [_pad_batch(x, pad, -1 if x is gt_classes or x is det_classes else 0) for x in args]
-        self._ensure_capacity(self._batch_size * int(det_classes.shape[1]))
-        self._update_fn(*args)
-
-    def _ensure_capacity(self, rows):
-        """Create the accumulator, or a bigger one (state copied) when the next batch does not fit."""
-        acc = self._accumulator
-        if acc is not None and int(acc.count.numpy()) + rows <= acc.capacity:
-            return
-        used = 0 if acc is None else int(acc.count.numpy())
-        capacity = max(2 * (used + rows), 1024)
-        num_classes = len(self.class_names) if self.eval_params.use_cats else 1
-        bigger = COCOAccumulator(num_classes, capacity, dtype=self.dtype, params=self.eval_params)
-        if acc is not None:
-            for name in ("scores", "classes", "ranks", "codes"):
-                old = getattr(acc, name)[:used]
-                getattr(bigger, name)[:used].assign(old)
-            bigger.num_gt.assign(acc.num_gt)
-            bigger.count.assign(acc.count)
-        self._accumulator = bigger
-        self._update_fn = tf.function(bigger.update, jit_compile=self.jit_compile)
-        # built once per accumulator: a new tf.function at every evaluation retraces each time (and warns)
-        self._result_fn = tf.function(bigger.result, jit_compile=self.jit_compile)
+            gt_crowd = ops.zeros_like(gt_ignore)
+        return gt_boxes, gt_classes, gt_crowd, gt_area, det_boxes, det_scores, det_classes, gt_ignore
 
 
-def _pad_batch(x, pad, fill):
-    padding = tf.fill(tf.concat([[pad], tf.shape(x)[1:]], 0), tf.cast(fill, x.dtype))
-    return tf.concat([x, padding], axis=0)
+def _make_predict_fn(model, detect_fn, jit_compile):
+    """``predict(images, targets, hw) -> (detections, targets, sizes)`` for one host batch, on the device."""
+
+    def step(images, targets, hw):
+        detections = detect_fn(model, images)
+        if hw is None:  # no meta: pixels of the model input
+            shape = ops.shape(images)
+            sizes = ops.broadcast_to(ops.convert_to_tensor([shape[1], shape[2]], "int32"), [shape[0], 2])
+        else:
+            sizes = ops.stack([ops.cast(hw[0], "int32"), ops.cast(hw[1], "int32")], axis=-1)
+        return {k: detections[k] for k in ("boxes", "scores", "classes")}, targets, sizes
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(step, reduce_retracing=True)
+    if backend != "jax" or not jit_compile:
+        return step
+    import jax
+
+    variables = list(model.variables) if model is not None else []
+
+    def pure_step(values, images, targets, hw):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            return step(images, targets, hw)
+
+    compiled = jax.jit(pure_step)
+    return lambda images, targets, hw: compiled([v.value for v in variables], images, targets, hw)
+
+
+def _is_tf_dataset(data):
+    return type(data).__module__.startswith("tensorflow") and hasattr(data, "as_numpy_iterator")
+
+
+def _host_batches(data):
+    """The batches of a ``tf.data.Dataset`` (as numpy), a ``PyDataset`` or a re-iterable."""
+    if _is_tf_dataset(data):
+        return data.as_numpy_iterator()
+    if isinstance(data, keras.utils.PyDataset):
+        count = data.num_batches if data.num_batches is not None else len(data)
+        return (data[i] for i in range(count))
+    return iter(data)
+
+
+def _pad_batch(x, pad):
+    """A batch's ``x`` (detections dict, targets or sizes) with ``pad`` more rows that count for nothing."""
+    if isinstance(x, dict):  # detections: class -1
+        return {k: _pad_rows(v, pad, -1 if k == "classes" else 0) for k, v in x.items()}
+    x = _pad_rows(x, pad, 0)
+    if len(x.shape) == 3:  # targets: class column -1
+        padding_row = ops.arange(ops.shape(x)[0])[:, None, None] >= ops.shape(x)[0] - pad
+        class_column = ops.arange(ops.shape(x)[2])[None, None, :] == 4
+        x = ops.where(padding_row & class_column, ops.cast(-1, x.dtype), x)
+    return x
+
+
+def _pad_rows(x, pad, fill):
+    x = ops.convert_to_tensor(x)
+    return ops.pad(x, [[0, pad]] + [[0, 0]] * (len(x.shape) - 1), constant_values=fill)
 
 
 def _original_hw(meta):
@@ -206,11 +267,3 @@ def _original_hw(meta):
     if isinstance(meta, dict) and "height" in meta and "width" in meta:
         return meta["height"], meta["width"]
     return None
-
-
-def _gather(strategy, detections, targets, sizes):
-    """Concatenate per-replica results on the host side."""
-    local = strategy.experimental_local_results
-    cat = lambda x: tf.concat(local(x), axis=0)
-    detections = {k: cat(v) for k, v in detections.items()}
-    return detections, cat(targets), cat(sizes)

@@ -1,0 +1,50 @@
+"""The TensorFlow side of `kdet.metrics.callback`: detections per replica of a ``tf.distribute`` strategy."""
+
+import tensorflow as tf
+
+
+def distributed_predictions(callback):
+    """``(detections, targets, sizes)`` per batch of the callback's ``tf.data`` validation set.
+
+    The detection step runs per replica with ``strategy.run`` over
+    ``strategy.experimental_distribute_dataset``; the replicas' results are concatenated.
+    """
+    model = callback.model
+    strategy = model.distribute_strategy if model is not None else tf.distribute.get_strategy()
+    if callback._predict_fn is None:
+        callback._predict_fn = _make_predict_fn(strategy, model, callback.detect_fn)
+    for batch in strategy.experimental_distribute_dataset(callback.val_dataset):
+        images, targets = batch[0], batch[1]
+        hw = _original_hw(batch[2]) if len(batch) > 2 else None  # the original images' sizes
+        yield _gather(strategy, *callback._predict_fn(images, targets, hw))
+
+
+def _make_predict_fn(strategy, model, detect_fn):
+    def step(images, targets, height=None, width=None):
+        detections = detect_fn(model, images)
+        if height is None:  # no meta: pixels of the model input
+            sizes = tf.broadcast_to(tf.shape(images)[1:3], [tf.shape(images)[0], 2])
+        else:
+            sizes = tf.stack([tf.cast(height, tf.int32), tf.cast(width, tf.int32)], axis=-1)
+        return {k: detections[k] for k in ("boxes", "scores", "classes")}, targets, sizes
+
+    @tf.function(reduce_retracing=True)
+    def predict(images, targets, hw):
+        args = (images, targets) if hw is None else (images, targets, *hw)
+        return strategy.run(step, args=args)
+
+    return predict
+
+
+def _original_hw(meta):
+    if isinstance(meta, dict) and "height" in meta and "width" in meta:
+        return meta["height"], meta["width"]
+    return None
+
+
+def _gather(strategy, detections, targets, sizes):
+    """Concatenate per-replica results on the host side."""
+    local = strategy.experimental_local_results
+    cat = lambda x: tf.concat(local(x), axis=0)
+    detections = {k: cat(v) for k, v in detections.items()}
+    return detections, cat(targets), cat(sizes)
