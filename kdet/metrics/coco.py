@@ -723,9 +723,10 @@ def coco_evaluate(ground_truth, detections, *, iou_thresholds=None, max_dets=Non
             ``[x, y, w, h]``, ``score``) or the path of its json file.
         iou_thresholds, max_dets, area_ranges, use_cats: pycocotools' ``Params``
             (``iouThrs, maxDets, areaRng/areaRngLbl, useCats``); see `eval_params`.
-        use_device: run the matching and accumulation with the XLA-compiled TensorFlow
-            engine (`kdet.metrics.coco_device`) in ``dtype``, ``batch_size`` images per
-            update (``jit_compile=False``: plain graph mode).
+        use_device: run the matching and accumulation with the streaming engine
+            (`kdet.metrics.coco_device`: ``keras.ops``, compiled by the Keras backend's
+            compiler) in ``dtype``, ``batch_size`` images per update
+            (``jit_compile=False``: not compiled).
         return_arrays: add the ``precision`` [T,R,K,A,M] and ``recall`` [T,K,A,M] arrays.
 
     Returns:
