@@ -56,7 +56,10 @@ def default_recipe():
             train=None,
             val=None,
             test=None,
-            augment=ssd_augmentation(),  # photometric, expand, min-IoU crop, flip, resize; None: resize only
+            augment=ssd_augmentation(),  # photometric, expand, min-IoU crop, flip, resize; None: resize only;
+                                         # or a list of keras-cv layers (bounding_box_format="xyxy"), run in the graph
+            augment_backend="albumentations",  # "keras_cv": the default augment becomes the keras-cv SSD preset
+                                         # (kdet.data.kerascv_augment.ssd_augmentation_kerascv), in the tf.data graph
             batch_size=32,
             eval_batch_size=32,
             max_boxes=100,

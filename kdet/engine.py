@@ -56,9 +56,11 @@ def build_train_dataset(recipe, records, seed=None, epoch=None):
     """Training batches; with ``epoch`` (a ``tf.Variable`` set by ``PassEpoch``) each epoch's pass comes from it."""
     from kdet.data.pipeline import make_dataset
 
+    from kdet.data.kerascv_augment import recipe_augment
+
     data = recipe["data"]
     return make_dataset(records, image_size=_image_size(recipe), batch_size=data["batch_size"],
-                        augment=data.get("augment"), training=True, max_boxes=data["max_boxes"],
+                        augment=recipe_augment(data, _image_size(recipe)), training=True, max_boxes=data["max_boxes"],
                         seed=seed, cache_images=data.get("cache_images", False), workers=data.get("workers"),
                         epoch=epoch)
 
