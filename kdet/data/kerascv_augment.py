@@ -1,7 +1,8 @@
 """Box-aware augmentation with keras-cv layers, run as TensorFlow ops inside the tf.data graph.
 
-A recipe lists keras-cv layers in ``data.augment`` (``bounding_box_format="xyxy"``: kdet's pixel
-corners, docs/CONVENTIONS.md), for example::
+A recipe lists keras-cv layers in ``data.augment``, each with the ``bounding_box_format`` it
+likes (kdet converts its pixel ``xyxy`` boxes, docs/CONVENTIONS.md, to that format before the layer
+and back after it; ``"rel_xyxy"`` is safest: see :func:`check_layers`), for example::
 
     augment=[keras_cv.layers.RandomFlip(mode="horizontal", bounding_box_format="xyxy"),
              keras_cv.layers.JitteredResize(target_size=(300, 300), scale_factor=(0.5, 2.0),
@@ -57,8 +58,9 @@ def ssd_augmentation_kerascv(image_size, seed=None):
 
     SSD (kdet.data.augment.ssd_augmentation): photometric distortion, expand (zoom out up to 4x
     on a mean-filled canvas, p=0.5), min-IoU random crop (0.3..1 of each side, aspect 0.5..2),
-    horizontal flip, resize. Here: ``Resizing`` to the model size (as SSD's final resize, aspect
-    not kept), ``RandomColorJitter`` (brightness +-32/255, contrast and saturation 0.5..1.5, hue
+    horizontal flip, resize. Here, a :class:`KerasCVAugmenter` that first resizes to the model size
+    (as SSD's final resize, aspect not kept; keras-cv's ``Resizing`` takes boxes only when it pads),
+    then runs ``RandomColorJitter`` (brightness +-32/255, contrast and saturation 0.5..1.5, hue
     +-18 degrees; always, not each with p=0.5, no channel swap), then ``JitteredResize`` with a
     scale of 0.25..2 (below 1 it zooms out onto a black, not mean, canvas, as expand up to 4x;
     above 1 it crops a model-size window, without the min-IoU constraint or aspect change), then
@@ -68,15 +70,14 @@ def ssd_augmentation_kerascv(image_size, seed=None):
 
     height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     fmt = KERAS_CV_BOX_FORMAT
-    return [
-        keras_cv.layers.Resizing(height, width, bounding_box_format=fmt),
+    return KerasCVAugmenter([
         keras_cv.layers.RandomColorJitter(value_range=(0, 255), brightness_factor=32 / 255,
                                           contrast_factor=0.5, saturation_factor=0.5, hue_factor=18 / 180,
                                           seed=seed),
         keras_cv.layers.JitteredResize(target_size=(height, width), scale_factor=(0.25, 2.0),
                                        bounding_box_format=fmt, seed=seed),
         keras_cv.layers.RandomFlip(mode="horizontal", bounding_box_format=fmt, seed=seed),
-    ]
+    ], resize_first=(height, width))
 
 
 def recipe_augment(data, image_size):
@@ -167,31 +168,67 @@ class KerasCVAugmenter:
     """Runs keras-cv layers on one element ``(image uint8 HxWx3, boxes [N,4] pixels, classes [N], ignore [N])``.
 
     Graph code: call it inside ``dataset.map`` with the element's ``seed`` (``[2]`` int64).
+    ``resize_first``: ``(h, w)`` the image (and boxes) are resized to before the layers.
     Returns the augmented image (uint8, any size), boxes (pixel ``xyxy``, clipped, non-empty),
     classes (int32) and ignore (float32).
     """
 
-    def __init__(self, layers):
+    def __init__(self, layers, resize_first=None):
         self.layers = list(layers)
+        self.resize_first = None if resize_first is None else tuple(resize_first)
+        check_layers(self.layers)
         self.draws = StatelessDraws()
         for layer in self.layers:
             _make_stateless(layer, self.draws)
 
     def __call__(self, image, boxes, classes, ignore, seed):
         self.draws.set_seed(seed)
+        if self.resize_first is not None:
+            image, boxes = resize_with_boxes(image, tf.cast(boxes, tf.float32), self.resize_first)
         coded = tf.cast(classes, tf.float32) * 2 + tf.cast(ignore > 0, tf.float32)
         data = {"images": tf.cast(image, tf.float32),
                 "bounding_boxes": {"boxes": tf.cast(boxes, tf.float32), "classes": coded}}
         for layer in self.layers:
-            data = layer(data)
-            data = {"images": _dense(data["images"]), "bounding_boxes": {
-                "boxes": tf.reshape(_dense(data["bounding_boxes"]["boxes"]), [-1, 4]),
-                "classes": tf.reshape(_dense(data["bounding_boxes"]["classes"], -1), [-1])}}
+            data = _run_in_format(layer, data)
         image = tf.cast(tf.clip_by_value(tf.round(data["images"]), 0, 255), tf.uint8)
         boxes, coded = data["bounding_boxes"]["boxes"], data["bounding_boxes"]["classes"]
         boxes, coded = clip_and_drop(boxes, coded, tf.shape(image)[:2])
         coded = tf.cast(tf.round(coded), tf.int32)
         return image, boxes, coded // 2, tf.cast(coded % 2, tf.float32)
+
+
+def _run_in_format(layer, data):
+    """``layer`` on ``data`` (pixel ``xyxy`` boxes), its boxes converted to the layer's own format and back."""
+    from keras_cv import bounding_box
+
+    fmt = getattr(layer, "bounding_box_format", None)
+    boxes = data["bounding_boxes"]["boxes"]
+    if fmt and fmt != KERAS_CV_BOX_FORMAT:
+        boxes = bounding_box.convert_format(boxes, source=KERAS_CV_BOX_FORMAT, target=fmt, images=data["images"])
+    out = layer({"images": data["images"], "bounding_boxes": {"boxes": boxes,
+                                                              "classes": data["bounding_boxes"]["classes"]}})
+    image = _dense(out["images"])
+    boxes = tf.reshape(_dense(out["bounding_boxes"]["boxes"]), [-1, 4])
+    if fmt and fmt != KERAS_CV_BOX_FORMAT:
+        boxes = bounding_box.convert_format(boxes, source=fmt, target=KERAS_CV_BOX_FORMAT, images=image)
+    return {"images": image, "bounding_boxes": {
+        "boxes": boxes, "classes": tf.reshape(_dense(out["bounding_boxes"]["classes"], -1), [-1])}}
+
+
+def check_layers(layers):
+    """A ``RecipeError`` for a layer known to misplace boxes: keras-cv 0.9's RandomCropAndResize in pixels.
+
+    Its boxes come back scaled to the input image, not the output (measured: tests/test_kerascv_augment.py);
+    in a relative format (``"rel_xyxy"``) they are right.
+    """
+    from kdet.config import RecipeError
+
+    for layer in layers:
+        fmt = getattr(layer, "bounding_box_format", None)
+        if type(layer).__name__ == "RandomCropAndResize" and fmt and not fmt.startswith("rel_"):
+            raise RecipeError(f"data.augment: keras_cv.layers.RandomCropAndResize(bounding_box_format={fmt!r}) "
+                              "returns boxes scaled to the input image, not its output (a keras-cv 0.9 bug): "
+                              "use bounding_box_format='rel_xyxy' (kdet converts at the edge)")
 
 
 def _dense(tensor, pad=0):
