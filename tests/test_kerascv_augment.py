@@ -36,8 +36,8 @@ LAYERS = {
                                                                           bounding_box_format=FMT), True),
     "rotation": (lambda: keras_cv.layers.RandomRotation(factor=0.04, fill_mode="constant",
                                                                  bounding_box_format=FMT), False),
-    # keras-cv 0.9's sheared boxes sit up to ~2.5 px off the sheared pixels (on a 320x240 image, factor 0.2;
-    # more with both axes at once): checked to 3 px, one axis at a time
+    # keras-cv 0.9's sheared boxes miss the sheared pixels by up to ~9 px on this 320x240 scene (factor 0.2):
+    # expected to fail (strict xfail below: it will say when keras-cv fixes it); the README advises against it
     "shear_x": (lambda: keras_cv.layers.RandomShear(x_factor=0.2, fill_mode="constant", bounding_box_format=FMT),
                 False),
     "shear_y": (lambda: keras_cv.layers.RandomShear(y_factor=0.2, fill_mode="constant", bounding_box_format=FMT),
@@ -56,7 +56,8 @@ def augment_once(layers, seed, image=None, boxes=None, classes=None, ignore=None
     return [t.numpy() for t in out]
 
 
-@pytest.mark.parametrize("name", list(LAYERS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="keras-cv 0.9 shear boxes"))
+                                  if n.startswith("shear") else n for n in LAYERS])
 def test_each_layer_keeps_boxes_on_their_objects_and_flags_with_classes(name):
     make, tight = LAYERS[name]
     layer = make()
@@ -71,8 +72,7 @@ def test_each_layer_keeps_boxes_on_their_objects_and_flags_with_classes(name):
                 continue  # a sliver at the border: too thin to hold pixels clear of interpolated edges
             truth = pixel_bounds(colour_hits(image, COLOURS[k], tolerance=8))
             assert truth is not None, f"{name}: box of object {k} kept with none of its pixels visible"
-            slack = 3.0 if name.startswith("shear") else 1.5
-            assert (box[:2] <= truth[:2] + slack).all() and (box[2:] >= truth[2:] - slack).all(), (name, k, box, truth)
+            assert (box[:2] <= truth[:2] + 1.5).all() and (box[2:] >= truth[2:] - 1.5).all(), (name, k, box, truth)
             if tight:
                 np.testing.assert_allclose(box, truth, atol=2.5, err_msg=f"{name}: object {k}")
             else:  # the turned rectangle's bounding box: larger, but not by much
