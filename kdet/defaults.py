@@ -40,6 +40,7 @@ def default_recipe():
         custom=dict(),                   # the recipe's own keys: never checked
         model=dict(
             backbone="vgg16",            # "vgg16" | "vgg16_bn" (from scratch) | "resnet50_fpn" | "mobilenetv2_fpn"
+                                         # | "mobilenetv3_large_ssdlite" (SSDLite320, keras-cv trunk, its own anchors)
             image_size=300,
             width_multiplier=1.0,        # < 1 scales every conv of the backbone and extras
             backbone_weights="imagenet", # None trains from scratch (offline machines); "auto": ImageNet when the
