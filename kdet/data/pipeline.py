@@ -57,7 +57,9 @@ def make_dataset(records, image_size, batch_size: int, augment=None, training: b
         ``records``: a list of :class:`~kdet.data.records.Record` or a data source.
         ``image_size``: int or ``(height, width)`` of the output images.
         ``augment``: list of augmentation entries (or an ``Augmenter``), used only
-        when ``training``; every image is finally resized to ``image_size``.
+        when ``training``; every image is finally resized to ``image_size``. A list of
+        keras-cv layers (or a ``KerasCVAugmenter``) runs in the tf.data graph instead, one
+        element at a time after an OpenCV decode (``kdet.data.kerascv_augment``; ``workers=0``).
         ``training=False`` (evaluation): no augmentation, no shuffle, keeps the last
         partial batch. ``training=True`` drops it so batch shapes are static.
         ``meta`` is a dict of ``[B]`` tensors: ``index`` (into ``records``),
