@@ -56,8 +56,10 @@ def augment_once(layers, seed, image=None, boxes=None, classes=None, ignore=None
     return [t.numpy() for t in out]
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="keras-cv 0.9 shear boxes"))
-                                  if n.startswith("shear") else n for n in LAYERS])
+SHEAR_XFAIL = pytest.mark.xfail(strict=True, reason="keras-cv 0.9 shear boxes")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=SHEAR_XFAIL) if n.startswith("shear") else n for n in LAYERS])
 def test_each_layer_keeps_boxes_on_their_objects_and_flags_with_classes(name):
     make, tight = LAYERS[name]
     layer = make()

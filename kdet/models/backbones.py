@@ -28,7 +28,7 @@ class BackboneFeatures:
     sources: list                                  # feature-map tensors, input side first
     stages: list                                   # list of lists of layer names, input side first
     pretrained: list = field(default_factory=list)  # layer names that ImageNet weights fill
-    head: str = "conv"                             # "conv" (3x3) | "separable" (SSDLite: depthwise 3x3 + BN + ReLU6, 1x1)
+    head: str = "conv"                             # "conv" (3x3) | "separable" (SSDLite: depthwise 3x3, 1x1)
     anchor_scales: list = None                     # the backbone's own default anchors (None: SSD's)
     aspect_ratios: list = None
 
@@ -347,7 +347,7 @@ def mobilenetv3_large_ssdlite(images, width_multiplier=1.0, weights=None):
 
 
 def build_backbone(images, backbone="vgg16", width_multiplier=1.0, weights=None, fpn_channels=256):
-    """Dispatch on the backbone name: ``vgg16``, ``resnet50_fpn``, ``mobilenetv2_fpn`` or ``mobilenetv3_large_ssdlite``."""
+    """Dispatch on the backbone name: ``vgg16``, ``resnet50_fpn``, ``mobilenetv2_fpn``, ``mobilenetv3_large_ssdlite``."""
     if backbone == "mobilenetv3_large_ssdlite":
         return mobilenetv3_large_ssdlite(images, width_multiplier=width_multiplier, weights=weights)
     if backbone in ("vgg16", "vgg16_bn"):
