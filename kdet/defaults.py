@@ -40,6 +40,7 @@ def default_recipe():
         custom=dict(),                   # the recipe's own keys: never checked
         model=dict(
             backbone="vgg16",            # "vgg16" | "vgg16_bn" (from scratch) | "resnet50_fpn" | "mobilenetv2_fpn"
+                                         # | "mobilenetv3_large_ssdlite" (SSDLite320, keras-cv trunk, its own anchors)
             image_size=300,
             width_multiplier=1.0,        # < 1 scales every conv of the backbone and extras
             backbone_weights="imagenet", # None trains from scratch (offline machines); "auto": ImageNet when the
@@ -60,7 +61,10 @@ def default_recipe():
             train=None,
             val=None,
             test=None,
-            augment=ssd_augmentation(),  # photometric, expand, min-IoU crop, flip, resize; None: resize only
+            augment=ssd_augmentation(),  # photometric, expand, min-IoU crop, flip, resize; None: resize only;
+                                         # or a list of keras-cv layers (bounding_box_format="xyxy"), run in the graph
+            augment_backend="albumentations",  # "keras_cv": the default augment becomes the keras-cv SSD preset
+                                         # (kdet.data.kerascv_augment.ssd_augmentation_kerascv), in the tf.data graph
             close_mosaic=0,              # mosaic() off for the last N epochs (Ultralytics' close_mosaic; scaled
                                          # with train.time_budget); needs train.seed
             batch_size=32,

@@ -59,9 +59,12 @@ def build_train_dataset(recipe, records, seed=None, epoch=None, mosaic_off_from=
     """
     from kdet.data.pipeline import make_dataset
 
+    from kdet.data.kerascv_augment import recipe_augment
+
     data = recipe["data"]
+    augment = recipe_augment(data, _image_size(recipe))  # data.augment, or the keras-cv preset
     return make_dataset(records, image_size=_image_size(recipe), batch_size=data["batch_size"],
-                        augment=data.get("augment"), training=True, max_boxes=data["max_boxes"],
+                        augment=augment, training=True, max_boxes=data["max_boxes"],
                         seed=seed, cache_images=data.get("cache_images", False), workers=data.get("workers"),
                         epoch=epoch, mosaic_off_from=mosaic_off_from)
 

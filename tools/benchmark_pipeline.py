@@ -8,14 +8,17 @@ use (``os.sched_setaffinity``), so "1 core" really is one core.
 
     python tools/benchmark_pipeline.py [--root BCCD] [--images 400] [--threads 1,2] [--passes 2]
                                        [--decode python,graph] [--tf-pools 1]
-                                       [--workers 1,2]
+                                       [--workers 1,2] [--kerascv 1,2]
 
 tf.data is timed with image decoding in Python (OpenCV, one numpy step per
 batch: the default) and in the graph (``tf.io``, one numpy step per element),
 and with worker processes (``--workers``:
 ``make_dataset(workers=N)`` pinned to N cores); "cpu ms/img" is CPU time per
 image (all threads of this process, plus the worker processes), which stays
-meaningful on a busy machine where images/s does not. Acceptance targets:
+meaningful on a busy machine where images/s does not. ``--kerascv``: the keras-cv SSD preset
+(``data.augment_backend="keras_cv"``: colour jitter, jittered resize, flip, run as TensorFlow ops in the
+tf.data graph after an OpenCV decode; close to, not the same work as, the albumentations SSD chain).
+Acceptance targets:
 tf.data >= 0.9x the loop on one core, >= 1.6x on two.
 """
 
@@ -84,14 +87,23 @@ def worker_cpu_seconds():
     return total / ticks
 
 
-def tf_data(records, size, threads, passes, batch_size, decode, workers=0):
-    """images/s of make_dataset with a private thread pool of ``threads`` (and ``workers`` processes)."""
+def tf_data(records, size, threads, passes, batch_size, decode, workers=0, kerascv=False):
+    """images/s of make_dataset with a private thread pool of ``threads`` (and ``workers`` processes).
+
+    ``kerascv``: the keras-cv SSD preset (``data.augment_backend="keras_cv"``) in the tf.data graph instead.
+    """
     import tensorflow as tf
 
     from kdet.data.augment import ssd_augmentation
     from kdet.data.pipeline import make_dataset
 
-    dataset = make_dataset(records, size, batch_size, augment=ssd_augmentation(), seed=0,
+    if kerascv:
+        from kdet.data.kerascv_augment import ssd_augmentation_kerascv
+
+        augment = ssd_augmentation_kerascv(size)
+    else:
+        augment = ssd_augmentation()
+    dataset = make_dataset(records, size, batch_size, augment=augment, seed=0,
                            num_parallel_calls=threads, decode=decode, workers=workers)
     options = tf.data.Options()
     options.threading.private_threadpool_size = threads
@@ -124,6 +136,9 @@ def main(argv=None):
     parser.add_argument("--workers", default="1,2",
                         help="comma-separated worker-process counts to time (make_dataset(workers=N), "
                              "pinned to N cores); empty: none")
+    parser.add_argument("--kerascv", default="1,2",
+                        help="comma-separated thread counts for the keras-cv SSD preset in the tf.data graph "
+                             "(data.augment_backend='keras_cv'); empty: none")
     args = parser.parse_args(argv)
 
     cv2.setNumThreads(0)  # OpenCV single-threaded in both: parallelism comes from tf.data only
@@ -155,6 +170,13 @@ def main(argv=None):
         # one tf.data thread runs the generator that collects the workers' results
         settings.append((f"processes, {count}W", count,
                          lambda c=count: tf_data(records, args.size, 1, args.passes, args.batch_size, "python", c)))
+    for count in [int(t) for t in args.kerascv.split(",") if t.strip()]:
+        if count > available:
+            print(f"skipping keras-cv with {count} threads: only {available} CPUs")
+            continue
+        settings.append((f"keras-cv graph, {count}T", count,
+                         lambda c=count: tf_data(records, args.size, c, args.passes, args.batch_size, "python",
+                                                 kerascv=True)))
     best = {}
     for _ in range(args.repeats):  # interleaved, so a burst of other load hits every setting alike
         for name, cores, measure in settings:

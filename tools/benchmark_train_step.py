@@ -1,7 +1,7 @@
 """Training-step cost of SSD300-VGG16 next to the bare VGG16 forward+backward at the same batch.
 
     python tools/benchmark_train_step.py [--batch-size 8] [--steps 5] [--size 300] [--breakdown]
-                                         [--jit auto|on|off]
+                                         [--jit auto|on|off] [--compare BACKBONE:WIDTH:SIZE,...]
 
 The difference is what SSD adds on top of its backbone: the extra layers and
 heads, the anchors, the vectorised matching and the MultiBox loss.
@@ -118,6 +118,28 @@ def breakdown(batch_size, steps, size, num_classes=20, jit="auto"):
     return best
 
 
+def compare_models(specs, batch_size, steps, num_classes=20, jit="auto"):
+    """``[(spec, parameters, s/step)]`` of full SSD train steps, one model per ``backbone:width:size`` spec."""
+    import keras
+
+    from kdet.losses import MultiBoxLoss
+    from kdet.models.ssd import SSD
+
+    rows = []
+    for spec in specs:
+        backbone, width, size = spec.split(":")
+        size = int(size)
+        model = SSD(num_classes=num_classes, image_size=size, backbone=backbone, width_multiplier=float(width))
+        model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9),
+                      loss=MultiBoxLoss(num_classes=num_classes), jit_compile=JIT[jit])
+        rng = np.random.default_rng(0)
+        n = batch_size * steps
+        x = rng.uniform(0, 255, (n, size, size, 3)).astype("float32")
+        rows.append((spec, model.count_params(), time_fit(model, x, random_targets(rng, n, num_classes), steps,
+                                                          batch_size)))
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--batch-size", type=int, default=8)
@@ -125,7 +147,18 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=300)
     p.add_argument("--breakdown", action="store_true", help="time SSD's stages one by one instead")
     p.add_argument("--jit", choices=sorted(JIT), default="auto", help="XLA compilation (see above)")
+    p.add_argument("--compare", default=None,
+                   help="comma-separated backbone:width:size specs to time as full SSD train steps, e.g. "
+                        "mobilenetv3_large_ssdlite:1.0:320,vgg16_bn:0.125:300,vgg16:1.0:300")
     args = p.parse_args(argv)
+    if args.compare:
+        b = args.batch_size
+        print(f"batch {b}, {args.steps} timed steps, float32 on CPU, jit {args.jit}, 20 classes")
+        for spec, params, seconds in compare_models(args.compare.split(","), b, args.steps, jit=args.jit):
+            print(f"{spec:36s} {params / 1e6:7.2f} M params {seconds:7.2f} s/step  {b / seconds:6.2f} images/s")
+        if hasattr(os, "getloadavg"):
+            print("load average (1, 5, 15 min): " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
+        return
     if args.breakdown:
         times = breakdown(args.batch_size, args.steps, args.size, jit=args.jit)
         print(f"batch {args.batch_size}, {args.size}x{args.size}, forward+backward, best of {args.steps}, "

@@ -57,7 +57,9 @@ def make_dataset(records, image_size, batch_size: int, augment=None, training: b
         ``records``: a list of :class:`~kdet.data.records.Record` or a data source.
         ``image_size``: int or ``(height, width)`` of the output images.
         ``augment``: list of augmentation entries (or an ``Augmenter``), used only
-        when ``training``; every image is finally resized to ``image_size``.
+        when ``training``; every image is finally resized to ``image_size``. A list of
+        keras-cv layers (or a ``KerasCVAugmenter``) runs in the tf.data graph instead, one
+        element at a time after an OpenCV decode (``kdet.data.kerascv_augment``; ``workers=0``).
         ``training=False`` (evaluation): no augmentation, no shuffle, keeps the last
         partial batch. ``training=True`` drops it so batch shapes are static.
         ``meta`` is a dict of ``[B]`` tensors: ``index`` (into ``records``),
@@ -115,7 +117,10 @@ def make_dataset(records, image_size, batch_size: int, augment=None, training: b
     if cv2_threads is not None:
         cv2.setNumThreads(cv2_threads)
     size = _size_hw(image_size)
-    if training and augment:
+    graph_augmenter = _kerascv_augmenter(augment) if training and augment else None
+    if graph_augmenter is not None:
+        augmenter = None
+    elif training and augment:
         augmenter = augment if isinstance(augment, Augmenter) else Augmenter(
             augment, image_size=size, min_visibility=min_visibility)
     else:
@@ -128,6 +133,13 @@ def make_dataset(records, image_size, batch_size: int, augment=None, training: b
         raise ValueError(f"decode must be 'auto', 'graph' or 'python', got {decode!r}")
     if decode == "graph" and (cache_images or not all_files):
         raise ValueError("decode='graph' needs image files for every record and cache_images=False")
+    if graph_augmenter is not None:
+        if workers or decode == "graph":
+            raise ValueError("keras-cv augmentation runs in the tf.data graph after an OpenCV decode: "
+                             "it needs workers=0 (or None) and decode='auto' or 'python'")
+        indices = _element_indices(len(records), training, shuffle, seed, seed_base, epoch)
+        return _kerascv_batches(indices, sampler, graph_augmenter, records, batch_size, with_meta, num_parallel_calls,
+                                True if seed is not None else None)
     if workers is None:
         workers = _auto_workers(training, augmenter, decode)
     if workers < 0 or worker_chunksize < 1:
@@ -172,6 +184,69 @@ def _python_batches(index_batches, sampler, with_meta_of, rows, num_parallel_cal
         return with_meta_of(images, targets, original_hw, indices)
 
     return index_batches.map(load_batch, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
+
+
+def _kerascv_augmenter(augment):
+    """A :class:`~kdet.data.kerascv_augment.KerasCVAugmenter` when ``augment`` holds keras-cv layers, else None."""
+    from kdet.data.kerascv_augment import KerasCVAugmenter, uses_kerascv
+
+    if isinstance(augment, KerasCVAugmenter):
+        return augment
+    if isinstance(augment, Augmenter) or not uses_kerascv(augment):
+        return None
+    return KerasCVAugmenter(augment)
+
+
+def _kerascv_batches(indices, sampler, augmenter, records, batch_size, with_meta, num_parallel_calls, deterministic):
+    """Elements read by OpenCV (one numpy step each), then keras-cv layers, resize and targets in the graph.
+
+    Each element's randomness comes from ``(seed, pass key, index)``, as on the Python path.
+    """
+    from kdet.data.kerascv_augment import resize_with_boxes
+
+    image_ids = tf.constant([str(r.image_id) for r in records])
+    read = _reporting_input_errors(
+        lambda index: _raw_element(sampler, index),
+        lambda index: (np.zeros((1, 1, 3), np.uint8), np.zeros((0, 4), np.float32), np.zeros(0, np.int32),
+                       np.zeros(0, np.float32), np.zeros(2, np.int32)))
+    size, max_boxes = sampler.size, sampler.max_boxes
+
+    def load(key, index):
+        image, boxes, classes, ignore, original_hw, error = tf.numpy_function(
+            read, [index], [tf.uint8, tf.float32, tf.int32, tf.float32, tf.int32, tf.string], stateful=False)
+        image, boxes, classes, ignore, original_hw = _raise_input_error(error, image, boxes, classes, ignore,
+                                                                       original_hw)
+        image.set_shape([None, None, 3])
+        boxes.set_shape([None, 4])
+        classes.set_shape([None])
+        ignore.set_shape([None])
+        original_hw.set_shape([2])
+        seed = tf.random.experimental.stateless_fold_in(
+            tf.stack([tf.constant(sampler.seed_base, tf.int64), key]), index)
+        image, boxes, classes, ignore = augmenter(image, boxes, classes, ignore, seed)
+        image, boxes = resize_with_boxes(image, boxes, size)
+        values = tf.stack([tf.cast(classes, tf.float32), ignore], axis=1)
+        scale = tf.constant([size[1], size[0], size[1], size[0]], tf.float32)
+        targets = tf.concat([boxes / scale, values], axis=1)[:max_boxes]
+        padding = tf.tile(tf.constant([[0, 0, 0, 0, -1, 0]], tf.float32), [max_boxes - tf.shape(targets)[0], 1])
+        targets = tf.ensure_shape(tf.concat([targets, padding], axis=0), [max_boxes, 6])
+        image = tf.ensure_shape(image, [*size, 3])
+        if not with_meta:
+            return image, targets
+        return image, targets, dict(index=tf.cast(index, tf.int32), image_id=tf.gather(image_ids, index),
+                                    height=original_hw[0], width=original_hw[1])
+
+    dataset = indices.map(load, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
+    return dataset.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+
+
+def _raw_element(sampler, index):
+    """Record ``index``'s decoded image (uint8 HxWx3) and its boxes, classes, ignore flags and original size."""
+    index = int(index)
+    record = sampler.records[index]
+    image = sampler.read(index)
+    return (image, np.asarray(record.boxes, np.float32).reshape(-1, 4), np.asarray(record.classes, np.int32),
+            np.asarray(record.ignore, np.float32), np.array(image.shape[:2], np.int32))
 
 
 def _decoded_in_graph(indices, sampler, records, with_meta_of, num_parallel_calls, deterministic):

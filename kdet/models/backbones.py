@@ -25,7 +25,7 @@ import keras
 
 from kdet.models.layers import ImagePreprocessing, L2Normalization
 
-BACKBONES = ("vgg16", "vgg16_bn", "resnet50_fpn", "mobilenetv2_fpn")
+BACKBONES = ("vgg16", "vgg16_bn", "resnet50_fpn", "mobilenetv2_fpn", "mobilenetv3_large_ssdlite")
 MOBILENETV2_IMAGENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 
 
@@ -45,6 +45,9 @@ class BackboneFeatures:
     sources: list                                  # feature-map tensors, input side first
     stages: list                                   # list of lists of layer names, input side first
     pretrained: list = field(default_factory=list)  # layer names that ImageNet weights fill
+    head: str = "conv"                             # "conv" (3x3) | "separable" (SSDLite: depthwise 3x3, 1x1)
+    anchor_scales: list = None                     # the backbone's own default anchors (None: SSD's)
+    aspect_ratios: list = None
 
 
 def scaled_filters(filters, width_multiplier):
@@ -376,8 +379,91 @@ def fpn(images, trunk="resnet50", fpn_channels=256, width_multiplier=1.0, weight
     return BackboneFeatures(sources=outputs + [p6, p7], stages=stages, pretrained=pretrained)
 
 
+# -------------------------------------------------- SSDLite on keras-cv's MobileNetV3-Large
+# MobileNetV3-Large (Howard et al. 2019, Table 1), as keras-cv's MobileNetV3Backbone arguments: expansion is a
+# ratio of the block's input channels (16*4 = 64, 24*3 = 72, ..., 112*6 = 672, 160*6 = 960, torchvision's numbers).
+MOBILENETV3_LARGE = dict(
+    stackwise_expansion=[1, 4, 3, 3, 3, 3, 6, 2.5, 2.3, 2.3, 6, 6, 6, 6, 6],
+    stackwise_filters=[16, 24, 24, 40, 40, 40, 80, 80, 80, 80, 112, 112, 160, 160, 160],
+    stackwise_kernel_size=[3, 3, 3, 5, 5, 5, 3, 3, 3, 3, 3, 3, 5, 5, 5],
+    stackwise_stride=[1, 2, 1, 2, 1, 1, 2, 1, 1, 1, 1, 1, 2, 1, 1],
+    stackwise_se_ratio=[None, None, None, 0.25, 0.25, 0.25, None, None, None, None, 0.25, 0.25, 0.25, 0.25, 0.25],
+    stackwise_activation=["relu"] * 6 + ["hard_swish"] * 9,
+)
+MOBILENETV3_LARGE_PRESET = "mobilenet_v3_large_imagenet"  # keras-cv's ImageNet preset (Kaggle download)
+# torchvision ssdlite320_mobilenet_v3_large: DefaultBoxGenerator([[2, 3]] * 6, min_ratio=0.2, max_ratio=0.95)
+SSDLITE_SCALES = [0.2, 0.35, 0.5, 0.65, 0.8, 0.95, 1.0]
+SSDLITE_ASPECT_RATIOS = [[2, 3]] * 6
+
+
+def _mobilenetv3_stage(name):
+    """Stages by output stride: stem + block 0 (2), 1-2 (4), 3-5 (8), 6-11 (16), 12-14 + Conv_1 (32); None: unnamed."""
+    match = re.match(r"expanded_conv_(\d+)_", name)
+    if match is None:
+        return 4 if name.startswith("Conv_1") else 0 if name.startswith(("Conv", "rescaling")) else None
+    block = int(match.group(1))
+    return 0 if block == 0 else 1 if block <= 2 else 2 if block <= 5 else 3 if block <= 11 else 4
+
+
+def _ssdlite_extra_block(x, filters, name):
+    """torchvision ``_extra_block``: 1x1 to filters/2, depthwise 3x3 stride 2, 1x1 to filters; BN + ReLU6 each."""
+    def norm_relu(y, suffix):
+        y = keras.layers.BatchNormalization(epsilon=1e-3, momentum=0.97, name=f"{name}_{suffix}_bn")(y)
+        return keras.layers.ReLU(6.0, name=f"{name}_{suffix}_relu")(y)
+
+    x = norm_relu(keras.layers.Conv2D(filters // 2, 1, use_bias=False, name=f"{name}_squeeze")(x), "squeeze")
+    x = keras.layers.ZeroPadding2D(1, name=f"{name}_pad")(x)
+    x = norm_relu(keras.layers.DepthwiseConv2D(3, strides=2, use_bias=False, name=f"{name}_depthwise")(x), "depthwise")
+    return norm_relu(keras.layers.Conv2D(filters, 1, use_bias=False, name=f"{name}_expand")(x), "expand")
+
+
+def mobilenetv3_large_ssdlite(images, width_multiplier=1.0, weights=None):
+    """SSDLite320 on MobileNetV3-Large (torchvision ``ssdlite320_mobilenet_v3_large``), trunk from keras-cv.
+
+    Sources: C4 = the activated 672-channel expansion of block 12 (stride 16, 20x20 at 320), C5 = the
+    960-channel last conv (stride 32), then four extra blocks to 512, 256, 256, 128 channels (strides 64..512;
+    3, 2, 1 at 320). Heads are depthwise-separable (``head="separable"``); anchors torchvision's (6 per cell,
+    scales 0.2..0.95). ``width_multiplier`` is the trunk's alpha and scales the extras (min 16).
+    ``weights="imagenet"``: keras-cv's preset (alpha 1 only); a failed download is a ``WeightsDownloadError``.
+    """
+    import keras_cv
+
+    label = "MobileNetV3-Large"
+    _check_weights(weights, label)
+    if weights == "imagenet" and width_multiplier != 1.0:
+        raise ValueError(f"{label}: ImageNet weights need width_multiplier=1.0, got {width_multiplier}")
+    trunk = keras_cv.models.MobileNetV3Backbone(include_rescaling=True, input_tensor=images,
+                                                alpha=width_multiplier, **MOBILENETV3_LARGE)
+    trunk_layers = [layer for layer in trunk.layers if not isinstance(layer, keras.layers.InputLayer)]
+    if weights == "imagenet":
+        try:
+            preset = keras_cv.models.MobileNetV3Backbone.from_preset(MOBILENETV3_LARGE_PRESET)
+        except Exception as err:  # Kaggle download errors come in many types
+            raise WeightsDownloadError(
+                f"could not download ImageNet weights for {label} (keras-cv preset {MOBILENETV3_LARGE_PRESET!r}, "
+                f"no internet?): {err}; use backbone_weights=None to train from scratch") from err
+        for mine, theirs in zip([l for l in trunk_layers if l.weights], [l for l in preset.layers if l.weights]):
+            mine.set_weights(theirs.get_weights())
+    c4 = trunk.get_layer("expanded_conv_12_depthwise_pad").input
+    x = trunk.output
+    sources = [c4, x]
+    for k, filters in enumerate((512, 256, 256, 128), start=1):
+        x = _ssdlite_extra_block(x, max(16, int(filters * width_multiplier)), f"ssdlite_extra{k}")
+        sources.append(x)
+    stages, stage = [[] for _ in range(5)], 0
+    for layer in trunk_layers:  # in graph order: unnamed layers (squeeze-excite, activations) join their block's stage
+        named = _mobilenetv3_stage(layer.name)
+        stage = named if named is not None else stage
+        stages[stage].append(layer.name)
+    return BackboneFeatures(sources=sources, stages=stages, pretrained=[l.name for l in trunk_layers if l.weights],
+                            head="separable", anchor_scales=list(SSDLITE_SCALES),
+                            aspect_ratios=[list(r) for r in SSDLITE_ASPECT_RATIOS])
+
+
 def build_backbone(images, backbone="vgg16", width_multiplier=1.0, weights=None, fpn_channels=256):
-    """Dispatch on the backbone name: ``vgg16``, ``resnet50_fpn`` or ``mobilenetv2_fpn``."""
+    """Dispatch on the backbone name: ``vgg16``, ``resnet50_fpn``, ``mobilenetv2_fpn``, ``mobilenetv3_large_ssdlite``."""
+    if backbone == "mobilenetv3_large_ssdlite":
+        return mobilenetv3_large_ssdlite(images, width_multiplier=width_multiplier, weights=weights)
     if backbone in ("vgg16", "vgg16_bn"):
         return vgg16_ssd(images, width_multiplier=width_multiplier, weights=weights,
                          batch_norm=backbone == "vgg16_bn")

@@ -36,6 +36,20 @@ def _image_hw(image_size):
     return int(image_size[0]), int(image_size[1])
 
 
+def _separable_head(sources, boxes_per_map, channels_per_box, name):
+    """SSDLite head (torchvision ``_prediction_block``): depthwise 3x3 + BN + ReLU6, then a 1x1 conv, per map."""
+    outputs = []
+    for k, (source, boxes) in enumerate(zip(sources, boxes_per_map)):
+        x = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False, name=f"{name}_{k}_depthwise")(source)
+        x = keras.layers.BatchNormalization(epsilon=1e-3, momentum=0.97, name=f"{name}_{k}_bn")(x)
+        x = keras.layers.ReLU(6.0, name=f"{name}_{k}_relu")(x)
+        x = keras.layers.Conv2D(boxes * channels_per_box, 1, name=f"{name}_{k}")(x)
+        outputs.append(keras.layers.Reshape((-1, channels_per_box), name=f"{name}_{k}_reshape")(x))
+    if len(outputs) == 1:
+        return outputs[0]
+    return keras.layers.Concatenate(axis=1, name=f"{name}_concat")(outputs)
+
+
 def _head(sources, boxes_per_map, channels_per_box, name):
     """3x3 conv per map, reshaped to ``[B, H*W*boxes, channels]`` and concatenated.
 
@@ -61,7 +75,8 @@ class SSD(keras.Model):
             ``[B, H, W, 3]`` RGB float 0..255 and the model normalises it.
         backbone: ``"vgg16"`` (the paper's SSD base, 6 maps), ``"vgg16_bn"`` (with BatchNorm, for
             training from scratch),
-            ``"resnet50_fpn"`` or ``"mobilenetv2_fpn"`` (P3..P7, 5 maps).
+            ``"resnet50_fpn"`` or ``"mobilenetv2_fpn"`` (P3..P7, 5 maps), ``"mobilenetv3_large_ssdlite"``
+            (torchvision's SSDLite320: keras-cv MobileNetV3-Large, 6 maps, separable heads, its own anchors).
         width_multiplier: scales the backbone's convs (see ``backbones``).
         backbone_weights: ``None`` (from scratch), ``"imagenet"`` or the path of a keras.applications
             weight file for the backbone (e.g. ``vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5``
@@ -105,8 +120,9 @@ class SSD(keras.Model):
                                   weights=backbone_weights, fpn_channels=fpn_channels)
         sources = features.sources
         num_maps = len(sources)
-        ratios = default_aspect_ratios(num_maps) if aspect_ratios is None else aspect_ratios
-        scales = ssd_scales(num_maps) if anchor_scales is None else anchor_scales
+        ratios = aspect_ratios if aspect_ratios is not None else (
+            features.aspect_ratios or default_aspect_ratios(num_maps))
+        scales = anchor_scales if anchor_scales is not None else (features.anchor_scales or ssd_scales(num_maps))
         if len(ratios) != num_maps:
             raise ValueError(f"SSD: backbone {backbone!r} has {num_maps} feature maps "
                              f"but aspect_ratios has {len(ratios)} entries")
@@ -115,8 +131,9 @@ class SSD(keras.Model):
                              f"anchor_scales needs {num_maps + 1} values, got {len(scales)}")
 
         boxes_per_map = boxes_per_location(ratios)
-        offsets = _head(sources, boxes_per_map, 4, "box_head")
-        logits = _head(sources, boxes_per_map, 1 + int(num_classes), "class_head")
+        head = _separable_head if features.head == "separable" else _head
+        offsets = head(sources, boxes_per_map, 4, "box_head")
+        logits = head(sources, boxes_per_map, 1 + int(num_classes), "class_head")
         anchor_layer = AnchorBoxes(scales, ratios, clip=clip_anchors, steps=anchor_steps,
                                    name="anchors")
         anchors = anchor_layer(sources)
