@@ -90,9 +90,19 @@ def build_model(recipe, class_names):
         raise RecipeError("model.anchor_scales / aspect_ratios = 'auto' must be fitted to the training boxes "
                           "first: kdet.analysis.anchors.resolve_auto_anchors (engine.train does it)")
     try:
-        return SSD(num_classes=len(class_names), **recipe["model"])
+        return SSD(num_classes=len(class_names), score_activation=_score_activation(recipe), **recipe["model"])
     except TypeError as err:
         raise RecipeError(f"bad model section in the recipe: {err}") from err
+
+
+def _score_activation(recipe):
+    """``"sigmoid"`` for the sigmoid class losses of ``loss.cls_loss``, else ``"softmax"``."""
+    from kdet.losses import score_activation
+
+    try:
+        return score_activation(recipe.get("loss", {}).get("cls_loss", "softmax"))
+    except ValueError as err:
+        raise RecipeError(str(err)) from err
 
 
 def resolve_backbone_weights(recipe, class_names):
