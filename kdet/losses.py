@@ -57,7 +57,8 @@ def paired_iou_losses(pred, target, kind):
     centre distance over the enclosing box's squared diagonal. CIoU: DIoU minus
     ``alpha * v``, ``v`` the aspect-ratio mismatch ``4/pi^2 (atan(w_t/h_t) -
     atan(w_p/h_p))^2`` and ``alpha = v / (1 - IoU + v)`` held constant in the
-    gradient (the paper's rule). Boxes need positive sizes.
+    gradient (the paper's rule). Finite for empty boxes too (the zero targets
+    of non-positive anchors): every ratio has an epsilon below.
     """
     eps = 1e-9
     wh_p = ops.maximum(pred[..., 2:] - pred[..., :2], 0.0)
@@ -223,7 +224,7 @@ class MultiBoxLoss(keras.losses.Loss):
         num_pos_per_image = ops.sum(ops.cast(positive, "float32"), axis=1)
         num_pos = ops.maximum(ops.sum(num_pos_per_image), 1.0)
 
-        loc = self._box_losses(offsets, pred_boxes, matched_boxes, anchors, positive)
+        loc = self._box_losses(offsets, pred_boxes, matched_boxes, anchors)
         loc = ops.sum(ops.where(positive, loc, 0.0))
         if self.cls_loss == "softmax":
             conf = self._softmax_loss(logits, labels, num_pos_per_image)
@@ -248,14 +249,12 @@ class MultiBoxLoss(keras.losses.Loss):
             return ops.sigmoid(logits[..., 1:])
         return ops.softmax(logits, axis=-1)[..., 1:]
 
-    def _box_losses(self, offsets, pred_boxes, matched_boxes, anchors, positive):
+    def _box_losses(self, offsets, pred_boxes, matched_boxes, anchors):
         """Per-anchor box loss ``[B, A]`` (meaningful on positives only)."""
         if self.box_loss == "smooth_l1":  # summed over the 4 encoded offsets
             targets = encode_boxes(matched_boxes, anchors, self.variances)
             return ops.sum(smooth_l1(offsets - ops.stop_gradient(targets)), axis=-1)
-        # Non-positives get their anchor as a stand-in target so no 0/0 reaches the gradient.
-        safe_target = ops.where(ops.expand_dims(positive, -1), matched_boxes, anchors)
-        return paired_iou_losses(pred_boxes, ops.stop_gradient(safe_target), self.box_loss)
+        return paired_iou_losses(pred_boxes, ops.stop_gradient(matched_boxes), self.box_loss)
 
     def _softmax_loss(self, logits, labels, num_pos_per_image):
         """Weighted CE on positives and hard-mined negatives (SSD), summed."""

@@ -287,17 +287,21 @@ def test_tal_compiles_under_xla_with_a_dynamic_box_count():
 
 def test_tal_in_the_loss_uses_its_labels_and_soft_targets():
     y_true, y_pred, _, _ = _case(seed=2)
-    y_true = y_true.copy()
-    y_true[0, 2] = [0.1, 0.0, 0.6, 0.5, 1, 0]  # an object over several anchor centres
-    loss = MultiBoxLoss(cls_loss="quality_focal", assigner="tal", tal_top_k=3)
+    y_true, y_pred = y_true.copy(), y_pred.copy()
+    y_true[0, 2] = [0.0, 0.0, 0.25, 0.5, 1, 0]  # covers half of anchors 0 and 1: both predict IoU 0.5
+    y_pred[0, :2, :4] = 0.0
+    # top 1 by sigmoid score: anchor 0 (sigmoid(2) 0.88 > sigmoid(1) 0.73); by softmax it would be
+    # anchor 1 (0.05 < 0.73): the assigner must score as the model does.
+    y_pred[0, 0, 4:7], y_pred[0, 1, 4:7] = [5.0, -8.0, 2.0], [-5.0, -8.0, 1.0]
+    loss = MultiBoxLoss(cls_loss="quality_focal", assigner="tal", tal_top_k=1)
     logits = y_pred[..., 4:7].astype(np.float64)
     scores = 1 / (1 + np.exp(-logits[..., 1:]))
     pred = np.array([[_np_decode(y_pred[b, a, :4], ANCHORS[a]) for a in range(16)] for b in range(2)])
     classes = np.round(y_true[..., 4]).astype(int)
-    ref = [_np_tal(y_true[b, :, :4], classes[b], y_true[b, :, 5] > 0.5, ANCHORS, pred[b], scores[b], 3)
+    ref = [_np_tal(y_true[b, :, :4], classes[b], y_true[b, :, 5] > 0.5, ANCHORS, pred[b], scores[b], 1)
            for b in range(2)]
     labels, soft = np.stack([r[0] for r in ref]), np.stack([r[1] for r in ref])
-    assert (labels > 0).sum() >= 4 and labels[1, 12] == -1
+    assert labels[0, 0] == 2 and labels[0, 1] == 0 and labels[1, 12] == -1
     parts = loss.components(y_true, y_pred)
     np.testing.assert_allclose(float(parts["conf"]), _np_sigmoid_loss(y_pred[..., 4:7], labels, soft, "quality_focal"),
                                rtol=1e-4)
