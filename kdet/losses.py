@@ -130,7 +130,8 @@ class MultiBoxLoss(keras.losses.Loss):
     :func:`score_activation`); ``assigner="tal"`` is the task-aligned assigner
     (:func:`kdet.matching.task_aligned_match`, ``tal_top_k``, ``tal_alpha``,
     ``tal_beta``), whose normalised alignment is the soft target of the
-    quality losses.
+    quality losses; those are then divided by the soft targets' sum instead
+    of the positive count (YOLOv8's ``target_scores_sum``).
 
     Reduction: ``call`` already returns the batch's SSD loss as a scalar, so
     Keras's reduction leaves it unchanged ("sum_over_batch_size" divides a
@@ -231,7 +232,10 @@ class MultiBoxLoss(keras.losses.Loss):
         else:
             if quality is None:  # IoU of the predicted box with its object (GFL / VarifocalNet)
                 quality = ops.stop_gradient(paired_iou(pred_boxes, matched_boxes))
-            conf = self._sigmoid_loss(logits, labels, ops.where(positive, quality, 0.0))
+            quality = ops.where(positive, quality, 0.0)
+            conf = self._sigmoid_loss(logits, labels, quality)
+            if self.assigner == "tal":  # YOLOv8: over the soft targets' sum, small for the normalised alignment
+                conf = conf * num_pos / ops.maximum(ops.sum(quality), 1.0)
 
         loc, conf = loc / num_pos, conf / num_pos
         weight = self.alpha * self.box_weight

@@ -303,8 +303,10 @@ def test_tal_in_the_loss_uses_its_labels_and_soft_targets():
     labels, soft = np.stack([r[0] for r in ref]), np.stack([r[1] for r in ref])
     assert labels[0, 0] == 2 and labels[0, 1] == 0 and labels[1, 12] == -1
     parts = loss.components(y_true, y_pred)
-    np.testing.assert_allclose(float(parts["conf"]), _np_sigmoid_loss(y_pred[..., 4:7], labels, soft, "quality_focal"),
-                               rtol=1e-4)
+    # divided by the soft targets' sum (YOLOv8), not by the positives (what _np_sigmoid_loss does)
+    expected = _np_sigmoid_loss(y_pred[..., 4:7], labels, soft, "quality_focal") * (labels > 0).sum() / max(soft.sum(), 1)
+    assert soft.sum() > 1.0
+    np.testing.assert_allclose(float(parts["conf"]), expected, rtol=1e-4)
     assert float(parts["num_positives"]) == (labels > 0).sum()
     compiled = tf.function(lambda t, p: loss(t, p), jit_compile=True, input_signature=[
         tf.TensorSpec((None, None, 6), tf.float32), tf.TensorSpec((None, 16, 11), tf.float32)])
