@@ -88,6 +88,15 @@ def default_recipe():
             negative_iou_threshold=None, # e.g. 0.4: anchors with IoU 0.4..0.5 are ignored, not background
             assigner="max_iou",          # or "atss": a threshold per object from its nearest anchors
             atss_top_k=9,                # ATSS candidates per feature map
+                                         # or assigner="tal": task-aligned (TOOD / YOLOv8): score^tal_alpha * IoU^tal_beta
+                                         # of the predicted box, top tal_top_k anchors per object (centre inside)
+            tal_top_k=13,                # task-aligned candidates per object
+            tal_alpha=1.0,               # exponent of the class score in the alignment
+            tal_beta=6.0,                # exponent of the predicted box's IoU in the alignment
+            box_loss="smooth_l1",        # "smooth_l1" (encoded offsets) | "giou" | "diou" | "ciou" (decoded boxes)
+            box_weight=None,             # times alpha on the box loss; None: 1 for smooth_l1, 2 for the IoU family
+            cls_loss="softmax",          # "softmax" (+ hard negative mining) | "focal" | "quality_focal" | "varifocal"
+                                         # (sigmoid losses: no mining, the model then scores with sigmoid)
         ),
         train=dict(
             epochs=120,                  # or "auto": about auto_steps optimizer steps, whatever the dataset size

@@ -101,7 +101,8 @@ def build_model(recipe, class_names):
         raise RecipeError("model.anchor_scales / aspect_ratios = 'auto' must be fitted to the training boxes "
                           "first: kdet.analysis.anchors.resolve_auto_anchors (engine.train does it)")
     try:
-        model = SSD(num_classes=len(class_names), **_ssd_arguments(recipe["model"]))
+        model = SSD(num_classes=len(class_names), score_activation=_score_activation(recipe),
+                    **_ssd_arguments(recipe["model"]))
         if recipe["model"].get("init_from"):
             init_from_checkpoint(model, recipe["model"]["init_from"])
         return model
@@ -114,6 +115,16 @@ def build_model(recipe, class_names):
 def _ssd_arguments(model_section):
     """The recipe's model section less the keys the engine handles (``init_from``)."""
     return {key: value for key, value in model_section.items() if key != "init_from"}
+
+
+def _score_activation(recipe):
+    """``"sigmoid"`` for the sigmoid class losses of ``loss.cls_loss``, else ``"softmax"``."""
+    from kdet.losses import score_activation
+
+    try:
+        return score_activation(recipe.get("loss", {}).get("cls_loss", "softmax"))
+    except ValueError as err:
+        raise RecipeError(str(err)) from err
 
 
 def resolve_backbone_weights(recipe, class_names):

@@ -25,12 +25,14 @@ class DetectorModule(tf.Module):
         self.model = model
         self.class_names = tf.Variable(list(class_names), trainable=False, dtype=tf.string)
         self._nms = dict(nms)
+        self._score_activation = getattr(model, "score_activation", "softmax")
         self._height, self._width = _model_size(model)
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
     def serve(self, images):
         resized = tf.image.resize(tf.cast(images, tf.float32), (self._height, self._width))
-        detections = decode_detections(self.model(resized, training=False), **self._nms)
+        detections = decode_detections(self.model(resized, training=False), **self._nms,
+                                       score_activation=self._score_activation)
         boxes = tf.gather(detections["boxes"], [1, 0, 3, 2], axis=-1)  # xyxy -> yxyx
         valid = tf.cast(detections["classes"] >= 0, tf.float32)
         return {
@@ -66,5 +68,6 @@ def export_saved_model(model, export_dir, class_names, **nms):
     tf.saved_model.save(module, export_dir,
                         signatures={"serving_default": module.serve, "class_names": module.labels})
     with open(os.path.join(export_dir, "kdet_export.json"), "w") as f:
-        json.dump({"class_names": list(class_names), **nms}, f, indent=2)
+        json.dump({"class_names": list(class_names), **nms,
+                   "score_activation": module._score_activation}, f, indent=2)
     return export_dir

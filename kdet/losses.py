@@ -11,9 +11,26 @@ import numpy as np
 from keras import ops
 
 from kdet.data.class_weights import class_weight_vector
-from kdet.matching import DEFAULT_VARIANCES, atss_match, encode_boxes, match_anchors
+from kdet.matching import (DEFAULT_VARIANCES, atss_match, decode_boxes, encode_boxes, match_anchors,
+                           task_aligned_match)
 
-ASSIGNERS = ("max_iou", "atss")
+ASSIGNERS = ("max_iou", "atss", "tal")
+BOX_LOSSES = ("smooth_l1", "giou", "diou", "ciou")
+CLASS_LOSSES = ("softmax", "focal", "quality_focal", "varifocal")
+# loss.box_weight=None: 1 for smooth L1 (as before); 2 for the IoU family, mmdetection's GIoU weight
+# beside sigmoid class losses (ATSS, GFL, VFNet): 1 - GIoU is a few times smaller than SSD's smooth L1
+# on variance-scaled offsets, so the box term keeps a similar share of the gradient.
+DEFAULT_BOX_WEIGHTS = dict(smooth_l1=1.0, giou=2.0, diou=2.0, ciou=2.0)
+FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0     # RetinaNet
+QFL_BETA = 2.0                           # GFL
+VFL_ALPHA, VFL_GAMMA = 0.75, 2.0         # VarifocalNet
+
+
+def score_activation(cls_loss):
+    """How the model turns class logits into scores for ``loss.cls_loss``: ``"softmax"`` or ``"sigmoid"``."""
+    if cls_loss not in CLASS_LOSSES:
+        raise ValueError(f"loss.cls_loss must be one of {CLASS_LOSSES}, got {cls_loss!r}")
+    return "softmax" if cls_loss == "softmax" else "sigmoid"
 
 
 def numeric_class_weights(class_weights, num_classes=None, class_names=None):
@@ -32,6 +49,49 @@ def numeric_class_weights(class_weights, num_classes=None, class_names=None):
     return class_weight_vector(class_weights, class_names, num_classes)
 
 
+def paired_iou_losses(pred, target, kind):
+    """``1 - GIoU / DIoU / CIoU`` (``kind`` "giou" | "diou" | "ciou") of paired ``xyxy`` boxes ``[..., 4]``.
+
+    GIoU (Rezatofighi et al. 2019): IoU minus the share of the enclosing box
+    the union leaves empty. DIoU (Zheng et al. 2020): IoU minus the squared
+    centre distance over the enclosing box's squared diagonal. CIoU: DIoU minus
+    ``alpha * v``, ``v`` the aspect-ratio mismatch ``4/pi^2 (atan(w_t/h_t) -
+    atan(w_p/h_p))^2`` and ``alpha = v / (1 - IoU + v)`` held constant in the
+    gradient (the paper's rule). Finite for empty boxes too (the zero targets
+    of non-positive anchors): every ratio has an epsilon below.
+    """
+    eps = 1e-9
+    wh_p = ops.maximum(pred[..., 2:] - pred[..., :2], 0.0)
+    wh_t = ops.maximum(target[..., 2:] - target[..., :2], 0.0)
+    inter_wh = ops.maximum(ops.minimum(pred[..., 2:], target[..., 2:]) - ops.maximum(pred[..., :2], target[..., :2]), 0.0)
+    inter = inter_wh[..., 0] * inter_wh[..., 1]
+    union = wh_p[..., 0] * wh_p[..., 1] + wh_t[..., 0] * wh_t[..., 1] - inter
+    iou = inter / (union + eps)
+    enclose_wh = ops.maximum(pred[..., 2:], target[..., 2:]) - ops.minimum(pred[..., :2], target[..., :2])
+    if kind == "giou":
+        enclose = enclose_wh[..., 0] * enclose_wh[..., 1]
+        return 1.0 - (iou - (enclose - union) / (enclose + eps))
+    centre_gap = (pred[..., :2] + pred[..., 2:] - target[..., :2] - target[..., 2:]) / 2
+    distance = ops.sum(ops.square(centre_gap), axis=-1) / (ops.sum(ops.square(enclose_wh), axis=-1) + eps)
+    if kind == "diou":
+        return 1.0 - (iou - distance)
+    if kind != "ciou":
+        raise ValueError(f"paired_iou_losses: kind must be 'giou', 'diou' or 'ciou', got {kind!r}")
+    v = (4 / np.pi ** 2) * ops.square(ops.arctan(wh_t[..., 0] / (wh_t[..., 1] + eps))
+                                      - ops.arctan(wh_p[..., 0] / (wh_p[..., 1] + eps)))
+    alpha = ops.stop_gradient(v / (1.0 - iou + v + eps))
+    return 1.0 - (iou - distance - alpha * v)
+
+
+def paired_iou(pred, target):
+    """IoU of paired ``xyxy`` boxes ``[..., 4]`` (0 where the union is empty)."""
+    inter_wh = ops.maximum(ops.minimum(pred[..., 2:], target[..., 2:]) - ops.maximum(pred[..., :2], target[..., :2]), 0.0)
+    inter = inter_wh[..., 0] * inter_wh[..., 1]
+    area = lambda b: ops.maximum(b[..., 2] - b[..., 0], 0.0) * ops.maximum(b[..., 3] - b[..., 1], 0.0)
+    union = area(pred) + area(target) - inter
+    return ops.where(union > 0, inter / ops.maximum(union, 1e-12), 0.0)
+
+
 def smooth_l1(x, beta=1.0):
     """Elementwise smooth L1 (Huber with slope 1): ``0.5 x^2 / beta`` below ``beta``."""
     abs_x = ops.abs(x)
@@ -42,7 +102,7 @@ def smooth_l1(x, beta=1.0):
 class MultiBoxLoss(keras.losses.Loss):
     """SSD MultiBox loss: smooth L1 on positives + CE with hard negative mining.
 
-    ``loss = (conf + alpha * loc) / max(num_positives, 1)`` where the sums and
+    ``loss = (conf + alpha * box_weight * loc) / max(num_positives, 1)`` where the sums and
     the positive count run over the whole batch (ssd.pytorch). Anchors are
     matched with :func:`kdet.matching.match_anchors`; ignore anchors count
     neither as positives nor as negatives. Per image, the ``neg_pos_ratio *
@@ -58,6 +118,20 @@ class MultiBoxLoss(keras.losses.Loss):
     ``class_weights`` multiply each anchor's cross-entropy by the weight of its
     target class (background weight for negatives); see
     :func:`numeric_class_weights` for the accepted forms.
+
+    Modern one-stage levers (recipe keys ``loss.*``, kdet/defaults.py):
+    ``box_loss`` "smooth_l1" (on encoded offsets) or "giou" / "diou" / "ciou"
+    on the decoded boxes (:func:`paired_iou_losses`), weighted by ``alpha *
+    box_weight``; ``cls_loss`` "softmax" (CE + hard negative mining) or the
+    sigmoid losses "focal" (RetinaNet), "quality_focal" (GFL: the positive's
+    target is the IoU of its predicted box) and "varifocal" (VarifocalNet),
+    which use every non-ignored anchor, background as an all-zero target, and
+    need a model scoring with sigmoid (``SSD(score_activation="sigmoid")``,
+    :func:`score_activation`); ``assigner="tal"`` is the task-aligned assigner
+    (:func:`kdet.matching.task_aligned_match`, ``tal_top_k``, ``tal_alpha``,
+    ``tal_beta``), whose normalised alignment is the soft target of the
+    quality losses; those are then divided by the soft targets' sum instead
+    of the positive count (YOLOv8's ``target_scores_sum``).
 
     Reduction: ``call`` already returns the batch's SSD loss as a scalar, so
     Keras's reduction leaves it unchanged ("sum_over_batch_size" divides a
@@ -78,6 +152,12 @@ class MultiBoxLoss(keras.losses.Loss):
         assigner="max_iou",
         atss_top_k=9,
         anchors_per_level=None,
+        box_loss="smooth_l1",
+        box_weight=None,
+        cls_loss="softmax",
+        tal_top_k=13,
+        tal_alpha=1.0,
+        tal_beta=6.0,
         name="multibox_loss",
         **kwargs,
     ):
@@ -101,6 +181,12 @@ class MultiBoxLoss(keras.losses.Loss):
         self.assigner = assigner
         self.atss_top_k = int(atss_top_k)
         self.anchors_per_level = None if anchors_per_level is None else [int(n) for n in anchors_per_level]
+        if box_loss not in BOX_LOSSES:
+            raise ValueError(f"MultiBoxLoss: box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
+        self.score_activation = score_activation(cls_loss)  # checks cls_loss
+        self.box_loss, self.cls_loss = box_loss, cls_loss
+        self.box_weight = DEFAULT_BOX_WEIGHTS[box_loss] if box_weight is None else float(box_weight)
+        self.tal_top_k, self.tal_alpha, self.tal_beta = int(tal_top_k), float(tal_alpha), float(tal_beta)
 
     def call(self, y_true, y_pred):
         parts = self.components(y_true, y_pred)
@@ -110,7 +196,7 @@ class MultiBoxLoss(keras.losses.Loss):
     def components(self, y_true, y_pred):
         """The loss and its parts, as a dict of scalars for logging.
 
-        ``loss``, ``loc`` and ``conf`` (``loss = conf + alpha * loc``, both
+        ``loss``, ``loc`` and ``conf`` (``loss = conf + alpha * box_weight * loc``, both
         already divided by the positive count) and ``num_positives``.
         """
         y_true = ops.convert_to_tensor(y_true, "float32")
@@ -124,34 +210,92 @@ class MultiBoxLoss(keras.losses.Loss):
             )
         offsets, logits = y_pred[..., :4], y_pred[..., 4:4 + num_logits]
         anchors = ops.stop_gradient(y_pred[..., 4 + num_logits:])
+        pred_boxes = decode_boxes(offsets, anchors, self.variances)
 
         gt_classes = ops.cast(ops.round(y_true[..., 4]), "int32")
-        matched_boxes, labels = self._match(y_true[..., :4], gt_classes, y_true[..., 5] > 0.5, anchors)
+        gt = (y_true[..., :4], gt_classes, y_true[..., 5] > 0.5, anchors)
+        if self.assigner == "tal":
+            scores = self._class_scores(ops.stop_gradient(logits))
+            matched_boxes, labels, quality = task_aligned_match(
+                *gt, ops.stop_gradient(pred_boxes), scores, self.tal_top_k, self.tal_alpha, self.tal_beta)
+        else:
+            matched_boxes, labels = self._match(*gt)
+            quality = None
         positive = labels > 0
         num_pos_per_image = ops.sum(ops.cast(positive, "float32"), axis=1)
         num_pos = ops.maximum(ops.sum(num_pos_per_image), 1.0)
 
-        # Localisation: smooth L1 summed over the 4 offsets of positive anchors.
-        targets = encode_boxes(matched_boxes, anchors, self.variances)
-        loc = ops.sum(smooth_l1(offsets - ops.stop_gradient(targets)), axis=-1)
+        loc = self._box_losses(offsets, pred_boxes, matched_boxes, anchors)
         loc = ops.sum(ops.where(positive, loc, 0.0))
-
-        # Classification: weighted CE on positives and mined negatives.
-        log_probs = ops.log_softmax(logits, axis=-1)
-        target = ops.maximum(labels, 0)
-        ce = -ops.squeeze(ops.take_along_axis(log_probs, ops.expand_dims(target, -1), axis=-1), -1)
-        negatives = self._hard_negatives(ops.stop_gradient(-log_probs[..., 0]), labels == 0, num_pos_per_image)
-        ce = ce * self._weights(target, num_logits)
-        conf = ops.sum(ops.where(ops.logical_or(positive, negatives), ce, 0.0))
+        if self.cls_loss == "softmax":
+            conf = self._softmax_loss(logits, labels, num_pos_per_image)
+        else:
+            if quality is None:  # IoU of the predicted box with its object (GFL / VarifocalNet)
+                quality = ops.stop_gradient(paired_iou(pred_boxes, matched_boxes))
+            quality = ops.where(positive, quality, 0.0)
+            conf = self._sigmoid_loss(logits, labels, quality)
+            if self.assigner == "tal":  # YOLOv8: over the soft targets' sum, small for the normalised alignment
+                conf = conf * num_pos / ops.maximum(ops.sum(quality), 1.0)
 
         loc, conf = loc / num_pos, conf / num_pos
-        return {"loss": conf + self.alpha * loc, "loc": loc, "conf": conf, "num_positives": ops.sum(num_pos_per_image)}
+        weight = self.alpha * self.box_weight
+        return {"loss": conf + weight * loc, "loc": loc, "conf": conf, "num_positives": ops.sum(num_pos_per_image)}
 
     def _match(self, gt_boxes, gt_classes, gt_ignore, anchors):
         if self.assigner == "atss":
             return atss_match(gt_boxes, gt_classes, gt_ignore, anchors, self.anchors_per_level, self.atss_top_k)
         return match_anchors(gt_boxes, gt_classes, gt_ignore, anchors, self.iou_threshold,
                              self.negative_iou_threshold)
+
+    def _class_scores(self, logits):
+        """Class probabilities ``[B, A, C]`` as the model scores them (without the background)."""
+        if self.score_activation == "sigmoid":
+            return ops.sigmoid(logits[..., 1:])
+        return ops.softmax(logits, axis=-1)[..., 1:]
+
+    def _box_losses(self, offsets, pred_boxes, matched_boxes, anchors):
+        """Per-anchor box loss ``[B, A]`` (meaningful on positives only)."""
+        if self.box_loss == "smooth_l1":  # summed over the 4 encoded offsets
+            targets = encode_boxes(matched_boxes, anchors, self.variances)
+            return ops.sum(smooth_l1(offsets - ops.stop_gradient(targets)), axis=-1)
+        return paired_iou_losses(pred_boxes, ops.stop_gradient(matched_boxes), self.box_loss)
+
+    def _softmax_loss(self, logits, labels, num_pos_per_image):
+        """Weighted CE on positives and hard-mined negatives (SSD), summed."""
+        positive = labels > 0
+        log_probs = ops.log_softmax(logits, axis=-1)
+        target = ops.maximum(labels, 0)
+        ce = -ops.squeeze(ops.take_along_axis(log_probs, ops.expand_dims(target, -1), axis=-1), -1)
+        negatives = self._hard_negatives(ops.stop_gradient(-log_probs[..., 0]), labels == 0, num_pos_per_image)
+        ce = ce * self._weights(target, logits.shape[-1])
+        return ops.sum(ops.where(ops.logical_or(positive, negatives), ce, 0.0))
+
+    def _sigmoid_loss(self, logits, labels, quality):
+        """Focal / quality focal / varifocal loss over every non-ignored anchor and class, summed.
+
+        The background logit is unused: background is an all-zero target.
+        ``quality [B, A]`` is the soft target of positives (IoU or normalised alignment).
+        """
+        class_logits = logits[..., 1:]
+        num_classes = class_logits.shape[-1]
+        one_hot = ops.one_hot(ops.maximum(labels - 1, 0), num_classes) * ops.expand_dims(
+            ops.cast(labels > 0, "float32"), -1)
+        prob = ops.sigmoid(class_logits)
+        if self.cls_loss == "focal":
+            target = one_hot
+            bce = ops.softplus(class_logits) - class_logits * target
+            p_t = prob * target + (1.0 - prob) * (1.0 - target)
+            alpha_t = FOCAL_ALPHA * target + (1.0 - FOCAL_ALPHA) * (1.0 - target)
+            per_class = alpha_t * ops.power(1.0 - p_t, FOCAL_GAMMA) * bce
+        else:
+            target = one_hot * ops.expand_dims(quality, -1)
+            bce = ops.softplus(class_logits) - class_logits * target
+            if self.cls_loss == "quality_focal":
+                per_class = ops.power(ops.abs(target - prob), QFL_BETA) * bce
+            else:  # varifocal: positives weighted by their quality, negatives focally down-weighted
+                per_class = ops.where(target > 0, target, VFL_ALPHA * ops.power(prob, VFL_GAMMA)) * bce
+        per_anchor = ops.sum(per_class, axis=-1) * self._weights(ops.maximum(labels, 0), logits.shape[-1])
+        return ops.sum(ops.where(labels >= 0, per_anchor, 0.0))
 
     def _hard_negatives(self, background_loss, candidates, num_pos_per_image):
         """Per image, the ``ratio * num_pos`` candidates with the highest background loss."""
@@ -192,6 +336,12 @@ class MultiBoxLoss(keras.losses.Loss):
             assigner=self.assigner,
             atss_top_k=self.atss_top_k,
             anchors_per_level=self.anchors_per_level,
+            box_loss=self.box_loss,
+            box_weight=self.box_weight,
+            cls_loss=self.cls_loss,
+            tal_top_k=self.tal_top_k,
+            tal_alpha=self.tal_alpha,
+            tal_beta=self.tal_beta,
         )
         return config
 

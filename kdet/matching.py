@@ -203,3 +203,68 @@ def _mean_plus_std(iou, candidate):
     mean = ops.sum(iou * weight, axis=1, keepdims=True) / ops.maximum(count, 1.0)
     variance = ops.sum(ops.square(iou - mean) * weight, axis=1, keepdims=True) / ops.maximum(count - 1.0, 1.0)
     return mean + ops.sqrt(variance)
+
+
+def task_aligned_match(gt_boxes, gt_classes, gt_ignore, anchors, pred_boxes, pred_scores,
+                       top_k=13, alpha=1.0, beta=6.0):
+    """Task-aligned assignment (TOOD, Feng et al. 2021; YOLOv8's ``TaskAlignedAssigner``).
+
+    Same ground truth and anchors as :func:`match_anchors`, plus the model's
+    current ``pred_boxes [B, A, 4]`` (decoded ``xyxy``) and ``pred_scores
+    [B, A, C]`` (class probabilities); pass them through ``stop_gradient``.
+
+    1. **Alignment** of anchor ``a`` with object ``m``: ``s^alpha * IoU^beta``,
+       ``s`` the predicted score of ``m``'s class at ``a`` and ``IoU`` that of
+       ``a``'s predicted box with ``m``; zero unless ``a``'s centre lies inside ``m``.
+    2. **Candidates**: per object, its ``top_k`` anchors of highest alignment
+       (alignment > 0).
+    3. An anchor that is a candidate of several objects takes the one its
+       predicted box overlaps most (TOOD's and YOLOv8's rule); when that one is
+       flagged ignore, the anchor is ``-1`` (ignore), neither positive nor negative.
+    4. **Soft target** of a positive: its alignment normalised per object so
+       that the object's best-aligned anchor gets the object's best IoU over its
+       positives (YOLOv8's ``norm_align_metric``).
+
+    Returns ``(boxes [B, A, 4], labels [B, A], soft_target [B, A])``: boxes and
+    labels as :func:`match_anchors`; ``soft_target`` is 0 off the positives.
+    """
+    gt_boxes = ops.convert_to_tensor(gt_boxes, "float32")
+    anchors = ops.convert_to_tensor(anchors, "float32")
+    pred_boxes = ops.convert_to_tensor(pred_boxes, "float32")
+    pred_scores = ops.convert_to_tensor(pred_scores, "float32")
+    gt_classes = ops.cast(gt_classes, "int32")
+    if gt_boxes.shape[1] == 0:
+        boxes, labels = match_anchors(gt_boxes, gt_classes, gt_ignore, anchors)
+        return boxes, labels, ops.zeros_like(pred_boxes[..., 0])
+    valid = gt_classes >= 0
+    iou = iou_matrix(pred_boxes, gt_boxes)  # [B, A, M]
+    centre = xyxy_to_cxcywh(anchors)[..., :2]
+    inside = ops.logical_and(
+        ops.all(centre[:, :, None, :] > gt_boxes[:, None, :, :2], axis=-1),
+        ops.all(centre[:, :, None, :] < gt_boxes[:, None, :, 2:], axis=-1))
+    allowed = ops.logical_and(inside, ops.expand_dims(valid, 1))  # [B, A, M]
+    class_index = ops.zeros_like(iou, dtype="int32") + ops.expand_dims(ops.maximum(gt_classes, 0), 1)
+    score = ops.take_along_axis(pred_scores, class_index, axis=2)  # [B, A, M]: score of m's class
+    alignment = ops.where(allowed, ops.power(score, alpha) * ops.power(iou, beta), 0.0)
+
+    k = min(int(top_k), int(alignment.shape[1]))
+    kth = ops.top_k(ops.transpose(alignment, (0, 2, 1)), k)[0][..., -1]  # [B, M]
+    candidate = ops.logical_and(alignment >= ops.expand_dims(kth, 1), alignment > 0)
+
+    matched_gt = ops.cast(ops.argmax(ops.where(candidate, iou, -1.0), axis=2), "int32")  # [B, A]
+    matched = ops.any(candidate, axis=2)
+    ignored = ops.logical_and(matched, ops.take_along_axis(ops.cast(gt_ignore, "bool"), matched_gt, axis=1))
+    positive = ops.logical_and(matched, ops.logical_not(ignored))
+    boxes, labels = _targets(gt_boxes, gt_classes, matched_gt, positive, ignored)
+    return boxes, labels, _normalised_alignment(alignment, iou, matched_gt, positive)
+
+
+def _normalised_alignment(alignment, iou, matched_gt, positive):
+    """Per positive anchor, ``alignment * max IoU / max alignment`` over its object's positives."""
+    own = ops.logical_and(  # [B, A, M]: anchor a is a positive of object m
+        ops.expand_dims(matched_gt, -1) == ops.arange(ops.shape(iou)[2], dtype="int32"),
+        ops.expand_dims(positive, -1))
+    best_alignment = ops.max(ops.where(own, alignment, 0.0), axis=1, keepdims=True)  # [B, 1, M]
+    best_iou = ops.max(ops.where(own, iou, 0.0), axis=1, keepdims=True)
+    normalised = alignment * best_iou / ops.maximum(best_alignment, 1e-9)
+    return ops.max(ops.where(own, normalised, 0.0), axis=2)

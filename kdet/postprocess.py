@@ -21,11 +21,14 @@ def decode_detections(
     class_agnostic: bool = NMS_DEFAULTS["class_agnostic"],
     per_class_top_k: bool = NMS_DEFAULTS["per_class_top_k"],
     variances=DEFAULT_VARIANCES,
+    score_activation: str = "softmax",
 ) -> dict:
     """Raw predictions ``[B, A, 4 + (1 + C) + 4]`` -> padded detections.
 
     1. Boxes are decoded from the offsets and anchors and clipped to ``[0, 1]``;
-       class scores are the softmax over the logits without the background.
+       class scores are the softmax over the logits without the background
+       (``score_activation="sigmoid"``: the sigmoid of each class logit, the
+       background logit unused, for models trained with a sigmoid class loss).
     2. Candidates are (anchor, class) pairs with score ``> score_threshold``:
        by default the ``pre_nms_top_k`` best pairs **over all classes** of an
        image; with ``per_class_top_k=True`` the ``pre_nms_top_k`` best pairs
@@ -40,6 +43,7 @@ def decode_detections(
             per_class_top_k: as above; defaults ``kdet.defaults.NMS_DEFAULTS`` (a recipe's
             ``eval`` section sets them all).
         variances: the box-offset variances of the encoding (SSD's 0.1, 0.2).
+        score_activation: ``"softmax"`` or ``"sigmoid"``, the model's (``SSD.score_activation``).
 
     Returns:
         a dict ``boxes [B, K, 4]`` (normalised xyxy), ``scores [B, K]``,
@@ -73,7 +77,13 @@ def decode_detections(
         )
     offsets, logits, anchors = y_pred[..., :4], y_pred[..., 4:4 + num_logits], y_pred[..., 4 + num_logits:]
     boxes = ops.clip(decode_boxes(offsets, anchors, variances), 0.0, 1.0)  # [B, A, 4]
-    scores = ops.softmax(logits, axis=-1)[..., 1:]  # [B, A, C]
+    if score_activation == "sigmoid":
+        scores = ops.sigmoid(logits[..., 1:])  # [B, A, C]
+    elif score_activation == "softmax":
+        scores = ops.softmax(logits, axis=-1)[..., 1:]
+    else:
+        raise ValueError(f"decode_detections: score_activation must be 'softmax' or 'sigmoid', "
+                         f"got {score_activation!r}")
 
     if per_class_top_k:
         if class_agnostic:

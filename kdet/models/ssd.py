@@ -7,6 +7,8 @@ docs/CONVENTIONS.md "Raw predictions". ``detect`` decodes them (kdet.postprocess
 ``compile`` defaults to the MultiBox loss (kdet.losses).
 """
 
+import math
+
 import keras
 
 import kdet.losses  # noqa: F401  registers MultiBoxLoss, so load_model restores the compiled loss
@@ -36,21 +38,21 @@ def _image_hw(image_size):
     return int(image_size[0]), int(image_size[1])
 
 
-def _separable_head(sources, boxes_per_map, channels_per_box, name):
+def _separable_head(sources, boxes_per_map, channels_per_box, name, bias_initializer="zeros"):
     """SSDLite head (torchvision ``_prediction_block``): depthwise 3x3 + BN + ReLU6, then a 1x1 conv, per map."""
     outputs = []
     for k, (source, boxes) in enumerate(zip(sources, boxes_per_map)):
         x = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False, name=f"{name}_{k}_depthwise")(source)
         x = keras.layers.BatchNormalization(epsilon=1e-3, momentum=0.97, name=f"{name}_{k}_bn")(x)
         x = keras.layers.ReLU(6.0, name=f"{name}_{k}_relu")(x)
-        x = keras.layers.Conv2D(boxes * channels_per_box, 1, name=f"{name}_{k}")(x)
+        x = keras.layers.Conv2D(boxes * channels_per_box, 1, bias_initializer=bias_initializer, name=f"{name}_{k}")(x)
         outputs.append(keras.layers.Reshape((-1, channels_per_box), name=f"{name}_{k}_reshape")(x))
     if len(outputs) == 1:
         return outputs[0]
     return keras.layers.Concatenate(axis=1, name=f"{name}_concat")(outputs)
 
 
-def _head(sources, boxes_per_map, channels_per_box, name):
+def _head(sources, boxes_per_map, channels_per_box, name, bias_initializer="zeros"):
     """3x3 conv per map, reshaped to ``[B, H*W*boxes, channels]`` and concatenated.
 
     The reshape runs over cells row-major (y, x) then the boxes of a cell,
@@ -58,11 +60,22 @@ def _head(sources, boxes_per_map, channels_per_box, name):
     """
     outputs = []
     for k, (source, boxes) in enumerate(zip(sources, boxes_per_map)):
-        x = keras.layers.Conv2D(boxes * channels_per_box, 3, padding="same", name=f"{name}_{k}")(source)
+        x = keras.layers.Conv2D(boxes * channels_per_box, 3, padding="same", name=f"{name}_{k}",
+                                bias_initializer=bias_initializer)(source)
         outputs.append(keras.layers.Reshape((-1, channels_per_box), name=f"{name}_{k}_reshape")(x))
     if len(outputs) == 1:
         return outputs[0]
     return keras.layers.Concatenate(axis=1, name=f"{name}_concat")(outputs)
+
+
+SCORE_ACTIVATIONS = ("softmax", "sigmoid")
+SIGMOID_PRIOR = 0.01  # RetinaNet: every class starts at probability 0.01, so the focal loss starts small
+
+
+def _class_bias(score_activation):
+    if score_activation == "sigmoid":
+        return keras.initializers.Constant(-math.log((1 - SIGMOID_PRIOR) / SIGMOID_PRIOR))
+    return "zeros"
 
 
 @keras.saving.register_keras_serializable(package="kdet")
@@ -86,6 +99,11 @@ class SSD(keras.Model):
         clip_anchors: clip anchors to the image.
         anchor_steps: optional per-map centre spacing (see ``default_boxes``).
         fpn_channels: channels of the FPN maps (FPN backbones only).
+        score_activation: ``"softmax"`` (over background + classes; SSD's) or ``"sigmoid"``
+            (per class, background logit unused) for models trained with a sigmoid class loss
+            (``loss.cls_loss`` "focal" / "quality_focal" / "varifocal"; the engine sets it).
+            ``detect``, the SavedModel export and the evaluation callback use it; with
+            ``"sigmoid"`` the class logits start at RetinaNet's prior of 0.01.
 
     Attributes: ``num_classes``, ``anchors`` (numpy ``[A, 4]``),
     ``feature_map_sizes``, ``anchors_per_level`` (anchors of each map, in
@@ -109,9 +127,12 @@ class SSD(keras.Model):
 
     def __init__(self, num_classes: int, image_size=300, backbone: str = "vgg16", width_multiplier: float = 1.0,
                  backbone_weights=None, anchor_scales=None, aspect_ratios=None,
-                 clip_anchors: bool = True, anchor_steps=None, fpn_channels: int = 256, **kwargs):
+                 clip_anchors: bool = True, anchor_steps=None, fpn_channels: int = 256,
+                 score_activation: str = "softmax", **kwargs):
         if int(num_classes) < 1:
             raise ValueError(f"SSD: num_classes must be >= 1, got {num_classes}")
+        if score_activation not in SCORE_ACTIVATIONS:
+            raise ValueError(f"SSD: score_activation must be one of {SCORE_ACTIVATIONS}, got {score_activation!r}")
         height, width = _image_hw(image_size)
 
         # === Functional graph ===
@@ -133,7 +154,8 @@ class SSD(keras.Model):
         boxes_per_map = boxes_per_location(ratios)
         head = _separable_head if features.head == "separable" else _head
         offsets = head(sources, boxes_per_map, 4, "box_head")
-        logits = head(sources, boxes_per_map, 1 + int(num_classes), "class_head")
+        logits = head(sources, boxes_per_map, 1 + int(num_classes), "class_head",
+                      bias_initializer=_class_bias(score_activation))
         anchor_layer = AnchorBoxes(scales, ratios, clip=clip_anchors, steps=anchor_steps,
                                    name="anchors")
         anchors = anchor_layer(sources)
@@ -152,6 +174,7 @@ class SSD(keras.Model):
         self.clip_anchors = clip_anchors
         self.anchor_steps = anchor_steps
         self.fpn_channels = fpn_channels
+        self.score_activation = score_activation
 
         # === Derived attributes ===
         self.feature_map_sizes = [tuple(s.shape[1:3]) for s in sources]
@@ -186,7 +209,7 @@ class SSD(keras.Model):
         """
         from kdet.postprocess import decode_detections
 
-        return decode_detections(self(images, training=False), **nms)
+        return decode_detections(self(images, training=False), **nms, score_activation=self.score_activation)
 
     def compile(self, optimizer="adam", loss=None, **kwargs):
         """``keras.Model.compile`` whose ``loss`` defaults to the SSD MultiBox loss."""
@@ -216,6 +239,7 @@ class SSD(keras.Model):
             "clip_anchors": self.clip_anchors,
             "anchor_steps": self.anchor_steps,
             "fpn_channels": self.fpn_channels,
+            "score_activation": self.score_activation,
         }
 
     @classmethod
