@@ -14,9 +14,11 @@ Defaults for small datasets (tens to hundreds of images):
 * anchors fitted to the training boxes (model.anchor_scales / aspect_ratios = "auto").
 * matching IoU 0.3: small objects get several positive anchors (BCCD platelets
   AP50 0.603 -> 0.738 against 0.5; README).
-* a fixed budget of optimizer steps (train.epochs="auto", train.auto_steps), tiny
-  sets repeated to 256 images per epoch, val_AP every epoch, early stopping after
-  10 evaluations without improvement, and the best weights kept.
+* a fixed budget of optimizer steps (train.epochs="auto", train.auto_steps), at most
+  32 per training image (train.auto_steps_per_image: a ten-image set gets 256 steps, about
+  2.5 CPU-minutes, instead of 3000 steps that take 30 and overfit it further; measured in
+  tools/benchmark_tiny.py), tiny sets repeated to 256 images per epoch, val_AP every
+  epoch, early stopping after 10 evaluations without improvement, and the best weights kept.
 """
 
 from functools import partial
@@ -55,6 +57,7 @@ recipe = merge(base, dict(
     train=dict(
         epochs="auto",
         auto_steps=3000,
+        auto_steps_per_image=32,     # tiny sets: at most 32 steps per training image (8 images: 256 steps)
         optimizer="adamw",
         learning_rate=5e-3,
         weight_decay=1e-4,
