@@ -76,3 +76,29 @@ def test_auto_epochs_cap_the_steps_per_training_image(capsys):
     unset = dict(epochs="auto", auto_steps=3000, auto_steps_per_image=None)
     _resolve_auto_epochs(unset, steps_per_epoch=32, num_images=8)
     assert unset["epochs"] == 94
+
+
+def test_ssd_custom_defaults_learn_a_ten_image_set(tmp_path):
+    """End to end from the defaults (recipes/ssd_custom.py) at a CI budget: 10 images of one class,
+    8-24 px objects at a 96 px input, 8 trained on (2 held out by kdet), 120 steps (about 60 CPU-s).
+    Measured: AP50 0.65 on 30 held-out images of generator seed 0 (val_AP50 0.12 after the first
+    10 steps); 0.35 is about half of that and far above what an untrained detector scores."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from _helpers import REPO
+
+    root = generate_tiny_dataset(tmp_path / "tiny", num_train=10, num_test=20, image_size=96, min_size=8,
+                                 max_size=24)
+    sets = [f"data.root={root}", "model.image_size=96", "model.backbone_weights=None", "train.auto_steps=120",
+            "data.min_images_per_epoch=80", "data.max_boxes=10", "eval.report_train_images=0", "verbose=2"]
+    result = subprocess.run([sys.executable, "tools/train.py", "recipes/ssd_custom.py", "--work-dir",
+                             str(tmp_path / "work"), *[arg for s in sets for arg in ("--set", s)]],
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                            timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train: 8 images repeated 10x per epoch" in result.stdout
+    assert "12 epochs of 10 steps" in result.stdout
+    assert json.loads((tmp_path / "work" / "metrics.json").read_text())["AP50"] > 0.35
