@@ -19,7 +19,7 @@ Defaults for small datasets (tens to hundreds of images):
   (loss.assigner="max_iou") had given BCCD platelets AP50 0.603 -> 0.738 against 0.5.
 * a fixed budget of optimizer steps (train.epochs="auto", train.auto_steps), at most
   32 per training image (train.auto_steps_per_image: a ten-image set gets 256 steps, about
-  2.5 CPU-minutes, instead of 3000 steps that take 30 and overfit it further; measured in
+  3.8 CPU-minutes in all, instead of 3000 steps, ~28 extrapolated, that overfit it further; measured in
   tools/benchmark_tiny.py), tiny sets repeated to 256 images per epoch, val_AP every
   epoch, early stopping after 10 evaluations without improvement, and the best weights kept.
 """
