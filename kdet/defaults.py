@@ -101,6 +101,7 @@ def default_recipe():
         train=dict(
             epochs=120,                  # or "auto": about auto_steps optimizer steps, whatever the dataset size
             auto_steps=3000,             # optimizer steps for epochs="auto"
+            auto_steps_per_image=None,   # e.g. 40: epochs="auto" gives at most this many steps per training image
             optimizer="sgd",             # "sgd" (momentum) | "adamw"
             learning_rate=1e-3,
             momentum=0.9,

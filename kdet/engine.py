@@ -416,7 +416,7 @@ def train(recipe, work_dir, resume=False):
     if steps_per_epoch < 1:
         raise RecipeError(f"{len(epoch_records)} training images are fewer than one batch "
                           f"({recipe['data']['batch_size']})")
-    _resolve_auto_epochs(train_cfg, steps_per_epoch)
+    _resolve_auto_epochs(train_cfg, steps_per_epoch, num_images=len(records["train"]))
     mosaic_off_from = _mosaic_switch(recipe, pass_epoch)
     train_ds = build_train_dataset(recipe, epoch_records, seed=seed, epoch=pass_epoch, mosaic_off_from=mosaic_off_from)
     train_ds = train_ds.apply(tf.data.experimental.assert_cardinality(steps_per_epoch))  # a known epoch length
@@ -546,14 +546,22 @@ def _repeated_to_epoch_size(recipe, train_records):
     return list(train_records) * copies
 
 
-def _resolve_auto_epochs(train_cfg, steps_per_epoch):
-    """``train.epochs="auto"``: about ``train.auto_steps`` optimizer steps, in whole epochs (written back)."""
+def _resolve_auto_epochs(train_cfg, steps_per_epoch, num_images=None):
+    """``train.epochs="auto"``: about ``train.auto_steps`` optimizer steps, in whole epochs (written back).
+
+    With ``train.auto_steps_per_image``, a small set gets fewer: that many steps per training image
+    (a tiny set overfits long before ``auto_steps``).
+    """
     if train_cfg.get("epochs") != "auto":
         return
     steps = int(train_cfg.get("auto_steps") or 3000)
+    why = f"train.auto_steps={steps}"
+    per_image = train_cfg.get("auto_steps_per_image")
+    if per_image and num_images and per_image * num_images < steps:
+        steps = int(round(per_image * num_images))
+        why = f"train.auto_steps_per_image={per_image:g} x {num_images} training images, below train.auto_steps"
     train_cfg["epochs"] = max(1, int(round(steps / steps_per_epoch)))
-    print(f"train.epochs='auto': {train_cfg['epochs']} epochs of {steps_per_epoch} steps "
-          f"(train.auto_steps={steps})")
+    print(f"train.epochs='auto': {train_cfg['epochs']} epochs of {steps_per_epoch} steps ({why})")
 
 
 def finish(model, recipe, work_dir, class_names, test_records, train_seconds, train_records=None):
