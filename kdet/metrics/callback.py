@@ -25,7 +25,9 @@ Conventions:
 
 Under a ``tf.distribute`` strategy the detection step runs per replica with
 ``strategy.run`` over ``strategy.experimental_distribute_dataset(val_dataset)``; the
-per-replica results are gathered and matched on the default device.
+per-replica results are gathered and matched on the default device. Under a multi-worker
+strategy each worker instead runs the whole validation set on its own device, so all
+workers log the same ``val_AP`` (early stopping and ``best.keras`` decide alike).
 """
 
 import numpy as np
@@ -34,6 +36,7 @@ import keras
 
 from kdet.metrics._coco_common import EvalParams, format_per_class, per_class, summarize
 from kdet.metrics.coco_device import COCOAccumulator
+from kdet.training.strategy import is_multi_worker
 
 __all__ = ["COCOEvalCallback", "default_detect"]
 
@@ -104,6 +107,8 @@ class COCOEvalCallback(keras.callbacks.Callback):
     def evaluate(self):
         """Run the model over the validation set; returns the 12 numbers and ``per_class``."""
         strategy = self.model.distribute_strategy if self.model is not None else tf.distribute.get_strategy()
+        if is_multi_worker(strategy):  # each worker evaluates the whole set, so all log the same val_AP
+            strategy = _SINGLE_DEVICE
         if self._predict_fn is None:
             self._predict_fn = self._make_predict_fn(strategy)
         if self._accumulator is not None:
@@ -206,6 +211,25 @@ def _original_hw(meta):
     if isinstance(meta, dict) and "height" in meta and "width" in meta:
         return meta["height"], meta["width"]
     return None
+
+
+class _ThisWorker:
+    """The three strategy methods `evaluate` uses, run plainly on this process's device."""
+
+    @staticmethod
+    def experimental_distribute_dataset(dataset):
+        return dataset
+
+    @staticmethod
+    def run(fn, args=()):
+        return fn(*args)
+
+    @staticmethod
+    def experimental_local_results(value):
+        return (value,)
+
+
+_SINGLE_DEVICE = _ThisWorker()
 
 
 def _gather(strategy, detections, targets, sizes):
