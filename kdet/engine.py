@@ -383,14 +383,28 @@ def _load_checkpoint(path):
 
 
 def train(recipe, work_dir, resume=False):
-    """Train, evaluate and export as the recipe says; returns the final metrics dict."""
+    """Train, evaluate and export as the recipe says; returns the final metrics dict.
+
+    Under ``train.strategy="multiworker"`` every worker runs this; the chief writes
+    ``work_dir`` and the others write to a temporary folder removed at the end
+    (``kdet.training.strategy.writer_dir``); all resume from ``work_dir``.
+    """
+    from kdet.training.strategy import make_strategy, writer_dir
+
+    os.makedirs(work_dir, exist_ok=True)
+    # first: a multi-worker strategy must set up its collectives before any other TensorFlow op
+    strategy = make_strategy(recipe["train"].get("strategy", "default"))
+    with writer_dir(strategy, work_dir) as out_dir:
+        return _train(recipe, work_dir, out_dir, resume, strategy)
+
+
+def _train(recipe, work_dir, out_dir, resume, strategy):
     import tensorflow as tf
 
     from kdet.training.precision import setup_precision
-    from kdet.training.strategy import make_strategy
+    from kdet.training.strategy import prepare_fit, shard_by_data
 
     train_cfg = recipe["train"]
-    os.makedirs(work_dir, exist_ok=True)
     keras.utils.set_random_seed(int(train_cfg.get("seed", 0)))
     setup_precision(train_cfg.get("mixed_precision", "float32"))
 
@@ -401,13 +415,12 @@ def train(recipe, work_dir, resume=False):
     records = load_records(sources)
     recipe = resolve_backbone_weights(recipe, class_names)
     _print_data_summary(records, class_names)
-    recipe = _preflight(recipe, records, class_names, work_dir)
+    recipe = _preflight(recipe, records, class_names, out_dir)
     train_cfg = recipe["train"]  # both steps above may return a new recipe
     records["train"] = _oversampled(recipe, records["train"], class_names)
     val_records = records["val"] or None
     test_records = records["test"] or val_records
 
-    strategy = make_strategy(train_cfg.get("strategy", "default"))
     epoch_records = _repeated_to_epoch_size(recipe, records["train"])  # class weights count each image once
     seed = train_cfg.get("seed")
     # seeded: each epoch's data order and augmentation come from (seed, epoch), so a resumed run repeats none
@@ -420,12 +433,13 @@ def train(recipe, work_dir, resume=False):
     mosaic_off_from = _mosaic_switch(recipe, pass_epoch)
     train_ds = build_train_dataset(recipe, epoch_records, seed=seed, epoch=pass_epoch, mosaic_off_from=mosaic_off_from)
     train_ds = train_ds.apply(tf.data.experimental.assert_cardinality(steps_per_epoch))  # a known epoch length
+    train_ds = shard_by_data(train_ds)  # workers: each takes its part of every global batch (no files to split)
     # with meta: val_AP's small / medium / large ranges use the original image sizes, as the final evaluation
     val_ds = build_eval_dataset(recipe, val_records, with_meta=True) if val_records else None
 
     from kdet.training.callbacks import remove_stale_temp_files
 
-    remove_stale_temp_files(work_dir)   # partial saves of a killed run
+    remove_stale_temp_files(out_dir)   # partial saves of a killed run
     resume_point, initial_epoch = None, 0
     with strategy.scope():
         if resume:
@@ -446,7 +460,7 @@ def train(recipe, work_dir, resume=False):
                           metrics=[MultiBoxParts(loss)],  # loc, conf, positives_per_image each epoch
                           jit_compile=bool(train_cfg.get("jit_compile", False)))
     budget = _time_budget(recipe, steps_per_epoch, mosaic_off_from, resume_point)
-    callbacks = build_callbacks(recipe, work_dir, class_names, val_ds, resume_point,
+    callbacks = build_callbacks(recipe, out_dir, class_names, val_ds, resume_point,
                                 extra_state=(lambda: dict(time_budget=budget.state())) if budget is not None else None)
     if budget is not None:  # first: it decides before val_AP and the checkpoint of the epoch are written
         callbacks[:0] = [budget] + ([budget.progbar] if budget.progbar else [])
@@ -454,6 +468,7 @@ def train(recipe, work_dir, resume=False):
         from kdet.training.callbacks import PassEpoch
 
         callbacks.insert(0, PassEpoch(pass_epoch))
+    prepare_fit(model, train_ds, strategy)
     started = time.time()
     history = model.fit(train_ds, epochs=budget.fit_epochs(initial_epoch) if budget is not None else int(train_cfg["epochs"]),
                         initial_epoch=initial_epoch, callbacks=callbacks, verbose=recipe.get("verbose", 1),
@@ -465,7 +480,7 @@ def train(recipe, work_dir, resume=False):
               f"{train_seconds / 60:.2f} min")
     if val_records and train_cfg.get("ema_momentum") is not None:
         _evaluate_averaged_weights(model, val_records, class_names, recipe)
-    return finish(model, recipe, work_dir, class_names, test_records, train_seconds, train_records=records["train"])
+    return finish(model, recipe, out_dir, class_names, test_records, train_seconds, train_records=records["train"])
 
 
 def _mosaic_switch(recipe, pass_epoch):

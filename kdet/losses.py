@@ -6,6 +6,8 @@ class id, ignore flag; padding rows have class -1) and
 first, anchors in normalised xyxy).
 """
 
+import threading
+
 import keras
 import numpy as np
 from keras import ops
@@ -103,7 +105,12 @@ class MultiBoxLoss(keras.losses.Loss):
     """SSD MultiBox loss: smooth L1 on positives + CE with hard negative mining.
 
     ``loss = (conf + alpha * box_weight * loc) / max(num_positives, 1)`` where the sums and
-    the positive count run over the whole batch (ssd.pytorch). Anchors are
+    the positive count run over the whole batch (ssd.pytorch). Under a
+    ``tf.distribute`` strategy the count is the global batch's (summed over the
+    replicas, as mmdetection's ``reduce_mean``): each replica's loss is its share
+    of the global batch's loss, and as Keras sums the replicas' gradients of a
+    scalar loss (it scales only per-sample losses by 1 / replicas), training
+    equals single-device training with the same global batch. Anchors are
     matched with :func:`kdet.matching.match_anchors`; ignore anchors count
     neither as positives nor as negatives. Per image, the ``neg_pos_ratio *
     num_positives`` background anchors with the highest background loss are
@@ -190,7 +197,9 @@ class MultiBoxLoss(keras.losses.Loss):
 
     def call(self, y_true, y_pred):
         parts = self.components(y_true, y_pred)
-        self._last_parts = (y_pred, parts)   # for MultiBoxParts in the same step (no second matching)
+        # for MultiBoxParts in the same step (no second matching); per thread, as a mirrored
+        # strategy traces its replicas in parallel threads
+        self._last_parts = {**getattr(self, "_last_parts", {}), threading.get_ident(): (y_pred, parts)}
         return parts["loss"]
 
     def components(self, y_true, y_pred):
@@ -223,7 +232,7 @@ class MultiBoxLoss(keras.losses.Loss):
             quality = None
         positive = labels > 0
         num_pos_per_image = ops.sum(ops.cast(positive, "float32"), axis=1)
-        num_pos = ops.maximum(ops.sum(num_pos_per_image), 1.0)
+        num_pos = ops.maximum(_sum_over_replicas(ops.stop_gradient(ops.sum(num_pos_per_image))), 1.0)
 
         loc = self._box_losses(offsets, pred_boxes, matched_boxes, anchors)
         loc = ops.sum(ops.where(positive, loc, 0.0))
@@ -235,7 +244,7 @@ class MultiBoxLoss(keras.losses.Loss):
             quality = ops.where(positive, quality, 0.0)
             conf = self._sigmoid_loss(logits, labels, quality)
             if self.assigner == "tal":  # YOLOv8: over the soft targets' sum, small for the normalised alignment
-                conf = conf * num_pos / ops.maximum(ops.sum(quality), 1.0)
+                conf = conf * num_pos / ops.maximum(_sum_over_replicas(ops.stop_gradient(ops.sum(quality))), 1.0)
 
         loc, conf = loc / num_pos, conf / num_pos
         weight = self.alpha * self.box_weight
@@ -368,10 +377,13 @@ class MultiBoxParts(keras.metrics.Metric):
         self._steps = self.add_variable((), initializer="zeros", name="steps")
 
     def update_state(self, y_true, y_pred, sample_weight=None):
-        last = getattr(self.loss, "_last_parts", None)
+        last = getattr(self.loss, "_last_parts", {}).get(threading.get_ident())
         parts = last[1] if last is not None and last[0] is y_pred else self.loss.components(y_true, y_pred)
         batch = ops.cast(ops.shape(y_pred)[0], "float32")
-        values = dict(loc=parts["loc"], conf=parts["conf"], positives_per_image=parts["num_positives"] / batch)
+        # a replica's loc and conf are its share of the global batch's: Keras averages the logs over replicas
+        share = float(_replicas_in_sync())
+        values = dict(loc=parts["loc"] * share, conf=parts["conf"] * share,
+                      positives_per_image=parts["num_positives"] / batch)
         for key, variable in self._sums.items():
             variable.assign_add(ops.cast(ops.stop_gradient(values[key]), "float32"))
         self._steps.assign_add(1.0)
@@ -403,6 +415,35 @@ def check_finite(values, step=None):
         "rate or a longer warmup), ground-truth boxes with zero or negative width/height or "
         "outside [0, 1] after augmentation, or float16 overflow under mixed precision."
     )
+
+
+def _sum_over_replicas(value):
+    """``value`` summed over the tf.distribute replicas (itself outside a multi-replica step).
+
+    The one TensorFlow op of the loss (no ``keras.ops`` form); under JAX a data-parallel
+    step is one program over the whole batch, which needs nothing.
+    """
+    context = _replica_context()
+    if context is None:
+        return value
+    import tensorflow as tf
+
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
+def _replicas_in_sync():
+    context = _replica_context()
+    return 1 if context is None else context.num_replicas_in_sync
+
+
+def _replica_context():
+    """The tf.distribute replica context of a step with more than one replica, else None."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    return context if context is not None and context.num_replicas_in_sync > 1 else None
 
 
 def _check_shapes(y_true, y_pred):

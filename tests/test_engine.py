@@ -406,7 +406,7 @@ def test_export_and_infer_tools_give_the_saved_models_detections(tiny_trained, t
 
     served = tf.saved_model.load(str(out))
     names = [n.decode() for n in served.class_names.numpy()]
-    total = 0
+    total = outlined = 0
     for r in records:
         image = np.asarray(Image.open(r.image_path).convert("RGB"))
         o = {k: v.numpy()[0] for k, v in served.signatures["serving_default"](images=tf.constant(image[None])).items()}
@@ -417,7 +417,16 @@ def test_export_and_infer_tools_give_the_saved_models_detections(tiny_trained, t
                                    atol=1e-6)
         np.testing.assert_allclose([d["score"] for d in got], o["detection_scores"][:len(keep)][keep], atol=1e-6)
         assert [d["label"] for d in got] == [names[int(c) - 1] for c in o["detection_classes"][:len(keep)][keep]]
+        drawn_image = np.asarray(Image.open(drawn / (os.path.splitext(os.path.basename(r.image_path))[0] + ".png")))
+        height, width = image.shape[:2]
+        for d in got:  # a box's outline (red) crosses the middle of its left edge, in the image's pixels
+            y1, x1, y2, x2 = d["box_yxyx"]
+            x, y = int(x1 * width), int((y1 + y2) / 2 * height)
+            near = drawn_image[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2].reshape(-1, 3)
+            outlined += bool(((near == (255, 40, 40)).all(axis=1)).any())
         total += len(got)
     assert total > 0
+    # other boxes' yellow labels cover some outlines (measured: 51 of 60 boxes found; unscaled drawing: none)
+    assert outlined >= 0.7 * total, f"{outlined} of {total} boxes drawn where detections.json puts them"
     done = run_tool("export", os.path.join(work_dir, "last.keras"), out, "--classes", "a,b")
     assert done.returncode == 2 and "\n" not in done.stderr.strip()

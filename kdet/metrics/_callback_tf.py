@@ -2,6 +2,8 @@
 
 import tensorflow as tf
 
+from kdet.training.strategy import is_multi_worker
+
 
 def distributed_predictions(callback):
     """``(detections, targets, sizes)`` per batch of the callback's ``tf.data`` validation set.
@@ -11,6 +13,8 @@ def distributed_predictions(callback):
     """
     model = callback.model
     strategy = model.distribute_strategy if model is not None else tf.distribute.get_strategy()
+    if is_multi_worker(strategy):  # each worker evaluates the whole set, so all log the same val_AP
+        strategy = _SINGLE_DEVICE
     if callback._predict_fn is None:
         callback._predict_fn = _make_predict_fn(strategy, model, callback.detect_fn)
     for batch in strategy.experimental_distribute_dataset(callback.val_dataset):
@@ -40,6 +44,25 @@ def _original_hw(meta):
     if isinstance(meta, dict) and "height" in meta and "width" in meta:
         return meta["height"], meta["width"]
     return None
+
+
+class _ThisWorker:
+    """The three strategy methods used here, run plainly on this process's device."""
+
+    @staticmethod
+    def experimental_distribute_dataset(dataset):
+        return dataset
+
+    @staticmethod
+    def run(fn, args=()):
+        return fn(*args)
+
+    @staticmethod
+    def experimental_local_results(value):
+        return (value,)
+
+
+_SINGLE_DEVICE = _ThisWorker()
 
 
 def _gather(strategy, detections, targets, sizes):

@@ -30,6 +30,8 @@ and the per-replica results are gathered and matched on the default device. Unde
 ``jax.jit`` of ``detect_fn`` over the model's current weights (a ``keras.StatelessScope``), on the
 default device. ``val_dataset`` is a ``tf.data.Dataset`` (read as numpy under other backends),
 a ``keras.utils.PyDataset`` or any re-iterable of batches (numpy arrays or backend tensors).
+Under a multi-worker strategy each worker instead runs the whole validation set on its own
+device, so all workers log the same ``val_AP`` (early stopping and ``best.keras`` decide alike).
 """
 
 import numpy as np

@@ -16,8 +16,10 @@ global batch (BatchNorm excepted: per-replica batch statistics unless
 ``BatchNormalization(synchronized=True)``).
 """
 
+import contextlib
 import json
 import os
+import tempfile
 
 import tensorflow as tf
 
@@ -116,3 +118,68 @@ def distribute_dataset(dataset, strategy=None, for_fit=True):
     if for_fit:
         return dataset
     return strategy.experimental_distribute_dataset(dataset)
+
+
+def is_multi_worker(strategy):
+    """True for a ``MultiWorkerMirroredStrategy`` (one process of a cluster, even of one)."""
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+@contextlib.contextmanager
+def writer_dir(strategy, work_dir):
+    """Where this process writes a run's files: ``work_dir`` on the chief (and without multi-worker),
+    else a temporary folder, removed on leaving.
+
+    Every worker still writes its checkpoints and export (to its own folder), as TensorFlow's
+    multi-worker guide asks: reading distributed variables for a save may run collective ops
+    that all workers must join; only the chief's files are kept.
+    """
+    if strategy.extended.should_checkpoint:
+        yield work_dir
+        return
+    task = strategy.cluster_resolver
+    with tempfile.TemporaryDirectory(prefix=f"kdet_{task.task_type}{task.task_id}_") as scratch:
+        yield scratch
+
+
+def prepare_fit(model, dataset, strategy):
+    """Work around two faults of Keras 3's ``fit`` under a multi-worker strategy (keras-team/keras#20585).
+
+    * Before the first step ``fit`` builds the loss and metrics from one input batch, which
+      it first averages over the replicas with ``strategy.reduce`` on the nested
+      ``(images, targets)``: ``MultiWorkerMirroredStrategy`` cannot reduce a nested value
+      across workers ("Attempt to convert a value (PerReplica...)"). Only shapes are needed:
+      build from ``dataset.element_spec`` here and skip that step.
+    * Each step's logs (scalars) are averaged across workers with ``reduce(..., axis=0)``,
+      which fails on a scalar ("Invalid reduction dimension 0"): average them whole.
+
+    No-op for other strategies (and where Keras no longer has these private steps).
+    """
+    if not is_multi_worker(strategy) or not hasattr(model, "_maybe_symbolic_build"):
+        return
+    with strategy.scope():
+        model._symbolic_build(data_batch=dataset.element_spec)
+    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
+    _average_scalar_logs_whole()
+
+
+def _average_scalar_logs_whole():
+    from keras.src.backend.tensorflow import trainer
+
+    keras_reduce = trainer.reduce_per_replica
+    if getattr(keras_reduce, "kdet_fixed", False):
+        return
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction in ("auto", "mean") and is_multi_worker(strategy):
+            def mean(value):
+                one = value.values[0] if isinstance(value, tf.distribute.DistributedValues) else value
+                if one.shape.rank == 0:
+                    return strategy.reduce("MEAN", value, axis=None)
+                return keras_reduce(value, strategy, reduction)
+
+            return tf.nest.map_structure(mean, values)
+        return keras_reduce(values, strategy, reduction)
+
+    reduce_per_replica.kdet_fixed = True
+    trainer.reduce_per_replica = reduce_per_replica
