@@ -7,6 +7,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from kdet.metrics.callback import ArrayBatches
 from kdet.metrics.coco_device import COCOAccumulator, to_numpy
 from kdet.metrics._coco_common import summarize
 from test_coco_eval import det, ground_truth
@@ -149,16 +150,4 @@ def as_coco_json(targets, detections):
     return gt, dets
 
 
-class ValBatches(keras.utils.PyDataset):
-    """``(images, targets)`` numpy batches of ``batch_size`` images (the last one shorter)."""
-
-    def __init__(self, images, targets, batch_size):
-        super().__init__()
-        self.images, self.targets, self.batch_size = images, targets, batch_size
-
-    def __len__(self):
-        return -(-len(self.images) // self.batch_size)
-
-    def __getitem__(self, i):
-        rows = slice(i * self.batch_size, (i + 1) * self.batch_size)
-        return self.images[rows], self.targets[rows]
+ValBatches = ArrayBatches  # the callback's own numpy PyDataset

@@ -82,6 +82,11 @@ def run_pycocotools(gt, dets):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
+    return _run_pycocotools_api(COCO, COCOeval, gt, dets)
+
+
+def _run_pycocotools_api(COCO, COCOeval, gt, dets):
+    """pycocotools' evaluation calls, for pycocotools and the packages that copy its API."""
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
         coco_gt.dataset = gt
@@ -90,7 +95,7 @@ def run_pycocotools(gt, dets):
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return list(evaluator.stats)
+    return list(evaluator.stats[:12])
 
 
 def run_faster_coco_eval(gt, dets):
@@ -119,15 +124,7 @@ def run_hotcoco(gt, dets):
 def run_ultrafast(gt, dets):
     from ultrafast_pycocotools import COCO, COCOeval
 
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
-        coco_gt.dataset = gt
-        coco_gt.createIndex()
-        evaluator = COCOeval(coco_gt, coco_gt.loadRes(dets), "bbox")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return list(evaluator.stats[:12])
+    return _run_pycocotools_api(COCO, COCOeval, gt, dets)
 
 
 OTHERS = {  # name: (module, runner)

@@ -172,14 +172,14 @@ def training_check(args):
     """Train a tiny SSD with the callback; its numbers vs coco_evaluate; its cost vs model.predict."""
     from kdet.data.shapes import SHAPES_CLASSES
     from kdet.losses import MultiBoxLoss
-    from kdet.metrics.callback import COCOEvalCallback
+    from kdet.metrics.callback import ArrayBatches, COCOEvalCallback
     from kdet.metrics.coco import coco_evaluate
     from kdet.models.ssd import SSD
 
     size, max_boxes, batch = 64, 4, 8
-    train = Batches(*shapes_arrays(64, size, max_boxes, args.seed + 1), batch)
+    train = ArrayBatches(*shapes_arrays(64, size, max_boxes, args.seed + 1), batch)
     val_images, val_targets = shapes_arrays(48, size, max_boxes, args.seed + 2)
-    val = Batches(val_images, val_targets, 16)
+    val = ArrayBatches(val_images, val_targets, 16)
     model = SSD(num_classes=len(SHAPES_CLASSES), image_size=size, width_multiplier=0.125, backbone_weights=None)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=MultiBoxLoss(num_classes=len(SHAPES_CLASSES)))
     callback = COCOEvalCallback(val, class_names=SHAPES_CLASSES, dtype=args.dtype, verbose=0)
@@ -228,21 +228,6 @@ def predictions_as_coco(model, val, class_names, size):
                     dets.append({"image_id": image_id, "category_id": int(c) + 1,
                                  "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
     return gt, dets
-
-
-class Batches(keras.utils.PyDataset):
-    """``(images, targets)`` numpy batches (a ``PyDataset``: no tf.data, so no TensorFlow needed)."""
-
-    def __init__(self, images, targets, batch_size):
-        super().__init__()
-        self.images, self.targets, self.batch_size = images, targets, batch_size
-
-    def __len__(self):
-        return -(-len(self.images) // self.batch_size)
-
-    def __getitem__(self, i):
-        rows = slice(i * self.batch_size, (i + 1) * self.batch_size)
-        return self.images[rows], self.targets[rows]
 
 
 def main(argv=None):

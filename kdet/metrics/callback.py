@@ -42,7 +42,7 @@ from kdet.metrics._coco_common import EvalParams, format_per_class, per_class, s
 from kdet.metrics.coco_device import COCOAccumulator, to_numpy
 from kdet.metrics.coco_stream import stable_argsort
 
-__all__ = ["COCOEvalCallback", "default_detect"]
+__all__ = ["ArrayBatches", "COCOEvalCallback", "default_detect"]
 
 _MIN_CAPACITY = 1024
 
@@ -269,3 +269,19 @@ def _original_hw(meta):
     if isinstance(meta, dict) and "height" in meta and "width" in meta:
         return meta["height"], meta["width"]
     return None
+
+
+class ArrayBatches(keras.utils.PyDataset):
+    """Numpy ``images`` and ``targets`` as a ``PyDataset`` of ``batch_size`` rows (the last one
+    shorter): a validation input for `COCOEvalCallback` without tf.data (so without TensorFlow)."""
+
+    def __init__(self, images, targets, batch_size):
+        super().__init__()
+        self.images, self.targets, self.batch_size = images, targets, batch_size
+
+    def __len__(self):
+        return -(-len(self.images) // self.batch_size)
+
+    def __getitem__(self, i):
+        rows = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        return self.images[rows], self.targets[rows]
