@@ -217,14 +217,15 @@ def eval_settings(recipe):
 
 def predict_records(model, records, recipe):
     """Detections for ``records`` in pixels of each original image (one dict per record)."""
-    import tensorflow as tf
+    from kdet.metrics.callback import compiled_over_weights
 
     settings = eval_settings(recipe)
-    detect = tf.function(lambda images: model.detect(images, **settings))
+    detect = compiled_over_weights(model, lambda images: model.detect(images, **settings))
+    on_tf = keras.backend.backend() == "tensorflow"
 
     results = [None] * len(records)
     for images, _, meta in build_eval_dataset(recipe, records, with_meta=True):
-        det = {k: v.numpy() for k, v in detect(images).items()}
+        det = {k: keras.ops.convert_to_numpy(v) for k, v in detect(images if on_tf else images.numpy()).items()}
         scale = np.stack([meta["width"], meta["height"], meta["width"], meta["height"]], -1).astype(np.float32)
         for row, index in enumerate(meta["index"].numpy()):
             n = int(det["num_detections"][row])
@@ -393,7 +394,7 @@ def train(recipe, work_dir, resume=False):
     val_records = records["val"] or None
     test_records = records["test"] or val_records
 
-    strategy = make_strategy(train_cfg.get("strategy", "default"))
+    strategy = make_strategy(_tf_only_strategy(train_cfg.get("strategy", "default")))
     epoch_records = _repeated_to_epoch_size(recipe, records["train"])  # class weights count each image once
     seed = train_cfg.get("seed")
     # seeded: each epoch's data order and augmentation come from (seed, epoch), so a resumed run repeats none
@@ -452,6 +453,15 @@ def train(recipe, work_dir, resume=False):
     if val_records and train_cfg.get("ema_momentum") is not None:
         _evaluate_averaged_weights(model, val_records, class_names, recipe)
     return finish(model, recipe, work_dir, class_names, test_records, train_seconds, train_records=records["train"])
+
+
+def _tf_only_strategy(kind):
+    """``train.strategy``: the tf.distribute strategies need the TensorFlow backend."""
+    if kind != "default" and keras.backend.backend() != "tensorflow":
+        raise RecipeError(f"train.strategy={kind!r} is a tf.distribute strategy: it needs KERAS_BACKEND=tensorflow "
+                          f"(under {keras.backend.backend()} only 'default' runs; multi-device training there is "
+                          "keras.distribution, which kdet does not set up)")
+    return kind
 
 
 def _mosaic_switch(recipe, pass_epoch):
@@ -558,12 +568,26 @@ def finish(model, recipe, work_dir, class_names, test_records, train_seconds, tr
               f"   VOC all-point mAP50: {coco['VOC_mAP50']:.4f}")
         _run_report(model, recipe, work_dir, class_names, test_records, ground_truth, results, train_records)
     export_dir = os.path.join(work_dir, "saved_model")
-    export_saved_model(model, export_dir, class_names, **eval_settings(recipe))
-    metrics["saved_model"] = export_dir
+    if keras.backend.backend() == "tensorflow":
+        export_saved_model(model, export_dir, class_names, **eval_settings(recipe))
+        metrics["saved_model"] = export_dir
+    else:
+        export_dir = metrics["saved_model"] = None
+        _save_for_export(model, work_dir, class_names)
     with open(os.path.join(work_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2, default=float)
-    print(f"training took {train_seconds / 60:.1f} min; metrics: {work_dir}/metrics.json; SavedModel: {export_dir}")
+    print(f"training took {train_seconds / 60:.1f} min; metrics: {work_dir}/metrics.json"
+          + (f"; SavedModel: {export_dir}" if export_dir else ""))
     return metrics
+
+
+def _save_for_export(model, work_dir, class_names):
+    """Other backends: the final model as ``final.keras`` and the command that exports it under TensorFlow."""
+    final = os.path.join(work_dir, "final.keras")
+    model.save(final)
+    print(f"SavedModel export needs the TensorFlow backend: skipped under {keras.backend.backend()}; "
+          f"export the final model with: KERAS_BACKEND=tensorflow python tools/export.py {final} "
+          f"{os.path.join(work_dir, 'saved_model')} --classes {','.join(class_names)}")
 
 
 def _run_report(model, recipe, work_dir, class_names, test_records, ground_truth, results, train_records):
