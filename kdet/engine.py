@@ -380,6 +380,7 @@ def train(recipe, work_dir, resume=False):
     os.makedirs(work_dir, exist_ok=True)
     keras.utils.set_random_seed(int(train_cfg.get("seed", 0)))
     setup_precision(train_cfg.get("mixed_precision", "float32"))
+    _check_strategy_backend(train_cfg.get("strategy", "default"))
 
     sources = load_sources(recipe)
     if sources["train"] is None:
@@ -394,7 +395,7 @@ def train(recipe, work_dir, resume=False):
     val_records = records["val"] or None
     test_records = records["test"] or val_records
 
-    strategy = make_strategy(_tf_only_strategy(train_cfg.get("strategy", "default")))
+    strategy = make_strategy(train_cfg.get("strategy", "default"))
     epoch_records = _repeated_to_epoch_size(recipe, records["train"])  # class weights count each image once
     seed = train_cfg.get("seed")
     # seeded: each epoch's data order and augmentation come from (seed, epoch), so a resumed run repeats none
@@ -455,13 +456,12 @@ def train(recipe, work_dir, resume=False):
     return finish(model, recipe, work_dir, class_names, test_records, train_seconds, train_records=records["train"])
 
 
-def _tf_only_strategy(kind):
+def _check_strategy_backend(kind):
     """``train.strategy``: the tf.distribute strategies need the TensorFlow backend."""
     if kind != "default" and keras.backend.backend() != "tensorflow":
         raise RecipeError(f"train.strategy={kind!r} is a tf.distribute strategy: it needs KERAS_BACKEND=tensorflow "
                           f"(under {keras.backend.backend()} only 'default' runs; multi-device training there is "
                           "keras.distribution, which kdet does not set up)")
-    return kind
 
 
 def _mosaic_switch(recipe, pass_epoch):
