@@ -583,11 +583,13 @@ def finish(model, recipe, work_dir, class_names, test_records, train_seconds, tr
 
 def _save_for_export(model, work_dir, class_names):
     """Other backends: the final model as ``final.keras`` and the command that exports it under TensorFlow."""
+    import shlex
+
     final = os.path.join(work_dir, "final.keras")
     model.save(final)
     print(f"SavedModel export needs the TensorFlow backend: skipped under {keras.backend.backend()}; "
           f"export the final model with: KERAS_BACKEND=tensorflow python tools/export.py {final} "
-          f"{os.path.join(work_dir, 'saved_model')} --classes {','.join(class_names)}")
+          f"{os.path.join(work_dir, 'saved_model')} --classes {shlex.quote(','.join(class_names))}")
 
 
 def _run_report(model, recipe, work_dir, class_names, test_records, ground_truth, results, train_records):
