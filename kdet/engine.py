@@ -231,14 +231,15 @@ def eval_settings(recipe):
 
 def predict_records(model, records, recipe):
     """Detections for ``records`` in pixels of each original image (one dict per record)."""
-    import tensorflow as tf
+    from kdet.metrics.callback import compiled_over_weights
 
     settings = eval_settings(recipe)
-    detect = tf.function(lambda images: model.detect(images, **settings))
+    detect = compiled_over_weights(model, lambda images: model.detect(images, **settings))
+    on_tf = keras.backend.backend() == "tensorflow"
 
     results = [None] * len(records)
     for images, _, meta in build_eval_dataset(recipe, records, with_meta=True):
-        det = {k: v.numpy() for k, v in detect(images).items()}
+        det = {k: keras.ops.convert_to_numpy(v) for k, v in detect(images if on_tf else images.numpy()).items()}
         scale = np.stack([meta["width"], meta["height"], meta["width"], meta["height"]], -1).astype(np.float32)
         for row, index in enumerate(meta["index"].numpy()):
             n = int(det["num_detections"][row])
@@ -407,6 +408,7 @@ def _train(recipe, work_dir, out_dir, resume, strategy):
     train_cfg = recipe["train"]
     keras.utils.set_random_seed(int(train_cfg.get("seed", 0)))
     setup_precision(train_cfg.get("mixed_precision", "float32"))
+    _check_strategy_backend(train_cfg.get("strategy", "default"))
 
     sources = load_sources(recipe)
     if sources["train"] is None:
@@ -481,6 +483,14 @@ def _train(recipe, work_dir, out_dir, resume, strategy):
     if val_records and train_cfg.get("ema_momentum") is not None:
         _evaluate_averaged_weights(model, val_records, class_names, recipe)
     return finish(model, recipe, out_dir, class_names, test_records, train_seconds, train_records=records["train"])
+
+
+def _check_strategy_backend(kind):
+    """``train.strategy``: the tf.distribute strategies need the TensorFlow backend."""
+    if kind != "default" and keras.backend.backend() != "tensorflow":
+        raise RecipeError(f"train.strategy={kind!r} is a tf.distribute strategy: it needs KERAS_BACKEND=tensorflow "
+                          f"(under {keras.backend.backend()} only 'default' runs; multi-device training there is "
+                          "keras.distribution, which kdet does not set up)")
 
 
 def _mosaic_switch(recipe, pass_epoch):
@@ -595,12 +605,28 @@ def finish(model, recipe, work_dir, class_names, test_records, train_seconds, tr
               f"   VOC all-point mAP50: {coco['VOC_mAP50']:.4f}")
         _run_report(model, recipe, work_dir, class_names, test_records, ground_truth, results, train_records)
     export_dir = os.path.join(work_dir, "saved_model")
-    export_saved_model(model, export_dir, class_names, **eval_settings(recipe))
-    metrics["saved_model"] = export_dir
+    if keras.backend.backend() == "tensorflow":
+        export_saved_model(model, export_dir, class_names, **eval_settings(recipe))
+        metrics["saved_model"] = export_dir
+    else:
+        export_dir = metrics["saved_model"] = None
+        _save_for_export(model, work_dir, class_names)
     with open(os.path.join(work_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2, default=float)
-    print(f"training took {train_seconds / 60:.1f} min; metrics: {work_dir}/metrics.json; SavedModel: {export_dir}")
+    print(f"training took {train_seconds / 60:.1f} min; metrics: {work_dir}/metrics.json"
+          + (f"; SavedModel: {export_dir}" if export_dir else ""))
     return metrics
+
+
+def _save_for_export(model, work_dir, class_names):
+    """Other backends: the final model as ``final.keras`` and the command that exports it under TensorFlow."""
+    import shlex
+
+    final = os.path.join(work_dir, "final.keras")
+    model.save(final)
+    print(f"SavedModel export needs the TensorFlow backend: skipped under {keras.backend.backend()}; "
+          f"export the final model with: KERAS_BACKEND=tensorflow python tools/export.py {final} "
+          f"{os.path.join(work_dir, 'saved_model')} --classes {shlex.quote(','.join(class_names))}")
 
 
 def _run_report(model, recipe, work_dir, class_names, test_records, ground_truth, results, train_records):

@@ -13,6 +13,7 @@ k + 1) and the ``class_names`` signature.
 import json
 import os
 
+import keras
 import tensorflow as tf
 
 from kdet.defaults import NMS_DEFAULTS
@@ -60,6 +61,11 @@ def export_saved_model(model, export_dir, class_names, **nms):
     ``nms``: settings of `kdet.postprocess.decode_detections` baked into the SavedModel
     (``kdet.defaults.NMS_DEFAULTS`` where not given); ``kdet_export.json`` records them.
     """
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise RuntimeError(f"SavedModel export needs the TensorFlow backend (Keras runs {backend}): save the model "
+                           "(model.save('m.keras')) and run KERAS_BACKEND=tensorflow python tools/export.py m.keras OUT "
+                           "--classes ...")
     unknown = sorted(set(nms) - set(NMS_DEFAULTS))
     if unknown:
         raise ValueError(f"export_saved_model: unknown NMS settings {unknown} (known: {sorted(NMS_DEFAULTS)})")

@@ -214,23 +214,36 @@ def _make_predict_fn(model, detect_fn, jit_compile):
             sizes = ops.stack([ops.cast(hw[0], "int32"), ops.cast(hw[1], "int32")], axis=-1)
         return {k: detections[k] for k in ("boxes", "scores", "classes")}, targets, sizes
 
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(step, reduce_retracing=True)
+    return compiled_over_weights(model, step) if jit_compile else step
+
+
+def compiled_over_weights(model, fn):
+    """``fn`` compiled by the backend, reading ``model``'s current weights at each call.
+
+    TensorFlow: a ``tf.function``. JAX: ``jax.jit`` of ``fn`` in a ``keras.StatelessScope`` over the
+    weights' values (passed in, so later training is seen without retracing). Others: ``fn`` itself.
+    """
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(step, reduce_retracing=True)
-    if backend != "jax" or not jit_compile:
-        return step
+        return tf.function(fn)
+    if backend != "jax":
+        return fn
     import jax
 
     variables = list(model.variables) if model is not None else []
 
-    def pure_step(values, images, targets, hw):
+    def pure_fn(values, *args):
         with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-            return step(images, targets, hw)
+            return fn(*args)
 
-    compiled = jax.jit(pure_step)
-    return lambda images, targets, hw: compiled([v.value for v in variables], images, targets, hw)
+    compiled = jax.jit(pure_fn)
+    return lambda *args: compiled([v.value for v in variables], *args)
 
 
 def _is_tf_dataset(data):
