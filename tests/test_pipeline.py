@@ -373,7 +373,10 @@ def test_auto_workers(monkeypatch, tmp_path):
 
 
 def test_cached_images_give_the_same_batches_and_outlive_their_files(tmp_path):
-    records = png_records(tmp_path)
+    # A multiple of the batch size: training drops the last partial batch, so with 5 images a pass
+    # skips one, and which one depends on the global seed other tests leave (xdist order): an image
+    # skipped by both cached passes was never cached.
+    records = png_records(tmp_path, count=4)
     kwargs = dict(augment=ssd_augmentation(), seed=2, with_meta=True, max_boxes=4)
     reference = all_passes(make_dataset(records, 20, 2, **kwargs), count=4)  # each pass draws new randomness
     cached = make_dataset(records, 20, 2, cache_images=True, **kwargs)
