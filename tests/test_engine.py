@@ -39,7 +39,8 @@ def test_override_parses_literals_and_rejects_unknown_keys():
         apply_override(recipe, "train.epochs")
 
 
-SHIPPED = ("ssd_shapes", "ssd300_voc", "ssd300_bccd", "ssd300_fpn_voc", "ssd_fpn_bccd", "ssd_bccd_scratch")
+SHIPPED = ("ssd_shapes", "ssd300_voc", "ssd300_bccd", "ssd300_fpn_voc", "ssd_fpn_bccd", "ssd_bccd_scratch",
+           "ssd_bccd_race")
 
 
 @pytest.mark.parametrize("name", SHIPPED)

@@ -106,7 +106,8 @@ def test_shipped_recipes_load_and_build(tmp_path, monkeypatch):
     monkeypatch.setenv("KDET_CACHE", str(tmp_path))
     offline = ["model.backbone_weights=None", "model.width_multiplier=0.125", "train.unfreeze_schedule=None",
                "loss.class_weights=None"]
-    for name in ("ssd_shapes", "ssd300_voc", "ssd300_bccd", "ssd300_fpn_voc", "ssd_fpn_bccd", "ssd_bccd_scratch"):
+    for name in ("ssd_shapes", "ssd300_voc", "ssd300_bccd", "ssd300_fpn_voc", "ssd_fpn_bccd", "ssd_bccd_scratch",
+                 "ssd_bccd_race"):
         recipe = load_recipe(os.path.join(RECIPES, name + ".py"), offline)
         model = engine.build_model(recipe, ["a", "b"])
         engine.build_loss(recipe, ["a", "b"], verbose=False, anchors_per_level=model.anchors_per_level)
