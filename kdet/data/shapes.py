@@ -175,6 +175,24 @@ def _params(**params):
     return full
 
 
+def generated_already(root, marker_name, params, overwrite, kind):
+    """True when ``root`` holds the generated dataset of these ``params`` (reuse it).
+
+    False for an empty or missing folder, or with ``overwrite``; a folder holding anything
+    else (no marker file, or a marker with other parameters) raises `DatasetError`.
+    """
+    marker = Path(root) / marker_name
+    if not (Path(root).exists() and any(Path(root).iterdir())):
+        return False
+    if not marker.is_file():
+        raise DatasetError(f"{root}: exists and is not a kdet {kind} dataset; choose another folder")
+    if json.loads(marker.read_text()) == params and not overwrite:
+        return True
+    if not overwrite:
+        raise DatasetError(f"{marker}: holds a {kind} dataset with other parameters; pass overwrite=True")
+    return False
+
+
 def generate_shapes(root, num_train=600, num_test=150, image_size=128, seed=0, overwrite=False,
                     min_size=8, max_size=None, max_objects=6, num_val=0):
     """Write the shapes dataset in VOC layout at ``root`` and return ``root``.
@@ -185,14 +203,8 @@ def generate_shapes(root, num_train=600, num_test=150, image_size=128, seed=0, o
     root = Path(root)
     params = _params(num_train=num_train, num_test=num_test, num_val=num_val, image_size=image_size, seed=seed,
                      min_size=min_size, max_size=max_size, max_objects=max_objects)
-    marker = root / MARKER
-    if root.exists() and any(root.iterdir()):
-        if not marker.is_file():
-            raise DatasetError(f"{root}: exists and is not a kdet shapes dataset; choose another folder")
-        if json.loads(marker.read_text()) == params and not overwrite:
-            return root
-        if not overwrite:
-            raise DatasetError(f"{marker}: holds a shapes dataset with other parameters; pass overwrite=True")
+    if generated_already(root, MARKER, params, overwrite, "shapes"):
+        return root
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
@@ -201,6 +213,7 @@ def generate_shapes(root, num_train=600, num_test=150, image_size=128, seed=0, o
             shutil.rmtree(root)
         os.replace(staging, root)
     except OSError:
+        marker = root / MARKER
         if not (marker.is_file() and json.loads(marker.read_text()) == params):
             raise
         # another process finished the same dataset first: use theirs

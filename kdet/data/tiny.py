@@ -22,8 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdet.data.base import DatasetError
-from kdet.data.shapes import SHAPES_CLASSES, shape_mask, textured_background, _contrasting_color, _mask_box
+from kdet.data.shapes import SHAPES_CLASSES, generated_already, shape_mask, textured_background, _contrasting_color, _mask_box
 
 MARKER = "kdet-tiny.json"
 _SPLIT_CODES = {"train": 0, "test": 1, "val": 2}
@@ -102,15 +101,10 @@ def generate_tiny_dataset(root, num_train=10, num_test=100, num_val=0, num_class
                   image_size=image_size, min_size=min_size, max_size=max_size, max_objects=max_objects, colors=colors,
                   seed=seed)
     root = Path(root)
-    marker = root / MARKER
-    if root.exists() and any(root.iterdir()):
-        if not marker.is_file():
-            raise DatasetError(f"{root}: exists and is not a kdet tiny dataset; choose another folder")
-        if json.loads(marker.read_text()) == params and not overwrite:
-            return root
-        if not overwrite:
-            raise DatasetError(f"{marker}: holds a tiny dataset with other parameters; pass overwrite=True")
-        shutil.rmtree(root)
+    if generated_already(root, MARKER, params, overwrite, "tiny"):
+        return root
+    if root.exists():
+        shutil.rmtree(root)  # empty, or overwrite=True of a tiny dataset (anything else raised above)
     _write(root, params)
     return root
 
