@@ -2,6 +2,7 @@
 
 import tensorflow as tf
 
+from kdet.metrics.callback import _original_hw  # loaded first: callback.py imports this module lazily
 from kdet.training.strategy import is_multi_worker
 
 
@@ -38,12 +39,6 @@ def _make_predict_fn(strategy, model, detect_fn):
         return strategy.run(step, args=args)
 
     return predict
-
-
-def _original_hw(meta):
-    if isinstance(meta, dict) and "height" in meta and "width" in meta:
-        return meta["height"], meta["width"]
-    return None
 
 
 class _ThisWorker:
