@@ -240,3 +240,27 @@ def test_tool_bad_input_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "tools/find_label_issues.py", str(tmp_path / "nope.py"), "--out",
                            str(tmp_path / "o")], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "recipe not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_isotonic_fit_by_hand():
+    knots, values = li._isotonic(np.array([0.4, 0.1, 0.3, 0.2]), np.array([1.0, 0.0, 0.0, 1.0]))
+    # sorted y = 0, 1, 0, 1: the violating pair (1, 0) pools to 0.5
+    assert knots.tolist() == [0.1, 0.3, 0.4] and values.tolist() == [0.0, 0.5, 1.0]
+
+
+def test_calibration_ranks_a_precise_class_above_an_over_eager_one():
+    """RBC detections at 0.9 are right half the time, WBC ones almost always: a missing WBC outranks missing RBCs."""
+    records, predictions = [], []
+    for n in range(60):
+        records.append(record(f"i{n}", [[10, 10, 50, 50], [100, 100, 160, 160]], [RBC, WBC]))
+        rows = [([10, 10, 50, 50], 0.9, RBC), ([100, 100, 160, 160], 0.9, WBC), ([200, 200, 240, 240], 0.9, RBC)]
+        if n == 7:  # the deleted WBC
+            rows.append(([200, 50, 260, 110], 0.9, WBC))
+        predictions.append(dets(*rows))
+    raw = li.score_label_issues(records, predictions, CLASSES, calibrate=False)
+    assert {e["score"] for e in raw if e["issue"] == "missing"} == {0.9}
+    entries = li.score_label_issues(records, predictions, CLASSES)
+    top = entries[0]
+    assert (top["issue"], top["class"], top["image_id"]) == ("missing", "WBC", "i7")
+    assert top["score"] == pytest.approx(60 / 61, abs=1e-4)
+    assert {e["score"] for e in entries[1:] if e["issue"] == "missing"} == {0.5}

@@ -1,13 +1,13 @@
 """Recall of injected label errors by the label review (tools/find_label_issues.py) on BCCD.
 
-    python tools/benchmark_label_issues.py [--bccd DIR] [--out DIR] [--epochs 20] [--image-size 256]
+    python tools/benchmark_label_issues.py [--bccd DIR] [--out DIR] [--recipe R] [--epochs 20] [--image-size 256]
 
 Writes a noisy copy of BCCD's annotations (images linked, not copied): of the
 trainval boxes (seeded), ``--noise`` (5%) get another class, 5% are deleted,
 5% are shifted by half their size (a random direction: dx = w/2 cos t,
 dy = h/2 sin t). Then runs the label review with ``recipes/ssd_bccd_scratch.py``
 (width-0.125 VGG16-BN from scratch, fitted anchors, IoU 0.3) on a shorter
-schedule, and prints the recall of the injected errors among the top 2N
+schedule (``--recipe`` another), and prints the recall of the injected errors among the top 2N
 entries of label_issues.json (N = injected count), overall and per kind, with
 the wall and CPU time. A swapped or shifted box counts as found when an entry
 names its file and object; a deleted one when a ``missing`` entry in its image
@@ -200,6 +200,8 @@ def _object_array(items):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bccd", default=str(REPO.parent / "shared/datasets/BCCD"))
+    p.add_argument("--recipe", default=str(REPO / "recipes" / "ssd_bccd_scratch.py"),
+                   help="the recipe the folds train (default recipes/ssd_bccd_scratch.py)")
     p.add_argument("--out", default="work_dirs/label_issues_benchmark")
     p.add_argument("--noise", type=float, default=0.05, help="share of boxes per kind of error (default 0.05)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
@@ -221,8 +223,8 @@ def main(argv=None):
     print(f"injected {len(injected)} errors into {out / 'noisy_bccd'}: {counts}")
     overrides = [f"data.root={(out / 'noisy_bccd').resolve()}", f"train.epochs={args.epochs}",
                  f"model.image_size={args.image_size}"] + args.overrides
-    recipe = load_recipe(REPO / "recipes" / "ssd_bccd_scratch.py", overrides)
-    print(f"recipe: ssd_bccd_scratch.py with {overrides}")
+    recipe = load_recipe(args.recipe, overrides)
+    print(f"recipe: {Path(args.recipe).name} with {overrides}")
     wall, cpu = time.time(), os.times()
     entries, paths = li.find_label_issues(recipe, out / "review", folds=args.folds, predictions_file=args.predictions,
                                           resume=args.resume)
@@ -242,14 +244,17 @@ def main(argv=None):
     print(f"issues among the top 2N entries: {kinds_top}")
 
     predictions_file = args.predictions or (out / "review" / "cross_predictions.json")
+    source, class_names, records = li.training_data(recipe)
+    predictions = li.load_predictions(predictions_file, records)
+    raw = li.merge_entries(li.audit_entries(source, class_names, records),
+                           li.score_label_issues(records, predictions, class_names, calibrate=False))
+    print(format_recall("without score calibration, top 2N", recall_at(raw, injected, top)))
     _clean_review(li, recipe, args.bccd, predictions_file, out / "review_unmodified")
     try:
         import cleanlab  # noqa: F401
     except ImportError:
         print("cleanlab not installed: no comparison")
         return 0
-    _, class_names, records = li.training_data(recipe)
-    predictions = li.load_predictions(predictions_file, records)
     for threshold in (None, 0.5):
         started = time.time()
         ranked = cleanlab_entries(records, predictions, class_names, high_probability_threshold=threshold)

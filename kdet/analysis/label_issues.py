@@ -8,8 +8,12 @@ labels are then compared with those out-of-fold predictions (pixel boxes,
 scores, classes per image, as ``kdet.engine.predict_records`` returns them).
 
 Notation for one image: labelled boxes ``b_i`` with class ``c_i``; detections
-``d_j`` with score ``s_j`` (the model's class probability) and class ``k_j``;
-``IoU_ij`` their overlap. ``MATCH`` = 0.5 (``match_iou``), ``LOOSE`` = 0.1.
+``d_j`` with score ``s_j`` and class ``k_j``; ``IoU_ij`` their overlap.
+``MATCH`` = 0.5 (``match_iou``), ``LOOSE`` = 0.1. ``s_j`` is the model's score
+*calibrated* per class (:func:`score_calibration`): the share of that class's
+out-of-fold detections at that score that a label matches, so a model that
+detects a class everywhere at 0.8 counts for less than one that is right when
+sure (classes with fewer than 50 detections keep the raw score).
 
 * ``support(i)`` = max ``s_j`` over same-class detections with ``IoU_ij >= MATCH``:
   how sure the models are that label ``i`` is right as drawn.
@@ -95,6 +99,8 @@ def train_fold_model(recipe, class_names, records, seed=0, on_epoch_end=None, ve
     from kdet import engine
     from kdet.training.callbacks import StopOnNonFiniteLoss
 
+    if recipe["train"].get("time_budget"):  # a fold trains train.epochs; the budget is the main run's
+        recipe = dict(recipe, train=dict(recipe["train"], time_budget=None))
     batch_size = recipe["data"]["batch_size"]
     records = engine._oversampled(recipe, records, class_names)
     steps = len(records) // batch_size
@@ -142,6 +148,8 @@ def cross_predict(recipe, class_names, records, folds=3, seed=0, models=None, sa
     predictions = [None] * len(records)
     epochs = int(recipe["train"]["epochs"])
     if not models:
+        if recipe["train"].get("time_budget"):
+            log(f"train.time_budget is for the main run: each fold trains train.epochs = {epochs} epochs")
         log(f"cross-prediction: {k} folds, each model trained for {epochs} epochs on about "
             f"{len(records) - len(records) // k} images and predicting the other {len(records) // k}; "
             f"a time estimate follows the second epoch")
@@ -243,6 +251,66 @@ def class_recall(records, predictions, num_classes, match_iou=MATCH_IOU, confide
     return np.where(total > 0, found / np.maximum(total, 1), 1.0)
 
 
+def score_calibration(records, predictions, num_classes, match_iou=MATCH_IOU, min_detections=50):
+    """Per class, a monotone map from a detection's score to how often such detections are labelled objects.
+
+    For every out-of-fold detection of class ``c``: did a (non-ignored)
+    class-``c`` label overlap it at ``match_iou``? The share of yes, as a
+    non-decreasing function of the score (isotonic regression, pool adjacent
+    violators), is that class's precision at that score. Weak or over-eager
+    models (a class detected everywhere at 0.8) then weigh less than models
+    that are right when confident. Returns ``[(scores, precision) or None]``;
+    None (the raw score is used) for a class with fewer than ``min_detections``.
+    """
+    scores = [[] for _ in range(num_classes)]
+    hits = [[] for _ in range(num_classes)]
+    for record, pred in zip(records, predictions):
+        det_boxes = np.asarray(pred["boxes"], np.float64).reshape(-1, 4)
+        det_classes = np.asarray(pred["classes"], int).reshape(-1)
+        det_scores = np.asarray(pred["scores"], np.float64).reshape(-1)
+        keep = ~np.asarray(record.ignore, bool)
+        boxes, classes = np.asarray(record.boxes, np.float64).reshape(-1, 4)[keep], np.asarray(record.classes)[keep]
+        iou = iou_matrix_np(boxes, det_boxes) if len(boxes) and len(det_boxes) else np.zeros((len(boxes), len(det_boxes)))
+        matched = ((iou >= match_iou) & (classes[:, None] == det_classes[None, :])).any(axis=0)
+        for c, s, hit in zip(det_classes, det_scores, matched):
+            if 0 <= c < num_classes:
+                scores[c].append(s)
+                hits[c].append(float(hit))
+    return [_isotonic(np.asarray(s), np.asarray(h)) if len(s) >= min_detections else None
+            for s, h in zip(scores, hits)]
+
+
+def _isotonic(x, y):
+    """``(knots, values)`` of the non-decreasing least-squares fit of ``y`` on ``x`` (pool adjacent violators)."""
+    x, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)  # equal scores: one block
+    y = np.bincount(inverse.reshape(-1), weights=y) / counts
+    means, weights, ends = [], [], []
+    for xi, yi, wi in zip(x, y, counts):
+        means.append(yi)
+        weights.append(float(wi))
+        ends.append(xi)
+        while len(means) > 1 and means[-2] > means[-1]:
+            w = weights[-2] + weights[-1]
+            means[-2] = (means[-2] * weights[-2] + means[-1] * weights[-1]) / w
+            weights[-2] = w
+            ends[-2] = ends[-1]
+            del means[-1], weights[-1], ends[-1]
+    return np.asarray(ends), np.asarray(means)
+
+
+def calibrated(scores, classes, calibration):
+    """Detection scores mapped through :func:`score_calibration` (unchanged where a class has no map)."""
+    scores = np.asarray(scores, np.float64).reshape(-1).copy()
+    if calibration is None:
+        return scores
+    classes = np.asarray(classes, int).reshape(-1)
+    for c, fit in enumerate(calibration):
+        on = classes == c
+        if fit is not None and on.any():
+            scores[on] = np.interp(scores[on], fit[0], fit[1])
+    return scores
+
+
 def _support(boxes, classes, pred, match_iou):
     det_boxes = np.asarray(pred["boxes"], np.float64).reshape(-1, 4)
     if len(boxes) == 0 or len(det_boxes) == 0:
@@ -332,10 +400,18 @@ def _missing(record, file, boxes, iou, det_boxes, det_scores, det_classes, sugge
             for j in kept]
 
 
-def score_label_issues(records, predictions, class_names, min_score=0.05, match_iou=MATCH_IOU):
-    """Model-based entries for all records, sorted by score (highest first)."""
+def score_label_issues(records, predictions, class_names, min_score=0.05, match_iou=MATCH_IOU, calibrate=True):
+    """Model-based entries for all records, sorted by score (highest first).
+
+    ``calibrate``: detection scores become per-class precisions first
+    (:func:`score_calibration`; classes with few detections keep raw scores).
+    """
     if len(records) != len(predictions):
         raise ValueError(f"{len(records)} records but {len(predictions)} predictions")
+    calibration = score_calibration(records, predictions, len(class_names), match_iou) if calibrate else None
+    if calibration is not None:
+        predictions = [dict(pred, scores=calibrated(pred["scores"], pred["classes"], calibration))
+                       for pred in predictions]
     recall = class_recall(records, predictions, len(class_names), match_iou)
     entries = []
     for record, pred in zip(records, predictions):
