@@ -7,8 +7,8 @@
 time budget"): GFL's quality focal loss (sigmoid scores, the IoU of the predicted box as the
 target) in place of softmax with hard negative mining. Chosen on BCCD's val split (train 205
 images, 224 px, 40 epochs, one seed): val AP 0.216 -> 0.282, AP50 0.464 -> 0.658. GIoU and the
-task-aligned assigner lost in the same ablation and are not used. The 23-minute race itself has
-not been run with this recipe yet.
+task-aligned assigner lost in the same ablation and are not used. The 23-minute race
+(2026-12-02, README): this recipe AP 0.470 / AP50 0.793 in 81 epochs against YOLOv8n's 0.563 / 0.874.
 """
 
 from ssd_bccd_scratch import recipe as scratch
