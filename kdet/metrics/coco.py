@@ -542,6 +542,10 @@ def _match_sparse(arr, gt_ignore, params=DEFAULT_PARAMS):
         crowd = arr.gt_crowd[g_idx] & g_valid
         with np.errstate(divide="ignore", invalid="ignore"):
             ious = iou_xywh(np.take(arr.det_xywh, d_idx, axis=0), np.take(arr.gt_xywh, g_idx, axis=0), crowd)
+        if g_idx.shape[1] == 1:
+            parts.append(_single_gt_matches(ious[..., 0], d_idx, d_valid, g_idx[:, 0], crowd[:, 0], gt_ignore,
+                                            params.thresholds))
+            continue
         _, mi, m = greedy_match(ious, g_valid, crowd, np.moveaxis(gt_ignore[g_idx], -1, 1), d_valid,
                                 params.thresholds, return_index=True)
         p, row, t, a = np.nonzero(m >= 0)
@@ -550,6 +554,17 @@ def _match_sparse(arr, gt_ignore, params=DEFAULT_PARAMS):
         none = np.zeros(0, np.int64)
         return _SparseMatches(none, none, none, none, np.zeros(0, bool))
     return _SparseMatches(*(np.concatenate(x) for x in zip(*parts)))
+
+
+def _single_gt_matches(ious, d_idx, d_valid, g, crowd, gt_ignore, thresholds):
+    """`_match_sparse`'s entries for groups with one ground truth (``ious`` [P, D], ``g`` [P]): the first
+    detection with IoU >= t takes it (every such detection when it is a crowd), at every area range."""
+    reach = (ious[:, :, None] >= thresholds) & d_valid[:, :, None]                  # [P, D, T]
+    matched = np.where(crowd[:, None, None], reach, reach & (np.cumsum(reach, axis=1) == 1))
+    p, row, t = np.nonzero(matched)
+    A = gt_ignore.shape[1]
+    return (np.repeat(d_idx[p, row], A), np.repeat(t, A), np.tile(np.arange(A), len(p)), np.repeat(g[p], A),
+            gt_ignore[g[p]].ravel())
 
 
 def _group_pairs(det_keys, gt_keys):
