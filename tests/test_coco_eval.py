@@ -11,7 +11,7 @@ import pytest
 
 from _helpers import run_tool
 from kdet.metrics.coco import (STAT_NAMES, _detection_fields, _key_score_order, _positions, _stable_argsort,
-                               coco_evaluate, evaluate_arrays, load_coco_arrays)
+                               coco_evaluate, load_coco_arrays)
 
 pycoco = pytest.importorskip("pycocotools.cocoeval")
 from pycocotools.coco import COCO  # noqa: E402
@@ -403,14 +403,3 @@ def test_bad_columns_are_named(change, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         coco_evaluate(gt, dict(columns, **change))
 
-
-@pytest.mark.parametrize("seed", [0, 2])
-def test_threads_over_categories_give_the_same_arrays(seed):
-    """The categories split over threads (parts of unequal class counts) give the one-thread arrays exactly."""
-    gt, dets = dense_workload(seed) if seed == 2 else random_workload(seed, n_classes=6)
-    arr = load_coco_arrays(gt, dets)
-    one = evaluate_arrays(arr, threads=1)
-    for threads in (2, 3):
-        split = evaluate_arrays(arr, threads=threads)
-        np.testing.assert_array_equal(split[0], one[0])
-        np.testing.assert_array_equal(split[1], one[1])

@@ -60,7 +60,6 @@ import json
 import numbers
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
 from operator import index, itemgetter
@@ -812,45 +811,10 @@ def _precision_recall(entries, cls_sorted, class_base, counted, npig, T):
         return np.where(present[None, None], q, -1), np.where(present[None], tp_total / npig[None], -1)
 
 
-def evaluate_arrays(arr, params=DEFAULT_PARAMS, threads=None):
-    """``(precision, recall)`` of `CocoArrays` with the numpy engine (``arr`` prepared for ``params``).
-
-    ``threads``: the categories are split into this many parts of about equal detection
-    counts, matched and accumulated in parallel (numpy releases the GIL in its loops);
-    default 2 on a machine with 2+ cores and 100,000+ detections, else 1.
-    """
-    if threads is None:
-        threads = 2 if (os.cpu_count() or 1) > 1 and len(arr.det_score) >= 100_000 else 1
+def evaluate_arrays(arr, params=DEFAULT_PARAMS):
+    """``(precision, recall)`` of `CocoArrays` with the numpy engine (``arr`` prepared for ``params``)."""
     gt_ignore = _gt_ignore(arr, params)
-    npig = _npig(arr, gt_ignore)
-    if threads <= 1 or len(arr.category_ids) < 2:
-        return accumulate_sparse(arr, _match_sparse(arr, gt_ignore, params), npig, params)
-    bounds = _category_bounds(arr.det_class, len(arr.category_ids), threads)
-    with ThreadPoolExecutor(len(bounds) - 1) as pool:
-        parts = list(pool.map(lambda lo_hi: _evaluate_categories(arr, gt_ignore, npig, params, *lo_hi),
-                              zip(bounds[:-1], bounds[1:])))
-    return (np.concatenate([p for p, _ in parts], axis=2), np.concatenate([r for _, r in parts], axis=1))
-
-
-def _category_bounds(det_class, K, parts):
-    """Category boundaries ``0 = b0 < b1 < ... = K`` splitting the detections into ``parts`` similar counts."""
-    per_class = np.cumsum(np.bincount(det_class, minlength=K))
-    cuts = np.searchsorted(per_class, per_class[-1] * np.arange(1, parts) / parts) + 1
-    return np.unique(np.r_[0, np.clip(cuts, 1, K - 1), K])
-
-
-def _evaluate_categories(arr, gt_ignore, npig, params, lo, hi):
-    """``(precision, recall)`` of the categories ``lo:hi`` alone (one part of `evaluate_arrays`)."""
-    dets = (arr.det_class >= lo) & (arr.det_class < hi)
-    gts = (arr.gt_class >= lo) & (arr.gt_class < hi)
-    part = CocoArrays(
-        image_ids=arr.image_ids, category_ids=arr.category_ids[lo:hi], class_names=arr.class_names[lo:hi],
-        gt_image=arr.gt_image[gts], gt_class=arr.gt_class[gts] - lo, gt_xywh=arr.gt_xywh[gts],
-        gt_area=arr.gt_area[gts], gt_crowd=arr.gt_crowd[gts],
-        det_image=arr.det_image[dets], det_class=arr.det_class[dets] - lo, det_xywh=arr.det_xywh[dets],
-        det_score=arr.det_score[dets], det_rank=arr.det_rank[dets])
-    sub_ignore = gt_ignore[gts]
-    return accumulate_sparse(part, _match_sparse(part, sub_ignore, params), npig[lo:hi], params)
+    return accumulate_sparse(arr, _match_sparse(arr, gt_ignore, params), _npig(arr, gt_ignore), params)
 
 
 # ------------------------------------------------------------------ entry point
