@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from _helpers import run_tool
-from kdet.metrics.coco import STAT_NAMES, _detection_fields, _stable_argsort, coco_evaluate, load_coco_arrays
+from kdet.metrics.coco import (STAT_NAMES, _detection_fields, _key_score_order, _positions, _stable_argsort,
+                               coco_evaluate, load_coco_arrays)
 
 pycoco = pytest.importorskip("pycocotools.cocoeval")
 from pycocotools.coco import COCO  # noqa: E402
@@ -332,3 +333,73 @@ def test_stable_argsort_equals_numpys():
              np.round(rng.normal(size=500), 1), np.where(rng.random(500) < 0.5, 0.0, -0.0), np.zeros(1), np.zeros(0)]
     for values in cases:
         np.testing.assert_array_equal(_stable_argsort(values), np.argsort(values, kind="stable"))
+
+
+def test_key_score_order_equals_lexsort():
+    """One float sort + one sort of packed keys == np.lexsort((rows, -scores, keys)), ties, -0.0 and the
+    fallback for keys * ranks * rows past int64 included."""
+    rng = np.random.default_rng(1)
+    for n, n_keys, grid in [(2000, 7, 0.1), (2000, 300, 0.01), (50, 1, 0.5), (2, 2, 1.0), (1, 1, 1.0)]:
+        keys = rng.integers(0, n_keys, n)
+        scores = np.round(rng.normal(size=n) / grid) * grid
+        scores[rng.random(n) < 0.1] = -0.0
+        expected = np.lexsort((np.arange(n), -scores, keys))
+        np.testing.assert_array_equal(_key_score_order(keys, n_keys, scores), expected)
+        np.testing.assert_array_equal(_key_score_order(keys, 2 ** 62, scores), expected)   # the fallback
+
+
+def test_positions_by_table_equal_searchsorted():
+    """Ids -> positions through a lookup table (small id range) == the binary search: ids below, above and
+    between the known ones, duplicated known ids (the first wins), negative ids."""
+    rng = np.random.default_rng(2)
+    for known in [np.unique(rng.integers(-5, 60, 30)), np.sort(rng.integers(0, 20, 25)), np.array([7])]:
+        ids = rng.integers(-20, 90, 500)
+        pos, found = _positions(known, ids)
+        ref = np.searchsorted(known, ids)
+        ref_found = (ref < len(known)) & (known[np.minimum(ref, len(known) - 1)] == ids)
+        np.testing.assert_array_equal(found, ref_found)
+        np.testing.assert_array_equal(pos[found], ref[ref_found])
+    sparse = np.array([1, 10 ** 9])                       # a range too wide for a table: the binary search
+    np.testing.assert_array_equal(_positions(sparse, np.array([10 ** 9, 5]))[1], [True, False])
+
+
+def as_columns(dets):
+    return {"image_id": np.array([d["image_id"] for d in dets]),
+            "category_id": np.array([d["category_id"] for d in dets]),
+            "bbox": np.array([d["bbox"] for d in dets], np.float64).reshape(-1, 4),
+            "score": np.array([d["score"] for d in dets], np.float64)}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_columns_equal_dicts_and_pycocotools(seed):
+    """Detections as columns (arrays) give the dict path's numbers exactly, and pycocotools'."""
+    gt, dets = dense_workload(seed) if seed == 2 else random_workload(seed, max_random_dets=160 if seed else 30)
+    columns = as_columns(dets)
+    ref, ref_precision = pycocotools_eval(gt, dets)
+    got = coco_evaluate(gt, columns, return_arrays=True)
+    from_dicts = coco_evaluate(gt, dets, return_arrays=True)
+    np.testing.assert_array_equal(got["precision"], from_dicts["precision"])
+    np.testing.assert_array_equal(got["recall"], from_dicts["recall"])
+    assert got["per_class"] == from_dicts["per_class"]
+    for name in STAT_NAMES:
+        assert got[name] == from_dicts[name] == pytest.approx(ref[name], abs=1e-12), name
+    np.testing.assert_allclose(got["precision"], ref_precision, atol=1e-12, rtol=0)
+    odd = coco_evaluate(gt, columns, max_dets=[1, 5, 20], use_cats=False)
+    assert odd == coco_evaluate(gt, dets, max_dets=[1, 5, 20], use_cats=False)
+    assert coco_evaluate(gt, {k: v[:0] for k, v in columns.items()})["AP"] == 0.0
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(score=np.zeros(3)), "image_id, category_id and score must be 1-D of one length"),
+    (dict(bbox=np.zeros((4, 5))), "bbox must be [4, 4]"),
+    (dict(category_id=np.array(["a", "b", "c", "d"])), "column 'category_id' must hold numbers"),
+    (dict(score=np.array(["x"] * 4)), "column 'score' is not an array of numbers"),
+    (dict(bbox=np.array([[0, 0, 5, 5], [0, 0, 5, np.nan], [1, 1, 5, 5], [2, 2, 5, 5]])),
+     "detection 1 (image id 4) has a non-finite bbox [0.0, 0.0, 5.0, nan]"),
+])
+def test_bad_columns_are_named(change, message):
+    gt, dets = random_workload(2, n_images=4)
+    columns = {k: v[:4] for k, v in as_columns([dict(d, image_id=4) for d in dets]).items()}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        coco_evaluate(gt, dict(columns, **change))
+

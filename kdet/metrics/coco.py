@@ -1,7 +1,9 @@
 """Exact COCO bbox evaluation (pycocotools ``COCOeval``, iouType ``bbox``), vectorised.
 
 ``coco_evaluate(ground_truth, detections)`` takes the same inputs as pycocotools
-(a COCO-format ground-truth dict or json path, a list of result dicts or json path)
+(a COCO-format ground-truth dict or json path, a list of result dicts or json path;
+or the detections as columns: ``{"image_id": [D], "category_id": [D], "bbox": [D, 4],
+"score": [D]}`` arrays, which skips reading D dicts)
 and returns the 12 summary numbers (``AP, AP50, AP75, AP_small, AP_medium, AP_large,
 AR1, AR10, AR100, AR_small, AR_medium, AR_large``) plus ``per_class`` AP / AP50.
 
@@ -44,8 +46,10 @@ engine of :mod:`kdet.metrics.coco_device` (``use_device=True``).
 
 The numpy engine does no per-detection Python work past reading the result dicts
 (one ``itemgetter``/``fromiter`` pass per field; malformed input falls back to a
-row-by-row reader that names the bad entry): sorts are radix or unique-key sorts
-equal to numpy's stable sort; the greedy matching runs only on the detections and
+row-by-row reader that names the bad entry): ids become positions through a lookup
+table; each stable sort (by image and category, then score; by category, then
+score) is one float sort for the scores' dense ranks and one sort of unique packed
+int64 keys; the greedy matching runs only on the detections and
 ground truths with IoU >= the lowest threshold (the others cannot change its
 choices), groups with one such ground truth in closed form; the accumulation
 works from the true positives and the few matches to ignored ground truths, with
@@ -129,12 +133,26 @@ def _boxes(rows, what):
 
 
 def _positions(sorted_ids, ids):
-    """Index of each id in ``sorted_ids`` and whether it is there."""
+    """Index of each id in ``sorted_ids`` (ascending; the first of equal ids) and whether it is there."""
     ids = np.asarray(ids)
     if len(sorted_ids) == 0 or len(ids) == 0:
         return np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)
+    if sorted_ids.dtype.kind == "i" and ids.dtype.kind == "i":
+        lo, hi = int(sorted_ids[0]), int(sorted_ids[-1])
+        if hi - lo <= 4 * (len(ids) + len(sorted_ids)):  # then a lookup table beats a binary search per id
+            return _table_positions(sorted_ids, ids, lo, hi)
     pos = np.clip(np.searchsorted(sorted_ids, ids), 0, len(sorted_ids) - 1)
     return pos, sorted_ids[pos] == ids
+
+
+def _table_positions(sorted_ids, ids, lo, hi):
+    """`_positions` of integer ids within a small range ``[lo, hi]``, through a table indexed by id."""
+    table = np.full(hi - lo + 2, -1, np.int32 if len(sorted_ids) < 2 ** 31 else np.int64)  # last: not there
+    table[sorted_ids[::-1] - lo] = np.arange(len(sorted_ids) - 1, -1, -1)                  # equal ids: the first
+    slot = np.where((ids >= lo) & (ids <= hi), ids - lo, hi - lo + 1)
+    pos = table[slot].astype(np.int64)
+    found = pos >= 0
+    return np.maximum(pos, 0, out=pos), found
 
 
 def _id_list(ids, limit=8):
@@ -185,8 +203,10 @@ def _check_ids(found, known, ids, kind, det_name, gt_name):
                   f"dropped; {known_text}", CocoIdWarning, stacklevel=4)
 
 
-def _check_finite(d_xywh, d_score, dets, det_name):
-    """NaN/inf boxes or scores and negative widths/heights are errors naming the detection."""
+def _check_finite(d_xywh, d_score, row, det_name):
+    """NaN/inf boxes or scores and negative widths/heights are errors naming the detection (``row(i)``: its dict)."""
+    if len(d_score) and np.isfinite(d_score.sum()) and np.isfinite(d_xywh.sum()) and d_xywh[:, 2:].min() >= 0:
+        return  # (a NaN or inf in a sum makes it NaN or inf; an overflow to inf takes the row-wise check)
     bad_box = ~np.isfinite(d_xywh).all(axis=1)
     bad_size = np.isfinite(d_xywh).all(axis=1) & ((d_xywh[:, 2] < 0) | (d_xywh[:, 3] < 0))
     bad_score = ~np.isfinite(d_score)
@@ -194,8 +214,8 @@ def _check_finite(d_xywh, d_score, dets, det_name):
                           (bad_score, "a non-finite score")):
         if mask.any():
             i = int(np.flatnonzero(mask)[0])
-            value = dets[i]["score"] if mask is bad_score else dets[i]["bbox"]
-            raise CocoInputError(f"{det_name}: detection {i} (image id {dets[i]['image_id']!r}) has {problem} "
+            value = row(i)["score"] if mask is bad_score else row(i)["bbox"]
+            raise CocoInputError(f"{det_name}: detection {i} (image id {row(i)['image_id']!r}) has {problem} "
                                  f"{value!r}" + (f" ({int(mask.sum())} detections like it)" if mask.sum() > 1 else ""))
 
 
@@ -205,8 +225,40 @@ def _detection_arrays(dets, det_name):
         d_image, d_cat, d_xywh, d_score = _detection_fields(dets)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError):
         d_image, d_cat, d_xywh, d_score = _checked_detection_fields(dets, det_name)  # names the culprit
-    _check_finite(d_xywh, d_score, dets, det_name)
+    _check_finite(d_xywh, d_score, dets.__getitem__, det_name)
     return d_image, d_cat, d_xywh, d_score
+
+
+DETECTION_COLUMNS = ("image_id", "category_id", "bbox", "score")
+
+
+def _is_columns(dets):
+    return isinstance(dets, dict) and all(key in dets for key in DETECTION_COLUMNS)
+
+
+def _column_arrays(dets, det_name):
+    """``(image ids, category ids, boxes [D, 4], scores)`` of detections given as columns (arrays), checked."""
+    columns = {}
+    for key in DETECTION_COLUMNS:
+        try:
+            columns[key] = np.asarray(dets[key], np.float64 if key in ("bbox", "score") else None)
+        except (TypeError, ValueError) as err:
+            raise CocoInputError(f"{det_name}: column {key!r} is not an array of numbers ({err})") from err
+    n = columns["score"].shape[0] if columns["score"].ndim == 1 else -1
+    if n < 0 or any(columns[key].shape != (n,) for key in ("image_id", "category_id")):
+        shapes = ", ".join(f"{key} {columns[key].shape}" for key in DETECTION_COLUMNS)
+        raise CocoInputError(f"{det_name}: image_id, category_id and score must be 1-D of one length; got {shapes}")
+    boxes = columns["bbox"].reshape(0, 4) if n == 0 else columns["bbox"]
+    if boxes.shape != (n, 4):
+        raise CocoInputError(f"{det_name}: bbox must be [{n}, 4] (x, y, w, h per detection); got {boxes.shape}")
+    for key in ("image_id", "category_id"):
+        if columns[key].dtype.kind not in "iuf":
+            raise CocoInputError(f"{det_name}: column {key!r} must hold numbers, not {columns[key].dtype}")
+    image, cat, score = columns["image_id"], columns["category_id"], columns["score"]
+    xywh = np.ascontiguousarray(boxes)
+    _check_finite(xywh, score, lambda i: {"image_id": image[i].item(), "bbox": xywh[i].tolist(),
+                                           "score": score[i].item()}, det_name)
+    return image, cat, xywh, score
 
 
 def _detection_fields(dets):
@@ -278,7 +330,7 @@ def _annotation_fields(anns, gt_name):
 
 
 def load_coco_arrays(ground_truth, detections, max_dets=MAX_DETS[-1]):
-    """Read a COCO ground truth and detection results (dicts / lists or json paths) into `CocoArrays`.
+    """Read a COCO ground truth and detection results (dicts / lists / columns or json paths) into `CocoArrays`.
 
     Stricter than pycocotools (which drops unknown categories silently and accepts NaN
     boxes): see :func:`_check_ids` and :func:`_check_finite`; every error is a
@@ -291,9 +343,10 @@ def load_coco_arrays(ground_truth, detections, max_dets=MAX_DETS[-1]):
     dets = _read_json(detections, "detections")
     if not isinstance(gt, dict) or "images" not in gt or "categories" not in gt:
         raise CocoInputError(f"{gt_name}: not a COCO ground truth (needs 'images' and 'categories')")
-    if not isinstance(dets, list):
+    if not isinstance(dets, list) and not _is_columns(dets):
         hint = " (a COCO ground truth, not results?)" if isinstance(dets, dict) and "annotations" in dets else ""
-        raise CocoInputError(f"{det_name}: detections must be a list of result dicts, got {type(dets).__name__}{hint}")
+        raise CocoInputError(f"{det_name}: detections must be a list of result dicts or a dict of columns "
+                             f"{', '.join(DETECTION_COLUMNS)}; got {type(dets).__name__}{hint}")
 
     image_ids = np.unique(_ids_of(gt["images"], "id", gt_name, "image"))
     cats = sorted(gt["categories"], key=lambda c: c["id"] if isinstance(c, dict) and "id" in c else 0)
@@ -307,22 +360,26 @@ def load_coco_arrays(ground_truth, detections, max_dets=MAX_DETS[-1]):
     keep = np.flatnonzero(g_ok_img & g_ok_cls)
     keep = keep[np.lexsort((keep, g_cls[keep], g_img[keep]))]
 
-    d_image, d_cat, d_xywh, d_score = _detection_arrays(dets, det_name)
+    if isinstance(dets, list):
+        d_image, d_cat, d_xywh, d_score = _detection_arrays(dets, det_name)
+    else:
+        d_image, d_cat, d_xywh, d_score = _column_arrays(dets, det_name)
     d_img, d_ok_img = _positions(image_ids, d_image)
     d_cls, d_ok_cls = _positions(category_ids, d_cat)
     _check_ids(d_ok_img, image_ids, d_image, "image", det_name, gt_name)
     _check_ids(d_ok_cls, category_ids, d_cat, "category", det_name, gt_name)
     dkeep = np.flatnonzero(d_ok_cls & d_ok_img)
-    dkeep = dkeep[_stable_argsort(-d_score[dkeep])]                          # score, then json order
-    dkeep = dkeep[_stable_argsort(d_img[dkeep] * len(category_ids) + d_cls[dkeep])]  # image, category first
-    rank = _rank_in_groups(d_img[dkeep] * len(category_ids) + d_cls[dkeep])
-    dkeep, rank = dkeep[rank < max_dets], rank[rank < max_dets]
+    group = d_img[dkeep] * len(category_ids) + d_cls[dkeep]
+    order = _key_score_order(group, len(image_ids) * len(category_ids), d_score[dkeep])  # then json order
+    rank = _rank_in_groups(group[order])
+    order, rank = order[rank < max_dets], rank[rank < max_dets]
+    dkeep = dkeep[order]
 
     return CocoArrays(
         image_ids=image_ids, category_ids=category_ids, class_names=class_names,
         gt_image=g_img[keep], gt_class=g_cls[keep], gt_xywh=g_xywh[keep].reshape(-1, 4),
         gt_area=g_area[keep], gt_crowd=g_crowd[keep],
-        det_image=d_img[dkeep], det_class=d_cls[dkeep], det_xywh=d_xywh[dkeep].reshape(-1, 4),
+        det_image=d_img[dkeep], det_class=d_cls[dkeep], det_xywh=np.take(d_xywh, dkeep, axis=0),
         det_score=d_score[dkeep], det_rank=rank, gt_source=keep, det_source=dkeep,
     )
 
@@ -333,7 +390,7 @@ def single_category(arr, max_dets=MAX_DETS[-1]):
     As pycocotools: per image, ground truths stay in (category, json) order; detections
     are sorted by score with ties in (category, json) order and cut to ``max_dets``.
     """
-    order = np.lexsort((np.arange(len(arr.det_score)), -arr.det_score, arr.det_image))
+    order = _key_score_order(arr.det_image, len(arr.image_ids), arr.det_score)
     rank = _rank_in_groups(arr.det_image[order])
     order, rank = order[rank < max_dets], rank[rank < max_dets]
     pick = lambda x: None if x is None else x[order]  # noqa: E731
@@ -342,7 +399,7 @@ def single_category(arr, max_dets=MAX_DETS[-1]):
         gt_image=arr.gt_image, gt_class=np.zeros_like(arr.gt_class), gt_xywh=arr.gt_xywh,
         gt_area=arr.gt_area, gt_crowd=arr.gt_crowd,
         det_image=arr.det_image[order], det_class=np.zeros(len(order), arr.det_class.dtype),
-        det_xywh=arr.det_xywh[order], det_score=arr.det_score[order], det_rank=rank,
+        det_xywh=np.take(arr.det_xywh, order, axis=0), det_score=arr.det_score[order], det_rank=rank,
         gt_source=arr.gt_source, det_source=pick(arr.det_source),
     )
 
@@ -470,15 +527,24 @@ def _match_sparse(arr, gt_ignore, params=DEFAULT_PARAMS):
     det_key, gt_key = arr.det_image * K + arr.det_class, arr.gt_image * K + arr.gt_class
     d, g = _group_pairs(det_key, gt_key)
     with np.errstate(divide="ignore", invalid="ignore"):
-        iou = iou_xywh(arr.det_xywh[d, None], arr.gt_xywh[g, None], arr.gt_crowd[g, None]).reshape(-1)
+        iou = iou_xywh(np.take(arr.det_xywh, d, axis=0)[:, None], np.take(arr.gt_xywh, g, axis=0)[:, None],
+                       arr.gt_crowd[g, None]).reshape(-1)
     reach = iou >= params.thresholds.min()
-    cand_det, cand_gt = np.unique(d[reach]), np.unique(g[reach])
+    cand_det = d[reach]                                     # non-decreasing
+    cand_det = cand_det[np.r_[True, cand_det[1:] != cand_det[:-1]]] if len(cand_det) else cand_det
+    reached = np.zeros(len(arr.gt_class), bool)
+    reached[g[reach]] = True
+    cand_gt = np.flatnonzero(reached)
     parts = []
     for d_idx, d_valid, g_idx, g_valid in _padded_groups(det_key[cand_det], gt_key[cand_gt]):
         d_idx, g_idx = cand_det[d_idx], cand_gt[g_idx]
         crowd = arr.gt_crowd[g_idx] & g_valid
         with np.errstate(divide="ignore", invalid="ignore"):
-            ious = iou_xywh(arr.det_xywh[d_idx], arr.gt_xywh[g_idx], crowd)
+            ious = iou_xywh(np.take(arr.det_xywh, d_idx, axis=0), np.take(arr.gt_xywh, g_idx, axis=0), crowd)
+        if g_idx.shape[1] == 1:
+            parts.append(_single_gt_matches(ious[..., 0], d_idx, d_valid, g_idx[:, 0], crowd[:, 0], gt_ignore,
+                                            params.thresholds))
+            continue
         _, mi, m = greedy_match(ious, g_valid, crowd, np.moveaxis(gt_ignore[g_idx], -1, 1), d_valid,
                                 params.thresholds, return_index=True)
         p, row, t, a = np.nonzero(m >= 0)
@@ -487,6 +553,17 @@ def _match_sparse(arr, gt_ignore, params=DEFAULT_PARAMS):
         none = np.zeros(0, np.int64)
         return _SparseMatches(none, none, none, none, np.zeros(0, bool))
     return _SparseMatches(*(np.concatenate(x) for x in zip(*parts)))
+
+
+def _single_gt_matches(ious, d_idx, d_valid, g, crowd, gt_ignore, thresholds):
+    """`_match_sparse`'s entries for groups with one ground truth (``ious`` [P, D], ``g`` [P]): the first
+    detection with IoU >= t takes it (every such detection when it is a crowd), at every area range."""
+    reach = (ious[:, :, None] >= thresholds) & d_valid[:, :, None]                  # [P, D, T]
+    matched = np.where(crowd[:, None, None], reach, reach & (np.cumsum(reach, axis=1) == 1))
+    p, row, t = np.nonzero(matched)
+    A = gt_ignore.shape[1]
+    return (np.repeat(d_idx[p, row], A), np.repeat(t, A), np.tile(np.arange(A), len(p)), np.repeat(g[p], A),
+            gt_ignore[g[p]].ravel())
 
 
 def _group_pairs(det_keys, gt_keys):
@@ -591,6 +668,29 @@ def _stable_argsort(values):
     return order[np.argsort(run * n + order)]
 
 
+def _key_score_order(keys, n_keys, scores):
+    """Rows by (key ascending, score descending, row): ``np.lexsort((rows, -scores, keys))``, faster.
+
+    ``keys`` are integers in ``[0, n_keys)``, ``scores`` finite. One float sort gives each
+    score its dense rank; then ``(key, rank, row)`` packed in one int64 per row is unique,
+    and numpy's (vectorised) sort of those values gives the order as ``value % n``.
+    """
+    n = len(scores)
+    if n < 2:
+        return np.arange(n)
+    by_score = np.argsort(-scores)
+    in_order = scores[by_score]
+    dense = np.empty(n, np.int64)
+    dense[by_score] = np.cumsum(np.r_[0, in_order[1:] != in_order[:-1]])
+    n_ranks = int(dense[by_score[-1]]) + 1
+    if n_keys * n_ranks * n >= 2 ** 63:
+        by_score = _stable_argsort(-scores)
+        return by_score[_stable_argsort(np.asarray(keys)[by_score])]
+    packed = (np.asarray(keys, np.int64) * n_ranks + dense) * n + np.arange(n)
+    packed.sort()
+    return packed % n
+
+
 def _accumulation_order(arr):
     """Detection rows by (category, score descending, image, rank): pycocotools' order in ``accumulate``.
 
@@ -598,15 +698,7 @@ def _accumulation_order(arr):
     category, breaks score ties by image, then rank (pycocotools' mergesort over the
     per-image lists concatenated in image order).
     """
-    by_score = _stable_argsort(-arr.det_score)
-    return by_score[_stable_argsort(arr.det_class[by_score])]
-
-
-def _segment_cumsum(values, starts):
-    """Inclusive running sum of ``values`` restarting at each True of ``starts`` (``starts[0]`` True)."""
-    total = np.cumsum(values)
-    first = np.flatnonzero(starts)
-    return total - np.repeat(total[first] - values[first], np.diff(np.r_[first, len(values)]))
+    return _key_score_order(arr.det_class, len(arr.category_ids), arr.det_score)
 
 
 def accumulate_sparse(arr, sm, npig, params=DEFAULT_PARAMS):
@@ -621,69 +713,102 @@ def accumulate_sparse(arr, sm, npig, params=DEFAULT_PARAMS):
     give all 101 points at once. The running counts come from the matches alone: an
     unmatched detection is a false positive unless its box is outside the area range,
     so ``fp`` = (detections up to here not outside the range, a cumulative count per
-    area range) + (the matched ones' correction: +1 for a TP outside the range, -1 for
-    a match to an ignored ground truth inside it) - ``tp``.
+    area range) - (matched detections up to here not outside the range: the true
+    positives inside it and the matches to ignored ground truths inside it).
     """
     K, A = npig.shape
-    T, R, M = len(params.iou_thresholds), len(RECALL_THRESHOLDS), len(params.max_dets)
-    C = T * A  # columns t * A + a
+    T, M = len(params.iou_thresholds), len(params.max_dets)
     n = len(arr.det_score)
-    precision = -np.ones((T, R, K, A, M))
-    recall = -np.ones((T, K, A, M))
-    present = npig > 0                                                            # [K, A]
+    precision = np.empty((T, len(RECALL_THRESHOLDS), K, A, M))
+    recall = np.empty((T, K, A, M))
     acc = _accumulation_order(arr)
     pos = np.empty(n, np.int64)
     pos[acc] = np.arange(n)
     rank = arr.det_rank[acc]
     cls_sorted = arr.det_class[acc]
-    class_first = np.searchsorted(cls_sorted, np.arange(K), side="left")          # [K]
-    area = (arr.det_xywh[:, 2] * arr.det_xywh[:, 3])[acc]
-    inside = np.ascontiguousarray(~_area_ignore(area, params).T)                  # [A, n] in score order
-
-    e_col, e_pos = sm.t * A + sm.a, pos[sm.det]
-    e_key = e_col * n + e_pos                      # (column, category, score order), unique per entry
-    e_inside = inside[sm.a, e_pos]
-    is_tp = ~sm.gt_ignored
-    # the true positives, one int64 row per field, by key
-    tp_rows = np.flatnonzero(is_tp)
-    tp_rows = tp_rows[np.argsort(e_key[tp_rows])]
-    p_tp = e_pos[tp_rows]
-    tps = np.stack([e_key[tp_rows], e_col[tp_rows], sm.a[tp_rows], p_tp, cls_sorted[p_tp], rank[p_tp],
-                    ~e_inside[tp_rows]])
-    # matches to an ignored ground truth inside the range: not the FPs they would be unmatched
-    gone = np.flatnonzero(~is_tp & e_inside)
-    gone = np.stack([e_key[gone], rank[e_pos[gone]]])
-    gone = gone[:, np.argsort(gone[0])]
+    area = arr.det_xywh[:, 2] * arr.det_xywh[:, 3]
+    inside = np.ascontiguousarray(~_area_ignore(area[acc], params).T)             # [A, n] in score order
+    entries = _counted_entries(sm, pos[sm.det], inside, rank, A)
+    class_base = np.searchsorted(cls_sorted, np.arange(K), side="left")          # first row of each class
+    counted = np.zeros((A, n + 1), np.int32)  # running count of the detections not outside the range
     for m in reversed(range(M)):    # most detections first: each cut keeps a subset of the previous one
         max_det = params.max_dets[m]
-        tps, gone = tps[:, tps[5] < max_det], gone[:, gone[1] < max_det]
-        key, col, a, p, k, _, outside = tps
-        seg = col * K + k
-        starts = np.r_[True, seg[1:] != seg[:-1]] if len(seg) else np.zeros(0, bool)
-        c = _segment_cumsum(np.ones(len(seg), np.int64), starts)
-        # FPs so far = detections not outside the range (a cumulative count), + TPs outside it,
-        # - matches to ignored ground truths inside it, - TPs
-        counted = np.zeros((A, n + 1), np.int64)
-        np.cumsum(inside & (rank < max_det), axis=1, out=counted[:, 1:])
-        class_start = class_first[k]
-        n_gone = np.searchsorted(gone[0], key) - np.searchsorted(gone[0], col * n + class_start)
-        f = (counted[a, p + 1] - counted[a, class_start] + _segment_cumsum(outside, starts) - n_gone - c).astype(float)
-        c = c.astype(float)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            pr = c / (f + c + np.spacing(1))
-            bins = np.searchsorted(RECALL_THRESHOLDS, c / npig[k, a], side="right")
-        table = np.zeros(C * K * (R + 2))
-        if len(pr):
-            bin_key = (col * K + k) * (R + 2) + bins   # non-decreasing: segments are contiguous
-            first = np.flatnonzero(np.r_[True, bin_key[1:] != bin_key[:-1]])
-            table[bin_key[first]] = np.maximum.reduceat(pr, first)
-        table = np.maximum.accumulate(table.reshape(C, K, R + 2)[..., ::-1], axis=-1)[..., ::-1]
-        q = table[..., 1:R + 1].reshape(T, A, K, R).transpose(0, 3, 2, 1)          # [T, R, K, A]
-        precision[..., m] = np.where(present[None, None], q, -1)
-        tp_total = np.bincount(k * C + col, minlength=K * C).reshape(K, T, A).transpose(1, 0, 2)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            recall[..., m] = np.where(present[None], tp_total / npig[None], -1)
+        cut = rank < max_det
+        if not cut.all():
+            entries = entries.where(entries.rank < max_det)
+        for a in range(A):
+            np.cumsum(inside[a] & cut, out=counted[a, 1:], dtype=np.int32)
+        precision[..., m], recall[..., m] = _precision_recall(entries, cls_sorted, class_base, counted, npig, T)
     return precision, recall
+
+
+@dataclass
+class _Entries:
+    """The matches that change the running counts, by (column, score order): one row each."""
+
+    col: np.ndarray      # t * A + a
+    p: np.ndarray        # row in the accumulation (category, score) order
+    rank: np.ndarray     # the detection's rank in its image and category
+    tp: np.ndarray       # bool: a true positive (else a match to an ignored ground truth inside the range)
+    inside: np.ndarray   # bool: a match not outside the area range (every such match is not a FP)
+
+    def where(self, keep):
+        return _Entries(*(x[keep] for x in (self.col, self.p, self.rank, self.tp, self.inside)))
+
+
+def _counted_entries(sm, e_pos, inside, rank, A):
+    """`_Entries` of `_SparseMatches`: true positives and matches to ignored ground truths inside the
+    range (a match to an ignored ground truth outside it changes no count), by (column, position)."""
+    n = inside.shape[1]
+    tp = ~sm.gt_ignored
+    packed = ((sm.t * A + sm.a) * n + e_pos) * 2 + tp           # unique per entry
+    packed = packed[tp | inside.ravel()[sm.a * n + e_pos]]
+    packed.sort()
+    tp = (packed & 1).astype(bool)
+    packed >>= 1
+    col = packed // n
+    p = packed - col * n
+    return _Entries(col=col, p=p, rank=rank[p], tp=tp, inside=inside.ravel()[(col % A) * n + p])
+
+
+def _precision_recall(entries, cls_sorted, class_base, counted, npig, T):
+    """``precision [T, R, K, A]`` and ``recall [T, K, A]`` at one ``max_dets`` cut, from its `_Entries`.
+
+    A segment is one (column, category): its rows are contiguous; the running counts
+    within it are global running sums less their value before the segment.
+    """
+    K, A = npig.shape
+    C, R = T * A, len(RECALL_THRESHOLDS)
+    n = len(cls_sorted)
+    seg = entries.col * K + cls_sorted[entries.p]                  # non-decreasing
+    first = np.flatnonzero(np.r_[True, seg[1:] != seg[:-1]]) if len(seg) else np.zeros(0, np.int64)
+    n_tp = np.cumsum(entries.tp, dtype=np.int64)
+    n_inside = np.cumsum(entries.inside, dtype=np.int64)
+    s_first, a_first = seg[first], entries.col[first] % A
+    # per segment: the running sums before its first row (fp: also less the count before its category)
+    tp_base, fp_base = np.zeros(C * K, np.int64), np.zeros(C * K, np.int64)
+    tp_base[s_first] = n_tp[first] - entries.tp[first]
+    fp_base[s_first] = (n_inside[first] - entries.inside[first]
+                        - counted.ravel()[a_first * (n + 1) + class_base[s_first % K]])
+    tp = np.flatnonzero(entries.tp)
+    s, col, p = seg[tp], entries.col[tp], entries.p[tp]
+    a, k = col % A, s % K
+    c = (n_tp[tp] - tp_base[s]).astype(float)
+    f = (counted.ravel()[a * (n + 1) + p + 1] - n_inside[tp] + fp_base[s]).astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pr = c / (f + c + np.spacing(1))
+        bins = np.searchsorted(RECALL_THRESHOLDS, c / npig.ravel()[k * A + a], side="right")
+    table = np.zeros(C * K * (R + 2))
+    if len(pr):
+        bin_key = s * (R + 2) + bins   # non-decreasing: segments are contiguous
+        first = np.flatnonzero(np.r_[True, bin_key[1:] != bin_key[:-1]])
+        table[bin_key[first]] = np.maximum.reduceat(pr, first)
+    table = np.maximum.accumulate(table.reshape(C, K, R + 2)[..., ::-1], axis=-1)[..., ::-1]
+    q = table[..., 1:R + 1].reshape(T, A, K, R).transpose(0, 3, 2, 1)          # [T, R, K, A]
+    present = npig > 0
+    tp_total = np.bincount(s, minlength=C * K).reshape(T, A, K).transpose(0, 2, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(present[None, None], q, -1), np.where(present[None], tp_total / npig[None], -1)
 
 
 def evaluate_arrays(arr, params=DEFAULT_PARAMS):
@@ -720,7 +845,9 @@ def coco_evaluate(ground_truth, detections, *, iou_thresholds=None, max_dets=Non
         ground_truth: a COCO ground-truth dict (``images``, ``categories``, ``annotations``)
             or the path of its json file.
         detections: a list of COCO result dicts (``image_id``, ``category_id``, ``bbox``
-            ``[x, y, w, h]``, ``score``) or the path of its json file.
+            ``[x, y, w, h]``, ``score``) or the path of its json file; or the same as
+            columns, a dict of arrays ``{"image_id": [D], "category_id": [D], "bbox": [D, 4],
+            "score": [D]}`` (row ``i`` is detection ``i``; no dicts to read, so faster).
         iou_thresholds, max_dets, area_ranges, use_cats: pycocotools' ``Params``
             (``iouThrs, maxDets, areaRng/areaRngLbl, useCats``); see `eval_params`.
         use_device: run the matching and accumulation with the streaming engine
