@@ -120,7 +120,8 @@ def train_fold_model(recipe, class_names, records, seed=0, on_epoch_end=None, ve
         import keras as _k
 
         callbacks.append(_k.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: on_epoch_end(epoch)))
-    model.fit(dataset, epochs=int(recipe["train"]["epochs"]), callbacks=callbacks, verbose=verbose)
+    model.fit(dataset, epochs=int(recipe["train"]["epochs"]), callbacks=callbacks, verbose=verbose,
+              shuffle=False)  # the dataset shuffles itself
     return model
 
 
