@@ -439,6 +439,16 @@ def _set_kerascv_weights(trunk_layers, source, label):
 
 
 
+def _stages_in_graph_order(layers, stage_of, count=5):
+    """Layer names by ``stage_of(name)``; a layer it cannot place (None: unnamed) joins the layer before's stage."""
+    stages, stage = [[] for _ in range(count)], 0
+    for layer in layers:
+        named = stage_of(layer.name)
+        stage = named if named is not None else stage
+        stages[stage].append(layer.name)
+    return stages
+
+
 # -------------------------------------------------- SSDLite on keras-cv's MobileNetV3-Large
 # MobileNetV3-Large (Howard et al. 2019, Table 1), as keras-cv's MobileNetV3Backbone arguments: expansion is a
 # ratio of the block's input channels (16*4 = 64, 24*3 = 72, ..., 112*6 = 672, 160*6 = 960, torchvision's numbers).
@@ -506,11 +516,7 @@ def mobilenetv3_large_ssdlite(images, width_multiplier=1.0, weights=None):
     for k, filters in enumerate((512, 256, 256, 128), start=1):
         x = _ssdlite_extra_block(x, max(16, int(filters * width_multiplier)), f"ssdlite_extra{k}")
         sources.append(x)
-    stages, stage = [[] for _ in range(5)], 0
-    for layer in trunk_layers:  # in graph order: unnamed layers (squeeze-excite, activations) join their block's stage
-        named = _mobilenetv3_stage(layer.name)
-        stage = named if named is not None else stage
-        stages[stage].append(layer.name)
+    stages = _stages_in_graph_order(trunk_layers, _mobilenetv3_stage)  # unnamed: squeeze-excite, activations
     return BackboneFeatures(sources=sources, stages=stages, pretrained=[l.name for l in trunk_layers if l.weights],
                             head="separable", anchor_scales=list(SSDLITE_SCALES),
                             aspect_ratios=[list(r) for r in SSDLITE_ASPECT_RATIOS])
@@ -618,14 +624,9 @@ def kerascv_fpn(images, trunk, fpn_channels=256, width_multiplier=1.0, weights=N
         _set_kerascv_weights([layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)],
                              source, spec.label)
     levels = [model.get_layer(model.pyramid_level_inputs[f"P{i}"]).output for i in (3, 4, 5)]
-    used = keras.Model(images, levels).layers  # graph order; drops layers past P5
-    stages, stage = [[] for _ in range(5)], 0
-    for layer in used:
-        if isinstance(layer, keras.layers.InputLayer):
-            continue
-        named = spec.stage_of(layer.name)
-        stage = named if named is not None else stage
-        stages[stage].append(layer.name)
+    used = [layer for layer in keras.Model(images, levels).layers  # graph order; drops layers past P5
+            if not isinstance(layer, keras.layers.InputLayer)]
+    stages = _stages_in_graph_order(used, spec.stage_of)
     sources = fpn_neck(*levels, scaled_filters(fpn_channels, width_multiplier))
     pretrained = [name for stage_names in stages for name in stage_names if model.get_layer(name).weights]
     return BackboneFeatures(sources=sources, stages=stages, pretrained=pretrained)
