@@ -41,6 +41,8 @@ def default_recipe():
         model=dict(
             backbone="vgg16",            # "vgg16" | "vgg16_bn" (from scratch) | "resnet50_fpn" | "mobilenetv2_fpn"
                                          # | "mobilenetv3_large_ssdlite" (SSDLite320, keras-cv trunk, its own anchors)
+                                         # | "resnet50v2_fpn" | "cspdarknet_tiny_fpn" | "efficientnetv2_b0_fpn"
+                                         # (FPN on keras-cv trunks; ImageNet = keras-cv presets, width 1 only)
             image_size=300,
             width_multiplier=1.0,        # < 1 scales every conv of the backbone and extras
             backbone_weights="imagenet", # None trains from scratch (offline machines); "auto": ImageNet when the
@@ -53,7 +55,7 @@ def default_recipe():
                                          # (1 - IoU) on the training boxes at the start of training, saved
                                          # as numbers in the model config (reload and export reuse them)
             aspect_ratios=None,          # None: [[2], [2, 3], [2, 3], [2, 3], [2], [2]]; "auto": fitted as above
-            fpn_channels=256,            # FPN backbones only
+            fpn_channels=256,            # FPN backbones only (scaled by width_multiplier, min 8)
         ),
         data=dict(
             root=None,                   # passed to sources given as partial(...) callables

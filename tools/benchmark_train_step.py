@@ -1,7 +1,7 @@
 """Training-step cost of SSD300-VGG16 next to the bare VGG16 forward+backward at the same batch.
 
     python tools/benchmark_train_step.py [--batch-size 8] [--steps 5] [--size 300] [--breakdown]
-                                         [--jit auto|on|off] [--compare BACKBONE:WIDTH:SIZE,...]
+                                         [--jit auto|on|off] [--compare BACKBONE:WIDTH:SIZE[:FPN],...]
 
 The difference is what SSD adds on top of its backbone: the extra layers and
 heads, the anchors, the vectorised matching and the MultiBox loss.
@@ -12,6 +12,8 @@ heads, + the MultiBox loss (matching, hard negative mining).
 ``--jit``: XLA for the fit steps (``compile(jit_compile=...)``; Keras'
 default "auto" means XLA where the model allows it) and the breakdown steps
 (``tf.function(jit_compile=...)``; "auto" there means no XLA).
+``--compare`` times full SSD train steps of several models and prints, beside the wall seconds, the
+process CPU seconds per step (all threads; on a shared machine the steadier figure) and the load average.
 """
 
 import argparse
@@ -24,12 +26,14 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def time_fit(model, x, y, steps, batch_size):
-    """Seconds per optimizer step, after one warm-up pass (tracing, compilation)."""
+def time_fit(model, x, y, steps, batch_size, cpu=False):
+    """Seconds per optimizer step, after one warm-up pass (tracing, compilation); with ``cpu``:
+    ``(wall, process CPU)`` seconds per step."""
     model.fit(x[:batch_size], y[:batch_size], batch_size=batch_size, epochs=1, verbose=0)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0)
-    return (time.perf_counter() - start) / steps
+    wall = (time.perf_counter() - start) / steps
+    return (wall, (time.process_time() - start_cpu) / steps) if cpu else wall
 
 
 def random_targets(rng, n, num_classes, boxes_per_image=5, max_boxes=20):
@@ -119,7 +123,8 @@ def breakdown(batch_size, steps, size, num_classes=20, jit="auto"):
 
 
 def compare_models(specs, batch_size, steps, num_classes=20, jit="auto"):
-    """``[(spec, parameters, s/step)]`` of full SSD train steps, one model per ``backbone:width:size`` spec."""
+    """``[(spec, parameters, s/step, CPU s/step)]`` of full SSD train steps, one model per
+    ``backbone:width:size[:fpn_channels]`` spec (fpn_channels default 256, FPN backbones only)."""
     import keras
 
     from kdet.losses import MultiBoxLoss
@@ -127,16 +132,17 @@ def compare_models(specs, batch_size, steps, num_classes=20, jit="auto"):
 
     rows = []
     for spec in specs:
-        backbone, width, size = spec.split(":")
+        backbone, width, size, *fpn_channels = spec.split(":")
         size = int(size)
-        model = SSD(num_classes=num_classes, image_size=size, backbone=backbone, width_multiplier=float(width))
+        model = SSD(num_classes=num_classes, image_size=size, backbone=backbone, width_multiplier=float(width),
+                    fpn_channels=int(fpn_channels[0]) if fpn_channels else 256)
         model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9),
                       loss=MultiBoxLoss(num_classes=num_classes), jit_compile=JIT[jit])
         rng = np.random.default_rng(0)
         n = batch_size * steps
         x = rng.uniform(0, 255, (n, size, size, 3)).astype("float32")
-        rows.append((spec, model.count_params(), time_fit(model, x, random_targets(rng, n, num_classes), steps,
-                                                          batch_size)))
+        rows.append((spec, model.count_params(),
+                     *time_fit(model, x, random_targets(rng, n, num_classes), steps, batch_size, cpu=True)))
     return rows
 
 
@@ -148,14 +154,15 @@ def main(argv=None):
     p.add_argument("--breakdown", action="store_true", help="time SSD's stages one by one instead")
     p.add_argument("--jit", choices=sorted(JIT), default="auto", help="XLA compilation (see above)")
     p.add_argument("--compare", default=None,
-                   help="comma-separated backbone:width:size specs to time as full SSD train steps, e.g. "
-                        "mobilenetv3_large_ssdlite:1.0:320,vgg16_bn:0.125:300,vgg16:1.0:300")
+                   help="comma-separated backbone:width:size[:fpn_channels] specs to time as full SSD train "
+                        "steps, e.g. mobilenetv3_large_ssdlite:1.0:320,vgg16_bn:0.125:300,mobilenetv2_fpn:1.0:320:128")
     args = p.parse_args(argv)
     if args.compare:
         b = args.batch_size
         print(f"batch {b}, {args.steps} timed steps, float32 on CPU, jit {args.jit}, 20 classes")
-        for spec, params, seconds in compare_models(args.compare.split(","), b, args.steps, jit=args.jit):
-            print(f"{spec:36s} {params / 1e6:7.2f} M params {seconds:7.2f} s/step  {b / seconds:6.2f} images/s")
+        for spec, params, seconds, cpu in compare_models(args.compare.split(","), b, args.steps, jit=args.jit):
+            print(f"{spec:36s} {params / 1e6:7.2f} M params {seconds:7.2f} s/step  {b / seconds:6.2f} images/s  "
+                  f"{cpu:7.2f} CPU s/step", flush=True)
         if hasattr(os, "getloadavg"):
             print("load average (1, 5, 15 min): " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
         return

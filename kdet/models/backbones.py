@@ -1,4 +1,4 @@
-"""Feature extractors for SSD: the paper's VGG16 base and FPN on keras.applications.
+"""Feature extractors for SSD: the paper's VGG16 base, FPN on keras.applications and keras-cv trunks, SSDLite.
 
 Each builder takes the model's image input (``[B, H, W, 3]`` RGB 0..255,
 docs/CONVENTIONS.md), applies the matching ImageNet preprocessing as a layer,
@@ -13,7 +13,9 @@ or the path of a keras.applications weight file copied from a machine with inter
 ``notop`` files, or a ``.weights.h5`` that ``save_weights`` wrote): it is loaded into the
 keras.applications model of the backbone (which checks it layer by layer), then copied
 into kdet's backbone by layer name. A file that does not fit is a `WeightsFileError`,
-one line naming the file and the problem.
+one line naming the file and the problem. keras-cv trunks (built from their constructor
+arguments) take ``"imagenet"`` from keras-cv's presets and, as a file, a preset's
+``model.weights.h5``; they are copied layer by layer in order.
 """
 
 import os
@@ -25,7 +27,8 @@ import keras
 
 from kdet.models.layers import ImagePreprocessing, L2Normalization
 
-BACKBONES = ("vgg16", "vgg16_bn", "resnet50_fpn", "mobilenetv2_fpn", "mobilenetv3_large_ssdlite")
+BACKBONES = ("vgg16", "vgg16_bn", "resnet50_fpn", "mobilenetv2_fpn", "mobilenetv3_large_ssdlite",
+             "resnet50v2_fpn", "cspdarknet_tiny_fpn", "efficientnetv2_b0_fpn")  # the last three: keras-cv trunks
 MOBILENETV2_IMAGENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 
 
@@ -128,6 +131,10 @@ _EXAMPLE_FILES = {
     "VGG16": "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
     "ResNet50": "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
     "MobileNetV2": "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
+    "MobileNetV3-Large": "model.weights.h5 of keras-cv's mobilenet_v3_large_imagenet preset",
+    "ResNet50V2": "model.weights.h5 of keras-cv's resnet50_v2_imagenet preset",
+    "CSPDarkNet-Tiny": "model.weights.h5 of keras-cv's csp_darknet_tiny_imagenet preset",
+    "EfficientNetV2-B0": "model.weights.h5 of keras-cv's efficientnetv2_b0_imagenet preset",
 }
 
 
@@ -149,11 +156,16 @@ def _file_layer_weights(application, label, path, **kwargs):
             warnings.simplefilter("ignore")
             model.load_weights(path)
     except Exception as err:  # Keras raises ValueError / OSError / KeyError for files that do not fit
-        reason = " ".join((str(err).strip().splitlines() or [type(err).__name__])[0].split())[:240]
+        reason = _first_line(err)
         described = label + "".join(f" {k}={v}" for k, v in kwargs.items())
         raise WeightsFileError(f"{path}: does not fit the {described} backbone ({reason})"
                                f"{_file_hint(path, model)}") from err
     return {layer.name: layer.get_weights() for layer in model.layers if layer.weights}
+
+
+def _first_line(err):
+    """The first line of an error's message, whitespace folded, at most 240 characters."""
+    return " ".join((str(err).strip().splitlines() or [type(err).__name__])[0].split())[:240]
 
 
 def _file_hint(path, model):
@@ -328,12 +340,29 @@ def _upsample_like(x, target, name):
     return x
 
 
-def fpn(images, trunk="resnet50", fpn_channels=256, width_multiplier=1.0, weights=None):
-    """FPN (Lin et al. 2017) on a keras.applications trunk: sources P3..P7.
+def fpn_neck(c3, c4, c5, channels):
+    """The FPN neck (Lin et al. 2017) on C3..C5 (strides 8, 16, 32): ``[P3, P4, P5, P6, P7]``.
 
-    C3..C5 (strides 8, 16, 32) get 1x1 laterals, a top-down pathway of nearest
-    2x upsampling + addition, and 3x3 smoothing; P6 is a 3x3 stride-2 conv on
-    P5 and P7 a 3x3 stride-2 conv on ReLU(P6) (torchvision ``LastLevelP6P7``).
+    1x1 laterals, a top-down pathway of nearest 2x upsampling + addition, and 3x3
+    smoothing; P6 is a 3x3 stride-2 conv on P5 and P7 a 3x3 stride-2 conv on ReLU(P6)
+    (torchvision ``LastLevelP6P7``). ``channels`` for every level.
+    """
+    laterals = [keras.layers.Conv2D(channels, 1, name=f"fpn_lateral_c{i}")(c)
+                for i, c in zip((3, 4, 5), (c3, c4, c5))]
+    p5 = laterals[2]
+    p4 = keras.layers.Add(name="fpn_p4_add")([laterals[1], _upsample_like(p5, laterals[1], "fpn_p5")])
+    p3 = keras.layers.Add(name="fpn_p3_add")([laterals[0], _upsample_like(p4, laterals[0], "fpn_p4")])
+    outputs = [keras.layers.Conv2D(channels, 3, padding="same", name=f"fpn_output_p{i}")(p)
+               for i, p in zip((3, 4, 5), (p3, p4, p5))]
+    p6 = keras.layers.Conv2D(channels, 3, strides=2, padding="same", name="fpn_p6")(outputs[2])
+    p7 = keras.layers.ReLU(name="fpn_p6_relu")(p6)
+    p7 = keras.layers.Conv2D(channels, 3, strides=2, padding="same", name="fpn_p7")(p7)
+    return outputs + [p6, p7]
+
+
+def fpn(images, trunk="resnet50", fpn_channels=256, width_multiplier=1.0, weights=None):
+    """FPN (Lin et al. 2017) on a keras.applications trunk: sources P3..P7 (``fpn_neck`` on C3..C5).
+
     ``width_multiplier`` scales ``fpn_channels`` (min 8) and, for MobileNetV2,
     is its ``alpha``; ResNet50's trunk has no width option and stays full.
     """
@@ -363,20 +392,61 @@ def fpn(images, trunk="resnet50", fpn_channels=256, width_multiplier=1.0, weight
         with_weights = {layer.name: layer for layer in trunk_layers if layer.weights}
         _load_pretrained(with_weights, _pretrained_layer_weights(builder, label, weights, **kwargs), label)
 
-    channels = scaled_filters(fpn_channels, width_multiplier)
     c3, c4, c5 = (trunk_model.get_layer(name).output for name in taps)
-    laterals = [keras.layers.Conv2D(channels, 1, name=f"fpn_lateral_c{i}")(c)
-                for i, c in zip((3, 4, 5), (c3, c4, c5))]
-    p5 = laterals[2]
-    p4 = keras.layers.Add(name="fpn_p4_add")([laterals[1], _upsample_like(p5, laterals[1], "fpn_p5")])
-    p3 = keras.layers.Add(name="fpn_p3_add")([laterals[0], _upsample_like(p4, laterals[0], "fpn_p4")])
-    outputs = [keras.layers.Conv2D(channels, 3, padding="same", name=f"fpn_output_p{i}")(p)
-               for i, p in zip((3, 4, 5), (p3, p4, p5))]
-    p6 = keras.layers.Conv2D(channels, 3, strides=2, padding="same", name="fpn_p6")(outputs[2])
-    p7 = keras.layers.ReLU(name="fpn_p6_relu")(p6)
-    p7 = keras.layers.Conv2D(channels, 3, strides=2, padding="same", name="fpn_p7")(p7)
+    sources = fpn_neck(c3, c4, c5, scaled_filters(fpn_channels, width_multiplier))
     pretrained = [layer.name for layer in trunk_layers if layer.weights]
-    return BackboneFeatures(sources=outputs + [p6, p7], stages=stages, pretrained=pretrained)
+    return BackboneFeatures(sources=sources, stages=stages, pretrained=pretrained)
+
+
+# ------------------------------------------------- keras-cv trunks: ImageNet presets and weight files
+def _kerascv_source_weights(backbone_class, arguments, preset, label, weights):
+    """Weights of the keras-cv trunk's layers that have any, in layer order: ``preset``'s or a file's; None: none.
+
+    Fetched before kdet builds its graph, so an offline machine fails at once. A keras-cv preset holds the
+    constructor arguments and a ``model.weights.h5``; that file (copied from a machine with internet) or one that
+    the trunk's ``save_weights`` wrote is a weight file here.
+    """
+    if weights is None:
+        return None
+    if weights == "imagenet":
+        try:
+            source = backbone_class.from_preset(preset)
+        except Exception as err:  # Kaggle download errors come in many types
+            raise WeightsDownloadError(
+                f"could not download ImageNet weights for {label} (keras-cv preset {preset!r}, "
+                f"no internet?): {err}; use backbone_weights=None to train from scratch") from err
+    else:
+        path = os.fspath(weights)
+        source = backbone_class(include_rescaling=True, **arguments)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                source.load_weights(path)
+        except Exception as err:  # Keras raises ValueError / OSError / KeyError for files that do not fit
+            raise WeightsFileError(f"{path}: does not fit the {label} backbone ({_first_line(err)}); expected "
+                                   f"the model.weights.h5 of keras-cv's {preset!r} preset at the same "
+                                   "width_multiplier") from err
+    return [layer.get_weights() for layer in source.layers if layer.weights]
+
+
+def _set_kerascv_weights(trunk_layers, source, label):
+    """Copy ``_kerascv_source_weights`` into kdet's trunk, layer by layer in order (same constructor arguments)."""
+    with_weights = [layer for layer in trunk_layers if layer.weights]
+    if len(with_weights) != len(source):
+        raise WeightsFileError(f"{label}: the weights hold {len(source)} layers, the backbone {len(with_weights)}")
+    for layer, values in zip(with_weights, source):
+        layer.set_weights(values)
+
+
+
+def _stages_in_graph_order(layers, stage_of, count=5):
+    """Layer names by ``stage_of(name)``; a layer it cannot place (None: unnamed) joins the layer before's stage."""
+    stages, stage = [[] for _ in range(count)], 0
+    for layer in layers:
+        named = stage_of(layer.name)
+        stage = named if named is not None else stage
+        stages[stage].append(layer.name)
+    return stages
 
 
 # -------------------------------------------------- SSDLite on keras-cv's MobileNetV3-Large
@@ -425,6 +495,7 @@ def mobilenetv3_large_ssdlite(images, width_multiplier=1.0, weights=None):
     3, 2, 1 at 320). Heads are depthwise-separable (``head="separable"``); anchors torchvision's (6 per cell,
     scales 0.2..0.95). ``width_multiplier`` is the trunk's alpha and scales the extras (min 16).
     ``weights="imagenet"``: keras-cv's preset (alpha 1 only); a failed download is a ``WeightsDownloadError``.
+    A weight file: the ``model.weights.h5`` of that preset, or one that the keras-cv trunk's ``save_weights`` wrote.
     """
     import keras_cv
 
@@ -432,41 +503,145 @@ def mobilenetv3_large_ssdlite(images, width_multiplier=1.0, weights=None):
     _check_weights(weights, label)
     if weights == "imagenet" and width_multiplier != 1.0:
         raise ValueError(f"{label}: ImageNet weights need width_multiplier=1.0, got {width_multiplier}")
-    trunk = keras_cv.models.MobileNetV3Backbone(include_rescaling=True, input_tensor=images,
-                                                alpha=width_multiplier, **MOBILENETV3_LARGE)
+    backbone_class = keras_cv.models.MobileNetV3Backbone
+    arguments = dict(MOBILENETV3_LARGE, alpha=width_multiplier)
+    source = _kerascv_source_weights(backbone_class, arguments, MOBILENETV3_LARGE_PRESET, label, weights)
+    trunk = backbone_class(include_rescaling=True, input_tensor=images, **arguments)
     trunk_layers = [layer for layer in trunk.layers if not isinstance(layer, keras.layers.InputLayer)]
-    if weights == "imagenet":
-        try:
-            preset = keras_cv.models.MobileNetV3Backbone.from_preset(MOBILENETV3_LARGE_PRESET)
-        except Exception as err:  # Kaggle download errors come in many types
-            raise WeightsDownloadError(
-                f"could not download ImageNet weights for {label} (keras-cv preset {MOBILENETV3_LARGE_PRESET!r}, "
-                f"no internet?): {err}; use backbone_weights=None to train from scratch") from err
-        for mine, theirs in zip([l for l in trunk_layers if l.weights], [l for l in preset.layers if l.weights]):
-            mine.set_weights(theirs.get_weights())
+    if source is not None:
+        _set_kerascv_weights(trunk_layers, source, label)
     c4 = trunk.get_layer("expanded_conv_12_depthwise_pad").input
     x = trunk.output
     sources = [c4, x]
     for k, filters in enumerate((512, 256, 256, 128), start=1):
         x = _ssdlite_extra_block(x, max(16, int(filters * width_multiplier)), f"ssdlite_extra{k}")
         sources.append(x)
-    stages, stage = [[] for _ in range(5)], 0
-    for layer in trunk_layers:  # in graph order: unnamed layers (squeeze-excite, activations) join their block's stage
-        named = _mobilenetv3_stage(layer.name)
-        stage = named if named is not None else stage
-        stages[stage].append(layer.name)
+    stages = _stages_in_graph_order(trunk_layers, _mobilenetv3_stage)  # unnamed: squeeze-excite, activations
     return BackboneFeatures(sources=sources, stages=stages, pretrained=[l.name for l in trunk_layers if l.weights],
                             head="separable", anchor_scales=list(SSDLITE_SCALES),
                             aspect_ratios=[list(r) for r in SSDLITE_ASPECT_RATIOS])
 
 
+# ------------------------------------------ FPN on keras-cv backbones (their pyramid_level_inputs)
+# The architectures as keras-cv constructor arguments (keras-cv's presets hold these plus weights).
+RESNET50V2 = dict(stackwise_filters=[64, 128, 256, 512], stackwise_blocks=[3, 4, 6, 3],
+                  stackwise_strides=[1, 2, 2, 2])              # preset resnet50_v2: 23,564,800 parameters
+CSPDARKNET_TINY = dict(stackwise_channels=[48, 96, 192, 384],  # YOLOX-Tiny's CSPDarkNet: 2,380,416 parameters;
+                       stackwise_depth=[1, 3, 3, 1])           # width 4/3 gives csp_darknet_s [64, ..., 512]
+EFFICIENTNETV2_B0 = dict(                                      # keras.applications "efficientnetv2-b0" blocks
+    width_coefficient=1.0, depth_coefficient=1.0, skip_connection_dropout=0.2,  # 5,919,312 parameters
+    stackwise_kernel_sizes=[3, 3, 3, 3, 3, 3],
+    stackwise_num_repeats=[1, 2, 2, 3, 5, 8],
+    stackwise_input_filters=[32, 16, 32, 48, 96, 112],
+    stackwise_output_filters=[16, 32, 48, 96, 112, 192],
+    stackwise_expansion_ratios=[1, 4, 4, 4, 6, 6],
+    stackwise_squeeze_and_excite_ratios=[0.0, 0.0, 0.0, 0.25, 0.25, 0.25],
+    stackwise_strides=[1, 2, 2, 2, 1, 2],
+    stackwise_conv_types=["fused", "fused", "fused", "unfused", "unfused", "unfused"],
+)
+
+
+def _resnetv2_stage(name):
+    """Stem (conv1, pool1: stride 4) 0, then ``v2_stack_i`` i + 1 (strides 4, 8, 16, 32); None: unnamed."""
+    match = re.match(r"v2_stack_(\d)_", name)
+    if match:
+        return int(match.group(1)) + 1
+    return 0 if name.startswith(("conv1_", "pool1_", "rescaling")) else None
+
+
+def _cspdarknet_stage(name):
+    """Stem (Focus + conv: stride 2) 0, then ``dark2..dark5`` 1..4 (strides 4, 8, 16, 32); None: unnamed."""
+    match = re.match(r"dark(\d)_", name)
+    if match:
+        return int(match.group(1)) - 1
+    return 0 if name.startswith(("stem_", "rescaling")) else None
+
+
+def _efficientnetv2_stage(name):
+    """By output stride: stem + block1 (2) 0, block2 (4) 1, block3 (8) 2, blocks 4-5 (16) 3, block6 + top (32) 4."""
+    match = re.match(r"block(\d)[a-z]_", name)
+    if match:
+        return {1: 0, 2: 1, 3: 2, 4: 3, 5: 3, 6: 4}[int(match.group(1))]
+    return 4 if name.startswith("top_") else 0 if name.startswith(("stem_", "rescaling")) else None
+
+
+def _scaled_list(key, values, width_multiplier):
+    return {key: [scaled_filters(v, width_multiplier) for v in values]}
+
+
+@dataclass(frozen=True)
+class KerasCVTrunk:
+    label: str            # in messages
+    backbone_class: str   # keras_cv.models class
+    arguments: dict       # its constructor arguments (the architecture)
+    preset: str           # keras-cv's ImageNet preset (Kaggle download)
+    widen: object         # (arguments, width_multiplier) -> arguments at that width
+    stage_of: object      # layer name -> stage 0..4 (None: an unnamed layer, joins the stage before it)
+    even_input: bool = False  # the stem needs an even height and width
+
+
+_KERASCV_FPN_TRUNKS = {
+    # ResNetV2's 7x7 stem conv stays at 64 filters (keras-cv has no argument for it); the stacks scale.
+    "resnet50v2": KerasCVTrunk(
+        "ResNet50V2", "ResNetV2Backbone", RESNET50V2, "resnet50_v2_imagenet",
+        lambda a, w: {**a, **_scaled_list("stackwise_filters", a["stackwise_filters"], w)}, _resnetv2_stage),
+    "cspdarknet_tiny": KerasCVTrunk(
+        "CSPDarkNet-Tiny", "CSPDarkNetBackbone", CSPDARKNET_TINY, "csp_darknet_tiny_imagenet",
+        lambda a, w: {**a, **_scaled_list("stackwise_channels", a["stackwise_channels"], w)}, _cspdarknet_stage,
+        even_input=True),
+    "efficientnetv2_b0": KerasCVTrunk(
+        "EfficientNetV2-B0", "EfficientNetV2Backbone", EFFICIENTNETV2_B0, "efficientnetv2_b0_imagenet",
+        lambda a, w: {**a, "width_coefficient": a["width_coefficient"] * w}, _efficientnetv2_stage),
+}
+
+
+def kerascv_fpn(images, trunk, fpn_channels=256, width_multiplier=1.0, weights=None):
+    """FPN (``fpn_neck``) on a keras-cv backbone's ``pyramid_level_inputs`` P3, P4, P5: sources P3..P7.
+
+    The trunk is built from its constructor arguments (``_KERASCV_FPN_TRUNKS``; offline, with keras-cv's
+    ``include_rescaling``: pixels / 255, as its presets were trained). ``width_multiplier`` scales
+    ``fpn_channels`` (min 8) and the trunk: ResNet50V2's stack filters (the stem stays 64), CSPDarkNet's stack
+    channels, EfficientNetV2's ``width_coefficient`` (depth stays). ``weights="imagenet"`` loads keras-cv's
+    preset (width 1 only; offline: ``WeightsDownloadError``); a weight file is that preset's ``model.weights.h5``.
+    Five stages by stride (2 or 4, 4, 8, 16, 32) for freezing; trunk layers past P5 (ResNetV2's ``post_bn``)
+    are not in the detector.
+    """
+    import keras_cv
+
+    spec = _KERASCV_FPN_TRUNKS[trunk]
+    _check_weights(weights, spec.label)
+    if weights == "imagenet" and width_multiplier != 1.0:
+        raise ValueError(f"{spec.label}: ImageNet weights need width_multiplier=1.0, got {width_multiplier}")
+    height, width = images.shape[1:3]
+    if spec.even_input and (height % 2 or width % 2):
+        raise ValueError(f"{trunk}_fpn: image_size must be even (the Focus stem takes 2x2 pixel blocks), "
+                         f"got {height}x{width}")
+    backbone_class = getattr(keras_cv.models, spec.backbone_class)
+    arguments = spec.widen(spec.arguments, width_multiplier)
+    source = _kerascv_source_weights(backbone_class, arguments, spec.preset, spec.label, weights)
+    model = backbone_class(include_rescaling=True, input_tensor=images, **arguments)
+    if source is not None:
+        _set_kerascv_weights([layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)],
+                             source, spec.label)
+    levels = [model.get_layer(model.pyramid_level_inputs[f"P{i}"]).output for i in (3, 4, 5)]
+    used = [layer for layer in keras.Model(images, levels).layers  # graph order; drops layers past P5
+            if not isinstance(layer, keras.layers.InputLayer)]
+    stages = _stages_in_graph_order(used, spec.stage_of)
+    sources = fpn_neck(*levels, scaled_filters(fpn_channels, width_multiplier))
+    pretrained = [name for stage_names in stages for name in stage_names if model.get_layer(name).weights]
+    return BackboneFeatures(sources=sources, stages=stages, pretrained=pretrained)
+
+
 def build_backbone(images, backbone="vgg16", width_multiplier=1.0, weights=None, fpn_channels=256):
-    """Dispatch on the backbone name: ``vgg16``, ``resnet50_fpn``, ``mobilenetv2_fpn``, ``mobilenetv3_large_ssdlite``."""
+    """Dispatch on the backbone name (one of ``BACKBONES``)."""
     if backbone == "mobilenetv3_large_ssdlite":
         return mobilenetv3_large_ssdlite(images, width_multiplier=width_multiplier, weights=weights)
     if backbone in ("vgg16", "vgg16_bn"):
         return vgg16_ssd(images, width_multiplier=width_multiplier, weights=weights,
                          batch_norm=backbone == "vgg16_bn")
+    if backbone.endswith("_fpn") and backbone[: -len("_fpn")] in _KERASCV_FPN_TRUNKS:
+        return kerascv_fpn(images, trunk=backbone[: -len("_fpn")], fpn_channels=fpn_channels,
+                           width_multiplier=width_multiplier, weights=weights)
     if backbone.endswith("_fpn") and backbone in BACKBONES:
         return fpn(images, trunk=backbone[: -len("_fpn")], fpn_channels=fpn_channels,
                    width_multiplier=width_multiplier, weights=weights)

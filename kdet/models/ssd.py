@@ -89,7 +89,9 @@ class SSD(keras.Model):
         backbone: ``"vgg16"`` (the paper's SSD base, 6 maps), ``"vgg16_bn"`` (with BatchNorm, for
             training from scratch),
             ``"resnet50_fpn"`` or ``"mobilenetv2_fpn"`` (P3..P7, 5 maps), ``"mobilenetv3_large_ssdlite"``
-            (torchvision's SSDLite320: keras-cv MobileNetV3-Large, 6 maps, separable heads, its own anchors).
+            (torchvision's SSDLite320: keras-cv MobileNetV3-Large, 6 maps, separable heads, its own anchors),
+            ``"resnet50v2_fpn"``, ``"cspdarknet_tiny_fpn"`` or ``"efficientnetv2_b0_fpn"`` (P3..P7 on keras-cv
+            backbones' ``pyramid_level_inputs``).
         width_multiplier: scales the backbone's convs (see ``backbones``).
         backbone_weights: ``None`` (from scratch), ``"imagenet"`` or the path of a keras.applications
             weight file for the backbone (e.g. ``vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5``
