@@ -395,3 +395,12 @@ def test_recipe_ema_momentum_leaves_the_weight_average_in_the_model_after_fit():
     # The average starts at the first step's weights: 0.8 -> 0.5 * 0.8 + 0.5 * 0.64 -> ... with 0.512.
     expected = 0.5 * (0.5 * 0.8 + 0.5 * 0.64) + 0.5 * 0.512
     assert float(model.get_weights()[0][0, 0]) == pytest.approx(expected, abs=1e-6)
+
+
+def test_ema_warns_when_the_average_keeps_the_initial_weights():
+    from kdet.engine import ema_start_weight_warning
+
+    message = ema_start_weight_warning(0.998, 40, 12)  # 480 steps: 0.998 ** 480 = 38%
+    assert "keeps 38% of the initial weights" in message and "at most 0.9938" in message
+    assert ema_start_weight_warning(0.998, 300, 12) is None  # 3,600 steps: 0.07% left
+    assert ema_start_weight_warning(None, 40, 12) is None and ema_start_weight_warning(0.998, "auto", 12) is None
