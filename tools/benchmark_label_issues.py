@@ -244,10 +244,10 @@ def main(argv=None):
     print(f"issues among the top 2N entries: {kinds_top}")
 
     predictions_file = args.predictions or (out / "review" / "cross_predictions.json")
-    source, class_names, records = li.training_data(recipe)
+    _, class_names, records = li.training_data(recipe)
     predictions = li.load_predictions(predictions_file, records)
-    raw = li.merge_entries(li.audit_entries(source, class_names, records),
-                           li.score_label_issues(records, predictions, class_names, calibrate=False))
+    geometric = [e for e in entries if e["issue"] in li.GEOMETRIC_KINDS]  # the audit's, as in the review above
+    raw = li.merge_entries(geometric, li.score_label_issues(records, predictions, class_names, calibrate=False))
     print(format_recall("without score calibration, top 2N", recall_at(raw, injected, top)))
     _clean_review(li, recipe, args.bccd, predictions_file, out / "review_unmodified")
     try:

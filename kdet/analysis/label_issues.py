@@ -302,8 +302,6 @@ def _isotonic(x, y):
 def calibrated(scores, classes, calibration):
     """Detection scores mapped through :func:`score_calibration` (unchanged where a class has no map)."""
     scores = np.asarray(scores, np.float64).reshape(-1).copy()
-    if calibration is None:
-        return scores
     classes = np.asarray(classes, int).reshape(-1)
     for c, fit in enumerate(calibration):
         on = classes == c
@@ -409,8 +407,8 @@ def score_label_issues(records, predictions, class_names, min_score=0.05, match_
     """
     if len(records) != len(predictions):
         raise ValueError(f"{len(records)} records but {len(predictions)} predictions")
-    calibration = score_calibration(records, predictions, len(class_names), match_iou) if calibrate else None
-    if calibration is not None:
+    if calibrate:
+        calibration = score_calibration(records, predictions, len(class_names), match_iou)
         predictions = [dict(pred, scores=calibrated(pred["scores"], pred["classes"], calibration))
                        for pred in predictions]
     recall = class_recall(records, predictions, len(class_names), match_iou)
