@@ -113,6 +113,8 @@ def default_recipe():
             lr_steps=(80, 100),          # epochs at which the learning rate drops x0.1
             clip_grad_norm=None,         # e.g. 10.0: clip the global gradient norm (steadies high learning rates)
             ema_momentum=None,           # e.g. 0.998: the final model is a moving average of the weights
+            ema_warmup_epochs=0,         # the average's warm-up (Ultralytics'): momentum * (1 - exp(-step / these
+                                         # epochs' steps)); 0: Keras' fixed momentum from the first step
             seed=0,
             freeze_backbone_epochs=0,    # backbone frozen for the first N epochs
             unfreeze_schedule=None,      # {epoch: number of top backbone stages trainable}

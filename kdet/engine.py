@@ -211,19 +211,23 @@ def build_optimizer(recipe, model, steps_per_epoch):
     from kdet.training.optim import build_optimizer as _build
 
     cfg = {**{k: default_of("train", k) for k in ("optimizer", "momentum", "weight_decay")}, **recipe["train"]}
-    warning = ema_start_weight_warning(cfg.get("ema_momentum"), cfg.get("epochs"), steps_per_epoch)
+    ema_warmup_steps = float(cfg.get("ema_warmup_epochs") or 0) * steps_per_epoch
+    warning = None if ema_warmup_steps else ema_start_weight_warning(cfg.get("ema_momentum"), cfg.get("epochs"),
+                                                                     steps_per_epoch)
     if warning:
         print(warning)
     return _build(cfg["optimizer"], learning_rate=build_learning_rate(cfg, steps_per_epoch),
                   momentum=cfg["momentum"], weight_decay=cfg["weight_decay"], model=model,
-                  global_clipnorm=cfg.get("clip_grad_norm"), ema_momentum=cfg.get("ema_momentum"))
+                  global_clipnorm=cfg.get("clip_grad_norm"), ema_momentum=cfg.get("ema_momentum"),
+                  ema_warmup_steps=ema_warmup_steps)
 
 
 def ema_start_weight_warning(ema_momentum, epochs, steps_per_epoch, limit=0.05):
     """A warning when the weight average would still hold > ``limit`` of the initial weights at the end.
 
     Keras' ``use_ema`` has no warm-up: after N steps the initial (random) weights keep
-    ``momentum ** N`` of the average (0.998 over 480 steps: 38%, a broken model).
+    ``momentum ** N`` of the average (0.998 over 480 steps: 38%, a broken model). With
+    ``train.ema_warmup_epochs`` they keep none (the first step's momentum is 0): no warning then.
     """
     if ema_momentum is None or not isinstance(epochs, (int, float)) or not steps_per_epoch:
         return None
@@ -233,7 +237,8 @@ def ema_start_weight_warning(ema_momentum, epochs, steps_per_epoch, limit=0.05):
         return None
     fitting = limit ** (1.0 / max(steps, 1))
     return (f"warning: train.ema_momentum={ema_momentum} over {steps} steps keeps {share:.0%} of the initial "
-            f"weights in the final average (no warm-up); use at most {fitting:.4f} for this run, or None")
+            f"weights in the final average (no warm-up); use at most {fitting:.4f} for this run, or "
+            f"train.ema_warmup_epochs")
 
 
 # ------------------------------------------------------------------ detection and evaluation

@@ -404,3 +404,24 @@ def test_ema_warns_when_the_average_keeps_the_initial_weights():
     assert "keeps 38% of the initial weights" in message and "at most 0.9938" in message
     assert ema_start_weight_warning(0.998, 300, 12) is None  # 3,600 steps: 0.07% left
     assert ema_start_weight_warning(None, 40, 12) is None and ema_start_weight_warning(0.998, "auto", 12) is None
+
+
+def test_ema_warmup_ramps_the_momentum_from_zero_by_hand():
+    from kdet.engine import build_optimizer
+    from kdet.training.optim import AdamW
+
+    train = dict(optimizer="sgd", learning_rate=0.1, momentum=0.0, weight_decay=0.0, warmup_epochs=0,
+                 lr_schedule="constant", ema_momentum=0.5, ema_warmup_epochs=1)
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="ones")])
+    optimizer = build_optimizer(dict(train=train), model, steps_per_epoch=3)
+    model.compile(optimizer=optimizer, loss="mse")
+    model.fit(np.ones((3, 1), "float32"), np.zeros((3, 1), "float32"), batch_size=1, shuffle=False, verbose=0)
+    # SGD steps w to 0.8, 0.64, 0.512; step t averages with momentum 0.5 * (1 - exp(-t / 3)), t = 0, 1, 2.
+    m1, m2 = 0.5 * (1 - np.exp(-1 / 3)), 0.5 * (1 - np.exp(-2 / 3))
+    expected = m2 * (m1 * 0.8 + (1 - m1) * 0.64) + (1 - m2) * 0.512
+    assert float(model.get_weights()[0][0, 0]) == pytest.approx(expected, abs=1e-6)
+    assert abs(expected - (0.5 * (0.5 * 0.8 + 0.5 * 0.64) + 0.5 * 0.512)) > 0.01  # differs from Keras' rule
+    # the warm-up is part of the optimizer's config (a resumed run keeps it)
+    assert keras.optimizers.deserialize(keras.optimizers.serialize(optimizer)).ema_warmup_steps == 3.0
+    adamw = build_optimizer(dict(train={**train, "optimizer": "adamw"}), model, steps_per_epoch=4)
+    assert isinstance(adamw, AdamW) and adamw.ema_warmup_steps == 4.0

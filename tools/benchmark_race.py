@@ -21,13 +21,15 @@
    AP50, AP50 per class, epochs, training minutes (the budget clock of each: kdet's from ``fit``'s
    start, Ultralytics' ``results.csv`` time) and training images per second.
 
-With ``--keras-cv``, keras-cv's ``YOLOV8Detector`` races too, in this process after kdet: the
-YOLOv8n-sized backbone (keras-cv's ``yolo_v8_xs_backbone`` architecture, built here: its presets
-are downloads), ``fpn_depth=1``, the keras-cv YOLOv8 guide's training set-up (Adam 1e-3,
-``global_clipnorm=10``, CIoU box loss, binary cross-entropy classes), ``imgsz`` 320, fed by kdet's
-input pipeline with flip + resize (keras-cv ships no training recipe of its own), stopped by kdet's
-``TimeBudget`` (no schedule to fit: a constant rate); predictions at confidence 0.001, NMS IoU 0.7,
-the same ``max_det``.
+With ``--keras-cv``, keras-cv's ``YOLOV8Detector`` and ``RetinaNet`` race too, in this process after
+kdet, one after the other, each for the same budget. Both stand on the YOLOv8n-sized backbone
+(keras-cv's ``yolo_v8_xs_backbone`` architecture, built here: its presets are downloads), ``imgsz``
+320, fed by kdet's input pipeline with flip + resize (keras-cv ships no training recipe of its own),
+stopped by kdet's ``TimeBudget`` (no schedule to fit: a constant rate), predicting at confidence
+0.001 with the same ``max_det``. ``YOLOV8Detector``: ``fpn_depth=1``, the keras-cv YOLOv8 guide's
+set-up (Adam 1e-3, ``global_clipnorm=10``, CIoU box loss, binary cross-entropy classes), NMS IoU
+0.7. ``RetinaNet``: its own FPN, heads and anchors, the keras-cv RetinaNet guide's set-up (SGD
+0.005, momentum 0.9, ``global_clipnorm=10``, focal + smooth L1), NMS IoU 0.5.
 
 ``--max-train-images N`` trains both on the first N training images (a quick check of the set-up).
 """
@@ -56,7 +58,7 @@ def parse_args(argv=None):
                         help="a Python with ultralytics installed (say /work/venv-race/bin/python); none: kdet only")
     parser.add_argument("--imgsz", type=int, default=320, help="Ultralytics' input size")
     parser.add_argument("--reuse-kdet", action="store_true", help="score WORK_DIR/kdet as it is (no kdet training)")
-    parser.add_argument("--keras-cv", action="store_true", help="race keras-cv's YOLOV8Detector too")
+    parser.add_argument("--keras-cv", action="store_true", help="race keras-cv's YOLOV8Detector and RetinaNet too")
     parser.add_argument("--max-train-images", type=int, default=None, help="train both on the first N images")
     parser.add_argument("--peer", default=None, help=argparse.SUPPRESS)  # internal: the Ultralytics side
     return parser.parse_args(argv)
@@ -188,23 +190,50 @@ def ultralytics_results(peer, ground_truth):
 
 
 # ------------------------------------------------------------------ keras-cv (this process)
-def keras_cv_detector(num_classes, max_det):
+def keras_cv_backbone():
+    """keras-cv's ``yolo_v8_xs_backbone`` architecture (YOLOv8n-sized), built here: its presets are downloads."""
+    import keras_cv
+
+    return keras_cv.models.YOLOV8Backbone(stackwise_channels=[32, 64, 128, 256], stackwise_depth=[1, 2, 2, 1],
+                                          include_rescaling=True, activation="swish")
+
+
+def keras_cv_yolov8(num_classes, max_det):
+    """keras-cv's YOLOV8Detector as its guide trains it: Adam 1e-3, clipnorm 10, CIoU + binary cross-entropy."""
     import keras
     import keras_cv
 
-    backbone = keras_cv.models.YOLOV8Backbone(stackwise_channels=[32, 64, 128, 256], stackwise_depth=[1, 2, 2, 1],
-                                              include_rescaling=True, activation="swish")  # yolo_v8_xs_backbone
     decoder = keras_cv.layers.NonMaxSuppression(bounding_box_format="xyxy", from_logits=False, iou_threshold=0.7,
                                                 confidence_threshold=0.001, max_detections=max_det)
-    model = keras_cv.models.YOLOV8Detector(num_classes=num_classes, bounding_box_format="xyxy", backbone=backbone,
-                                           fpn_depth=1, prediction_decoder=decoder)
+    model = keras_cv.models.YOLOV8Detector(num_classes=num_classes, bounding_box_format="xyxy",
+                                           backbone=keras_cv_backbone(), fpn_depth=1, prediction_decoder=decoder)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=1e-3, global_clipnorm=10.0),
                   classification_loss="binary_crossentropy", box_loss="ciou")
     return model
 
 
-def run_keras_cv(args, recipe, train, test, max_det, ground_truth):
-    """Train keras-cv's YOLOV8Detector for the budget, predict the test split; the row's fields and results."""
+def keras_cv_retinanet(num_classes, max_det):
+    """keras-cv's RetinaNet (its FPN and 4-conv heads, 9 anchors a cell) on the same YOLOv8-xs backbone (its
+    documented ResNet50 would run a few epochs in the budget), as the keras-cv RetinaNet guide trains it:
+    SGD 0.005, momentum 0.9, clipnorm 10, focal + smooth L1."""
+    import keras
+    import keras_cv
+
+    decoder = keras_cv.layers.MultiClassNonMaxSuppression(bounding_box_format="xyxy", from_logits=True,
+                                                          iou_threshold=0.5, confidence_threshold=0.001,
+                                                          max_detections=max_det)
+    model = keras_cv.models.RetinaNet(num_classes=num_classes, bounding_box_format="xyxy",
+                                      backbone=keras_cv_backbone(), prediction_decoder=decoder)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.005, momentum=0.9, global_clipnorm=10.0),
+                  classification_loss="focal", box_loss="smoothl1")
+    return model
+
+
+KERAS_CV_DETECTORS = {"YOLOV8Detector": keras_cv_yolov8, "RetinaNet": keras_cv_retinanet}
+
+
+def run_keras_cv(args, build, recipe, train, test, max_det, ground_truth):
+    """Train a keras-cv detector (``build(num_classes, max_det)``) for the budget, predict the test split; the row's fields and results."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -223,7 +252,8 @@ def run_keras_cv(args, recipe, train, test, max_det, ground_truth):
     data = make_dataset(train, size, batch, augment=[hflip(), resize()], max_boxes=recipe["data"]["max_boxes"],
                         seed=0, cache_images=True).map(keras_cv_batch)
     steps = len(train) // batch
-    model = keras_cv_detector(len(class_names), max_det)
+    keras.utils.set_random_seed(0)
+    model = build(len(class_names), max_det)
     progbar = keras.callbacks.ProgbarLogger()
     budget = TimeBudget(args.budget, 100, steps, progbar=progbar)
     before = resource.getrusage(resource.RUSAGE_SELF)
@@ -315,10 +345,11 @@ def main(argv=None):
     else:
         print("note: no --ultralytics-python: Ultralytics not raced")
     if args.keras_cv:
-        print(f"== keras-cv YOLOV8Detector (xs backbone, from scratch), imgsz {args.imgsz}", flush=True)
         train = recipe["data"]["train"].records() if args.max_train_images else split_records(recipe, "train")
-        row, results = run_keras_cv(args, recipe, train, split_records(recipe, "test"), max_det, ground_truth)
-        rows.append(dict(system=f"keras-cv YOLOV8Detector {args.imgsz} px", **row, **coco_scores(ground_truth, results)))
+        for name, build in KERAS_CV_DETECTORS.items():
+            print(f"== keras-cv {name} (YOLOv8-xs backbone, from scratch), imgsz {args.imgsz}", flush=True)
+            row, results = run_keras_cv(args, build, recipe, train, split_records(recipe, "test"), max_det, ground_truth)
+            rows.append(dict(system=f"keras-cv {name} {args.imgsz} px", **row, **coco_scores(ground_truth, results)))
     names = [c["name"] for c in sorted(ground_truth["categories"], key=lambda c: c["id"])]
     table = format_table(rows, names)
     print(f"\nTest split: {len(ground_truth['images'])} images, pycocotools, at most {max_det} detections per image "
