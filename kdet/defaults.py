@@ -90,6 +90,8 @@ def default_recipe():
             negative_iou_threshold=None, # e.g. 0.4: anchors with IoU 0.4..0.5 are ignored, not background
             assigner="max_iou",          # or "atss": a threshold per object from its nearest anchors
             atss_top_k=9,                # ATSS candidates per feature map
+            atss_forced_match=False,     # True: an object ATSS leaves without a positive (smaller than the anchor
+                                         # spacing, no anchor centre inside it) takes its best-IoU anchor (SSD's rule)
                                          # or assigner="tal": task-aligned (TOOD / YOLOv8): score^tal_alpha * IoU^tal_beta
                                          # of the predicted box, top tal_top_k anchors per object (centre inside)
             tal_top_k=13,                # task-aligned candidates per object
