@@ -79,6 +79,8 @@ def default_recipe():
             # read by sources.auto only (data in any layout, kdet/data/detect.py):
             val_fraction=0.2,            # share of the training images in the seeded validation split, when the data has none
             split_seed=0,                # seed of that split
+            min_val_images=None,         # e.g. 10: no seeded split when val_fraction gives fewer images (their val_AP
+                                         # is noise): every image trains, no early stopping, the last weights are kept
             skip_invalid=False,          # True: drop bad boxes/images with a counted warning instead of stopping
             find_label_issues=False,     # True: the run report adds a label review (3 extra trainings: tools/find_label_issues.py)
         ),

@@ -29,7 +29,7 @@ from functools import partial
 from _base_ssd import recipe as base
 
 from kdet.config import merge
-from kdet.data.augment import hflip, min_iou_crop, photometric, resize
+from kdet.data.augment import copy_paste, hflip, min_iou_crop, photometric, resize
 from kdet.data.sources import auto
 
 recipe = merge(base, dict(
@@ -46,18 +46,21 @@ recipe = merge(base, dict(
         train=partial(auto, split="train"),
         val=partial(auto, split="val"),
         test=partial(auto, split="test"),
-        # Zoom-in crops and flips multiply a small set; no zoom-out (expand), which shrinks small objects.
-        augment=[photometric(p=0.5), min_iou_crop(p=0.5), resize(), hflip()],
+        # Copy-paste puts objects on the other images' backgrounds; zoom-in crops and flips multiply a
+        # small set; no zoom-out (expand), which shrinks small objects.
+        augment=[copy_paste(p=0.5), photometric(p=0.5), min_iou_crop(p=0.5), resize(), hflip()],
         batch_size=8,
         eval_batch_size=16,
         max_boxes=100,
         min_images_per_epoch=256,    # tiny sets: whole copies per epoch, so evaluation runs every 32 steps
+        min_val_images=10,           # under 50 images (20% < 10): no val split, every image trains, last weights
     ),
     loss=dict(
         class_weights="auto",
         iou_threshold=0.3,           # pre-flight's coverage figures; the assigner below picks the positives
         assigner="atss",             # per-object threshold from its nearest anchors: every object, small or
                                      # large, gets positives (tiny set: val AP50 0.50 vs 0.37 at 140 steps)
+        atss_forced_match=True,      # ...and one smaller than the anchor spacing takes its best-IoU anchor
     ),
     train=dict(
         epochs="auto",
