@@ -374,7 +374,7 @@ def test_recipe_data_options_reach_the_auto_source(tmp_path):
         write_image(root / f"{stem}.jpg", stem)
         (root / f"{stem}.xml").write_text(voc_xml(stem))
     recipe = load_recipe(str(REPO / "recipes" / "ssd_custom.py"),
-                         [f"data.root={root}", "data.val_fraction=0.4", "data.split_seed=3"])
+                         [f"data.root={root}", "data.val_fraction=0.4", "data.split_seed=3", "data.min_val_images=2"])
     sources = recipe_sources(recipe)
     assert sorted(sources) == ["train", "val"]  # no test split in the data
     assert len(sources["val"]) >= 2 and len(sources["train"]) + len(sources["val"]) == 5  # 40% of 5
