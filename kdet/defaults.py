@@ -79,6 +79,8 @@ def default_recipe():
             # read by sources.auto only (data in any layout, kdet/data/detect.py):
             val_fraction=0.2,            # share of the training images in the seeded validation split, when the data has none
             split_seed=0,                # seed of that split
+            min_val_images=None,         # e.g. 10: no seeded split when val_fraction gives fewer images (their val_AP
+                                         # is noise): every image trains, no early stopping, the last weights are kept
             skip_invalid=False,          # True: drop bad boxes/images with a counted warning instead of stopping
             find_label_issues=False,     # True: the run report adds a label review (3 extra trainings: tools/find_label_issues.py)
         ),
@@ -90,6 +92,8 @@ def default_recipe():
             negative_iou_threshold=None, # e.g. 0.4: anchors with IoU 0.4..0.5 are ignored, not background
             assigner="max_iou",          # or "atss": a threshold per object from its nearest anchors
             atss_top_k=9,                # ATSS candidates per feature map
+            atss_forced_match=False,     # True: an object ATSS leaves without a positive (smaller than the anchor
+                                         # spacing, no anchor centre inside it) takes its best-IoU anchor (SSD's rule)
                                          # or assigner="tal": task-aligned (TOOD / YOLOv8): score^tal_alpha * IoU^tal_beta
                                          # of the predicted box, top tal_top_k anchors per object (centre inside)
             tal_top_k=13,                # task-aligned candidates per object

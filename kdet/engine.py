@@ -629,6 +629,9 @@ def finish(model, recipe, work_dir, class_names, test_records, train_seconds, tr
         print(f"mAP@0.5 (COCO AP50) on {len(test_records)} held-out images: {coco['AP50']:.4f}"
               f"   VOC all-point mAP50: {coco['VOC_mAP50']:.4f}")
         _run_report(model, recipe, work_dir, class_names, test_records, ground_truth, results, train_records)
+    else:
+        print("no validation or test images: no final evaluation (add a test split to the data, or lower "
+              "data.min_val_images to hold some training images out)")
     export_dir = os.path.join(work_dir, "saved_model")
     if keras.backend.backend() == "tensorflow":
         export_saved_model(model, export_dir, class_names, **eval_settings(recipe))

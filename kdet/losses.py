@@ -118,7 +118,8 @@ class MultiBoxLoss(keras.losses.Loss):
     ``negative_iou_threshold`` (e.g. 0.4) keeps anchors that half cover an
     object out of the negatives (see ``match_anchors``).
     ``assigner="atss"`` matches with :func:`kdet.matching.atss_match` instead
-    (a threshold per object from its ``atss_top_k`` nearest anchors per level;
+    (a threshold per object from its ``atss_top_k`` nearest anchors per level; with
+    ``atss_forced_match`` an object left without a positive takes its best-IoU anchor;
     ``iou_threshold`` and ``negative_iou_threshold`` then do not apply); it
     needs ``anchors_per_level`` (``SSD.anchors_per_level``).
 
@@ -158,6 +159,7 @@ class MultiBoxLoss(keras.losses.Loss):
         variances=DEFAULT_VARIANCES,
         assigner="max_iou",
         atss_top_k=9,
+        atss_forced_match=False,
         anchors_per_level=None,
         box_loss="smooth_l1",
         box_weight=None,
@@ -187,6 +189,7 @@ class MultiBoxLoss(keras.losses.Loss):
                              "SSD.anchors_per_level: how many anchors each feature map holds)")
         self.assigner = assigner
         self.atss_top_k = int(atss_top_k)
+        self.atss_forced_match = bool(atss_forced_match)
         self.anchors_per_level = None if anchors_per_level is None else [int(n) for n in anchors_per_level]
         if box_loss not in BOX_LOSSES:
             raise ValueError(f"MultiBoxLoss: box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
@@ -252,7 +255,8 @@ class MultiBoxLoss(keras.losses.Loss):
 
     def _match(self, gt_boxes, gt_classes, gt_ignore, anchors):
         if self.assigner == "atss":
-            return atss_match(gt_boxes, gt_classes, gt_ignore, anchors, self.anchors_per_level, self.atss_top_k)
+            return atss_match(gt_boxes, gt_classes, gt_ignore, anchors, self.anchors_per_level, self.atss_top_k,
+                              forced_match=self.atss_forced_match)
         return match_anchors(gt_boxes, gt_classes, gt_ignore, anchors, self.iou_threshold,
                              self.negative_iou_threshold)
 
@@ -344,6 +348,7 @@ class MultiBoxLoss(keras.losses.Loss):
             variances=list(self.variances),
             assigner=self.assigner,
             atss_top_k=self.atss_top_k,
+            atss_forced_match=self.atss_forced_match,
             anchors_per_level=self.anchors_per_level,
             box_loss=self.box_loss,
             box_weight=self.box_weight,

@@ -126,7 +126,7 @@ def match_anchors(gt_boxes, gt_classes, gt_ignore, anchors, iou_threshold=0.5, n
     return _targets(gt_boxes, gt_classes, matched_gt, positive, ignored)
 
 
-def atss_match(gt_boxes, gt_classes, gt_ignore, anchors, anchors_per_level, top_k=9):
+def atss_match(gt_boxes, gt_classes, gt_ignore, anchors, anchors_per_level, top_k=9, forced_match=False):
     """Adaptive Training Sample Selection (Zhang et al. 2020), for a batch at once.
 
     Same arguments and return value as :func:`match_anchors`, plus
@@ -144,6 +144,10 @@ def atss_match(gt_boxes, gt_classes, gt_ignore, anchors, anchors_per_level, top_
        inside the ground truth. An anchor positive for several ground truths
        takes the one it overlaps most (ties: lowest row index); when that one
        is flagged ignore, the anchor is ``-1`` (ignore).
+
+    4. With ``forced_match``, a ground truth left without a positive (an object smaller than
+       the anchor spacing, with no anchor centre inside it) claims the anchor it overlaps most,
+       as SSD's forced match does (if that IoU is > 0); it then competes as in step 3.
 
     Everything else is background. Padding rows never match anything.
     """
@@ -165,12 +169,23 @@ def atss_match(gt_boxes, gt_classes, gt_ignore, anchors, anchors_per_level, top_
         ops.all(centre[:, :, None, :] < gt_boxes[:, None, :, 2:], axis=-1))
     positive_pair = ops.logical_and(ops.logical_and(candidate, iou >= threshold),
                                     ops.logical_and(inside, ops.expand_dims(valid, 1)))
+    if forced_match:
+        positive_pair = ops.logical_or(positive_pair, _best_anchor_of_orphans(iou, positive_pair, valid))
 
     matched_gt = ops.cast(ops.argmax(ops.where(positive_pair, iou, -1.0), axis=2), "int32")  # [B, A]
     matched = ops.any(positive_pair, axis=2)
     ignored = ops.logical_and(matched, ops.take_along_axis(ops.cast(gt_ignore, "bool"), matched_gt, axis=1))
     positive = ops.logical_and(matched, ops.logical_not(ignored))
     return _targets(gt_boxes, gt_classes, matched_gt, positive, ignored)
+
+
+def _best_anchor_of_orphans(iou, positive_pair, valid):
+    """``[B, A, M]`` bool: each valid ground truth without a positive pairs with its highest-IoU anchor."""
+    orphan = ops.logical_and(valid, ops.logical_not(ops.any(positive_pair, axis=1)))  # [B, M]
+    orphan = ops.logical_and(orphan, ops.max(iou, axis=1) > 0)
+    best_anchor = ops.cast(ops.argmax(iou, axis=1), "int32")  # [B, M]
+    anchor_index = ops.arange(ops.shape(iou)[1], dtype="int32")
+    return ops.logical_and(ops.expand_dims(best_anchor, 1) == anchor_index[None, :, None], ops.expand_dims(orphan, 1))
 
 
 def _targets(gt_boxes, gt_classes, matched_gt, positive, ignored):

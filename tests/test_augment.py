@@ -282,3 +282,56 @@ def test_fused_expand_crop_resize_matches_the_separate_transforms():
         for k in a[2]:  # objects land on the same pixels, give or take one (nearest-neighbour rounding)
             np.testing.assert_allclose(pixel_bounds(a[4] == k + 1), pixel_bounds(b[4] == k + 1), atol=1.0)
         assert np.abs(a[0].astype(int) - b[0].astype(int)).mean() < 3
+
+
+def test_copy_paste_pastes_donor_objects_on_free_spots_with_their_boxes():
+    from kdet.data.augment import copy_paste
+
+    # Target: two rectangles of COLOURS 0-1. Donor (half the size, so pastes are scaled x2): rectangles of colours
+    # 2-4 (the one of colour 3 flagged ignore: never pasted) on another grey.
+    target, boxes, classes, ignore, _ = scene(RECTS[:2], COLOURS)
+    donor_rects = np.array([[10, 10, 30, 25], [60, 20, 80, 50], [100, 60, 130, 90]], np.float32)
+    donor = np.full((HEIGHT // 2, WIDTH // 2, 3), 40, np.uint8)
+    for (x0, y0, x1, y1), colour in zip(donor_rects.astype(int), COLOURS[2:5]):
+        donor[y0:y1, x0:x1] = colour
+    donor_sample = (donor, donor_rects, np.array([2, 3, 4], np.int32), np.array([False, True, False]))
+    spec = copy_paste(p=1.0, max_objects=3, donors=1)
+    pasted = 0
+    for seed in range(8):
+        out, out_boxes, out_classes, out_ignore = spec.paste((target, boxes, classes, ignore), [donor_sample],
+                                                             np.random.default_rng(seed))
+        np.testing.assert_array_equal(out_boxes[:2], boxes)                     # the image's own boxes first,
+        np.testing.assert_array_equal(out_classes[:2], classes)
+        for x0, y0, x1, y1 in boxes.astype(int):                                # and their pixels untouched
+            np.testing.assert_array_equal(out[y0:y1, x0:x1], target[y0:y1, x0:x1])
+        assert 3 not in out_classes.tolist() and not out_ignore[2:].any()
+        for box, k in zip(out_boxes[2:], out_classes[2:]):
+            w, h = donor_rects[k - 2, 2:] - donor_rects[k - 2, :2]
+            np.testing.assert_allclose(box[2:] - box[:2], [2 * w, 2 * h], atol=0.01)  # scaled with the image
+            truth = pixel_bounds(colour_hits(out, COLOURS[k], tolerance=2))
+            np.testing.assert_allclose(box, truth, atol=1.0)                   # the box bounds the pasted object
+            assert (iou_matrix_np(box[None], out_boxes[:2]) == 0).all()
+        pasted += len(out_boxes) - 2
+    assert pasted >= 8
+    untouched = spec.paste((target, boxes, classes, ignore), [(donor, donor_rects[1:2], [3], [True])],
+                           np.random.default_rng(0))
+    assert len(untouched[1]) == 2 and np.array_equal(untouched[0], target)
+
+
+def test_copy_paste_runs_in_the_input_pipeline_before_the_other_entries():
+    from kdet.data._workers import _Sampler
+    from kdet.data.augment import copy_paste
+    from kdet.data.records import Record
+
+    image, boxes, classes, _, _ = scene(RECTS[:1])
+    records = [Record(0, None, WIDTH, HEIGHT, boxes=boxes, classes=classes, image=image)]
+    sampler = _Sampler(records, Augmenter([copy_paste(p=1.0, max_objects=1, donors=1), resize()], image_size=(60, 80)),
+                       (60, 80), 8, 0, False)
+    out, targets, _ = sampler(np.zeros((0, 0, 3), np.uint8), 1, 0)
+    kept = targets[targets[:, 4] >= 0]
+    assert out.shape == (60, 80, 3) and len(kept) == 2   # the object and its pasted copy, both class 0
+    np.testing.assert_allclose(kept[0, :4], RECTS[0] / [WIDTH, HEIGHT, WIDTH, HEIGHT], atol=1e-6)
+    np.testing.assert_allclose(kept[1, 2:4] - kept[1, :2], kept[0, 2:4] - kept[0, :2], atol=1e-6)
+    with pytest.raises(ValueError, match="first"):
+        Augmenter([hflip(), copy_paste()])
+    assert Augmenter([mosaic(), copy_paste(), hflip()]).copy_paste is not None

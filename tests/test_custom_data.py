@@ -374,7 +374,7 @@ def test_recipe_data_options_reach_the_auto_source(tmp_path):
         write_image(root / f"{stem}.jpg", stem)
         (root / f"{stem}.xml").write_text(voc_xml(stem))
     recipe = load_recipe(str(REPO / "recipes" / "ssd_custom.py"),
-                         [f"data.root={root}", "data.val_fraction=0.4", "data.split_seed=3"])
+                         [f"data.root={root}", "data.val_fraction=0.4", "data.split_seed=3", "data.min_val_images=2"])
     sources = recipe_sources(recipe)
     assert sorted(sources) == ["train", "val"]  # no test split in the data
     assert len(sources["val"]) >= 2 and len(sources["train"]) + len(sources["val"]) == 5  # 40% of 5
@@ -389,3 +389,19 @@ def test_train_tool_says_in_one_line_when_no_layout_is_found(tmp_path, capsys):
                  "--work-dir", str(tmp_path / "w")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "no dataset layout recognised" in err and "\n" not in err
+
+
+def test_min_val_images_trains_on_every_image_when_the_split_would_be_too_small(tmp_path, capsys):
+    root = tmp_path / "labelimg"
+    for stem in TRAIN + VAL:
+        write_image(root / f"{stem}.jpg", stem)
+        if TRUTH[stem]:
+            (root / f"{stem}.xml").write_text(voc_xml(stem))
+    # 0.4 of 5 images = 2 validation images: split when 2 are enough, none when 3 are asked for
+    split = dict(val_fraction=0.4, min_val_images=2)
+    assert len(auto(root, "train", data=split)) == 3 and len(auto(root, "val", data=split)) == 2
+    small = dict(val_fraction=0.4, min_val_images=3)
+    train, val = auto(root, "train", data=small), auto(root, "val", data=small)
+    assert len(train) == 5 and len(val) == 0
+    assert_truth(train, [r.image_id for r in train.records()])
+    assert "would be 2 < data.min_val_images=3: training on all of them" in capsys.readouterr().out

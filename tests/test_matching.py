@@ -205,10 +205,11 @@ def _grid(cells):
 TWO_LEVELS = np.array(_grid(4) + _grid(2), np.float32)  # 16 anchors of 0.25, then 4 of 0.5
 
 
-def _atss(gt_boxes, gt_classes, anchors, levels, gt_ignore=None, top_k=3):
+def _atss(gt_boxes, gt_classes, anchors, levels, gt_ignore=None, top_k=3, forced_match=False):
     gt_boxes, gt_classes = np.asarray(gt_boxes, np.float32)[None], np.asarray(gt_classes, np.int32)[None]
     ignore = np.zeros(gt_classes.shape, bool) if gt_ignore is None else np.asarray(gt_ignore, bool)[None]
-    boxes, labels = atss_match(gt_boxes, gt_classes, ignore, np.asarray(anchors)[None], levels, top_k=top_k)
+    boxes, labels = atss_match(gt_boxes, gt_classes, ignore, np.asarray(anchors, np.float32)[None], levels,
+                               top_k=top_k, forced_match=forced_match)
     return ops.convert_to_numpy(boxes)[0], ops.convert_to_numpy(labels)[0]
 
 
@@ -280,3 +281,19 @@ def test_atss_matches_a_loop_reference_on_random_boxes():
     for b in range(3):
         np.testing.assert_array_equal(labels[b], _reference_atss(gt[b], classes[b], ignore[b], anchors, levels, 5))
     assert (labels > 0).sum() > 10 and (labels == -1).sum() > 0
+
+
+def test_atss_forced_match_gives_an_object_between_anchor_centres_its_best_anchor():
+    # [.26, .26, .36, .36] holds no centre of the 0.25-grid (centres at .125, .375): ATSS leaves it without a
+    # positive. Forced: it takes its best-IoU anchor, cell (1, 1) = index 5 (IoU .01 / .0625 = .16; the others 0).
+    # The large object keeps exactly its ATSS positives; the padding row gets nothing.
+    gt = [[0.26, 0.26, 0.36, 0.36], [0.5, 0.5, 1.0, 1.0], [0, 0, 1, 1]]
+    _, plain = _atss(gt, [0, 1, -1], _grid(4), [16])
+    assert not (plain == 1).any() and (plain == 2).sum() == 4   # cells 10, 11, 14, 15
+    boxes, forced = _atss(gt, [0, 1, -1], _grid(4), [16], forced_match=True)
+    expected = plain.copy()
+    expected[5] = 1
+    np.testing.assert_array_equal(forced, expected)
+    np.testing.assert_allclose(boxes[5], gt[0])
+    _, ignored = _atss(gt, [0, 1, -1], _grid(4), [16], gt_ignore=[True, False, False], forced_match=True)
+    assert ignored[5] == -1 and (ignored == 2).sum() == 4

@@ -80,10 +80,11 @@ def test_auto_epochs_cap_the_steps_per_training_image(capsys):
 
 def test_ssd_custom_defaults_learn_a_ten_image_set(tmp_path):
     """End to end from the defaults (recipes/ssd_custom.py) at a CI budget: 10 images of one class,
-    8-24 px objects at a 96 px input, 8 trained on (2 held out by kdet), 120 steps (~70 CPU-s for the
-    training process, ~90 with pytest). Measured with the earlier IoU-0.3 matching: AP50 0.65 on 30
-    held-out images of generator seed 0 (val_AP50 0.12 after the first 10 steps); 0.35 is about half
-    of that and far above what an untrained detector scores. Passes with ATSS (the default now)."""
+    8-24 px objects at a 96 px input, all 10 trained on (data.min_val_images: no 2-image val split),
+    120 steps (~70 CPU-s for the training process, ~90 with pytest). Measured with the earlier IoU-0.3
+    matching and 8 training images: AP50 0.65 on 30 held-out images of generator seed 0; 0.35 is about
+    half of that and far above what an untrained detector scores. Passes with ATSS, forced matches of
+    tiny objects and copy-paste (the defaults now)."""
     import json
     import os
     import subprocess
@@ -100,6 +101,6 @@ def test_ssd_custom_defaults_learn_a_ten_image_set(tmp_path):
                             cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
                             timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "train: 8 images repeated 10x per epoch" in result.stdout
+    assert "train: 10 images repeated 8x per epoch" in result.stdout
     assert "12 epochs of 10 steps" in result.stdout
     assert json.loads((tmp_path / "work" / "metrics.json").read_text())["AP50"] > 0.35

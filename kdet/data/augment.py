@@ -17,6 +17,7 @@ whose centres fall outside its patch, as in SSD.
 """
 
 import copy
+import math
 import random
 import threading
 import warnings
@@ -366,6 +367,99 @@ def _visible_fraction(boxes, clipped):
     return np.where(full > 0, area(clipped) / np.maximum(full, 1e-12), 0.0)
 
 
+# ------------------------------------------------- copy-paste (pipeline level)
+class CopyPaste:
+    """Objects cut from other training images, pasted at free spots of this one (box-level copy-paste).
+
+    Not an albumentations transform: the input pipeline draws ``donors`` records and calls
+    :meth:`paste` (after mosaic, before the other entries). Each pasted object is its box plus a
+    ``margin`` (a fraction of its side, at least 2 px) of the donor's background around it, scaled
+    with the ratio of the two images' sizes; the margin's edge is feathered (linear alpha from 1 at
+    the box to 0 at the margin's rim) so no hard rectangle edge is pasted. A spot is free when the
+    pasted area overlaps no box of the image (nor an earlier paste), so no object is hidden. Up to
+    ``max_objects`` objects per image, drawn from the donors' non-ignored boxes; boxes with a side
+    under 2 px are left out. It multiplies the objects and the backgrounds they are seen on: the
+    few-images case (Ghiasi et al. 2021, "Simple Copy-Paste", pastes instance masks; only boxes here).
+    """
+
+    def __init__(self, p=0.5, max_objects=4, donors=2, margin=0.25, max_tries=10):
+        if not 0 <= p <= 1 or max_objects < 1 or donors < 1 or margin < 0:
+            raise ValueError(f"copy_paste: need 0 <= p <= 1, max_objects >= 1, donors >= 1, margin >= 0; got "
+                             f"p={p}, max_objects={max_objects}, donors={donors}, margin={margin}")
+        self.p, self.max_objects, self.donors = p, int(max_objects), int(donors)
+        self.margin, self.max_tries = float(margin), int(max_tries)
+
+    def __repr__(self):
+        return f"CopyPaste(p={self.p}, max_objects={self.max_objects}, donors={self.donors}, margin={self.margin})"
+
+    def paste(self, sample, donors, rng):
+        """``sample`` and ``donors``: tuples ``(image, boxes, classes, ignore)``; returns the new sample."""
+        image, boxes, classes, ignore = sample
+        image = np.array(image, np.uint8, copy=True)
+        taken = [b for b in np.asarray(boxes, np.float32).reshape(-1, 4)]
+        pieces = [(d, j) for d in donors for j in range(len(np.asarray(d[1]).reshape(-1, 4)))
+                  if not bool(np.asarray(d[3]).reshape(-1)[j])]
+        order = rng.permutation(len(pieces))[:int(rng.integers(1, self.max_objects + 1))]
+        added_boxes, added_classes = [], []
+        for i in order:
+            (donor, donor_boxes, donor_classes, _), j = pieces[i]
+            placed = self._paste_one(image, donor, np.asarray(donor_boxes, np.float64).reshape(-1, 4)[j], taken, rng)
+            if placed is not None:
+                taken.append(placed)
+                added_boxes.append(placed)
+                added_classes.append(int(np.asarray(donor_classes).reshape(-1)[j]))
+        if not added_boxes:
+            return image, boxes, classes, ignore
+        return (image, np.concatenate([np.asarray(boxes, np.float32).reshape(-1, 4), np.array(added_boxes, np.float32)]),
+                np.concatenate([np.asarray(classes, np.int32).reshape(-1), np.array(added_classes, np.int32)]),
+                np.concatenate([np.asarray(ignore, bool).reshape(-1), np.zeros(len(added_boxes), bool)]))
+
+    def _paste_one(self, image, donor, box, taken, rng):
+        """Pastes the donor's ``box`` (pixels) at a free spot of ``image`` in place; its new box, or None."""
+        height, width = image.shape[:2]
+        scale = math.sqrt(height * width / (donor.shape[0] * donor.shape[1]))
+        x0, y0, x1, y1 = box
+        if min(x1 - x0, y1 - y0) < 2:
+            return None
+        pad_x, pad_y = max(2.0, self.margin * (x1 - x0)), max(2.0, self.margin * (y1 - y0))
+        cx0, cy0 = int(max(0, math.floor(x0 - pad_x))), int(max(0, math.floor(y0 - pad_y)))
+        cx1 = int(min(donor.shape[1], math.ceil(x1 + pad_x)))
+        cy1 = int(min(donor.shape[0], math.ceil(y1 + pad_y)))
+        patch = donor[cy0:cy1, cx0:cx1]
+        inner = np.array([x0 - cx0, y0 - cy0, x1 - cx0, y1 - cy0], np.float64)  # the object in the patch
+        if scale != 1.0:
+            size = (max(1, int(round(patch.shape[1] * scale))), max(1, int(round(patch.shape[0] * scale))))
+            inner = inner * np.tile([size[0] / patch.shape[1], size[1] / patch.shape[0]], 2)
+            patch = cv2.resize(patch, size, interpolation=cv2.INTER_LINEAR)
+        ph, pw = patch.shape[:2]
+        if ph >= height or pw >= width:
+            return None
+        for _ in range(self.max_tries):
+            left, top = int(rng.integers(0, width - pw + 1)), int(rng.integers(0, height - ph + 1))
+            area = np.array([left, top, left + pw, top + ph], np.float64)
+            if not any(_overlaps(area, other) for other in taken):
+                alpha = _feather(ph, pw, inner)[..., None]
+                region = image[top:top + ph, left:left + pw].astype(np.float32)
+                image[top:top + ph, left:left + pw] = np.round(alpha * patch + (1 - alpha) * region).astype(np.uint8)
+                return (inner + [left, top, left, top]).astype(np.float32)
+        return None
+
+
+def _overlaps(a, b):
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _feather(height, width, inner):
+    """``[height, width]`` alpha: 1 inside the ``inner`` box, falling linearly to 0 at the patch's rim."""
+    def ramp(n, lo, hi):
+        x = np.arange(n, dtype=np.float32) + 0.5
+        rise = np.clip(x / max(lo, 1e-6), 0, 1)
+        fall = np.clip((n - x) / max(n - hi, 1e-6), 0, 1)
+        return np.minimum(rise, fall)
+
+    return np.minimum(ramp(height, inner[1], inner[3])[:, None], ramp(width, inner[0], inner[2])[None, :])
+
+
 # ------------------------------------------------------ recipe entry factories
 def photometric(brightness_delta=32, contrast_range=(0.5, 1.5), saturation_range=(0.5, 1.5),
                 hue_delta=18, channel_swap=True, p=1.0):
@@ -410,6 +504,12 @@ def rotate(limit=10.0, fill=IMAGENET_MEAN_RGB, rotate_method="largest_box", p=0.
 def mosaic(p=0.5, center_range=(0.25, 0.75), fill=IMAGENET_MEAN_RGB):
     """4-image mosaic, applied by the input pipeline before the other entries."""
     return Mosaic(p=p, center_range=center_range, fill=fill)
+
+
+def copy_paste(p=0.5, max_objects=4, donors=2, margin=0.25):
+    """Objects of ``donors`` other training images pasted at free spots (:class:`CopyPaste`); applied by the
+    input pipeline after mosaic and before the other entries (list it first, or right after mosaic())."""
+    return CopyPaste(p=p, max_objects=max_objects, donors=donors, margin=margin)
 
 
 class _ResizeToModel:
@@ -486,12 +586,17 @@ class Augmenter:
     def __init__(self, transforms, seed=None, image_size=None, min_visibility=DEFAULT_MIN_VISIBILITY, fuse=True):
         transforms = list(transforms or [])
         self.mosaic = None
+        self.copy_paste = None
         self.transforms = []
         for i, t in enumerate(transforms):
             if isinstance(t, Mosaic):
                 if i != 0:
                     raise ValueError("mosaic() must be the first augmentation entry")
                 self.mosaic = t
+            elif isinstance(t, CopyPaste):
+                if i != int(self.mosaic is not None):
+                    raise ValueError("copy_paste() must be the first augmentation entry (or the second, after mosaic())")
+                self.copy_paste = t
             elif isinstance(t, _ResizeToModel):
                 if image_size is None:
                     raise ValueError("resize() without a size needs the Augmenter's image_size")
@@ -512,7 +617,7 @@ class Augmenter:
         self._idle = []
 
     def __repr__(self):
-        return f"Augmenter({self.transforms!r}, mosaic={self.mosaic!r})"
+        return f"Augmenter({self.transforms!r}, mosaic={self.mosaic!r}, copy_paste={self.copy_paste!r})"
 
     def _new_compose(self):
         with warnings.catch_warnings():  # "no transform to process bboxes" for colour-only lists

@@ -381,11 +381,12 @@ class CustomDataset:
 
     Class names: ``class_names`` when given, else read from the data. Without a
     validation split in the data, ``val_fraction`` of the training images
-    become one (seeded, stratified; ``val_fraction=0``: no validation split).
+    become one (seeded, stratified; ``val_fraction=0``: no validation split; none either when
+    it would hold fewer than ``min_val_images`` images: then every image trains).
     ``source("test")`` is None when the data has no test split.
     """
 
-    def __init__(self, root, class_names=None, val_fraction=0.2, seed=0, skip_invalid=False):
+    def __init__(self, root, class_names=None, val_fraction=0.2, seed=0, skip_invalid=False, min_val_images=None):
         from kdet.data.split import SeededSplit
 
         self.root = Path(root).expanduser()
@@ -397,7 +398,7 @@ class CustomDataset:
         self.sources = {s: make(self.class_names, skip_invalid) for s, make in self.layout.splits.items()}
         self.seeded_val = "val" not in self.sources and bool(val_fraction)
         if self.seeded_val:
-            split = SeededSplit(self.sources["train"], val_fraction, seed)
+            split = SeededSplit(self.sources["train"], val_fraction, seed, min_val_images)
             self.sources.update(train=split.part("train"), val=split.part("val"))
         print(self.describe())
 
@@ -418,10 +419,10 @@ class CustomDataset:
 _DATASETS = {}
 
 
-def custom_dataset(root, class_names=None, val_fraction=0.2, seed=0, skip_invalid=False):
+def custom_dataset(root, class_names=None, val_fraction=0.2, seed=0, skip_invalid=False, min_val_images=None):
     """The :class:`CustomDataset` for these arguments, shared by the train / val / test sources of one run."""
     key = (str(Path(root).expanduser().resolve()), tuple(class_names or ()), float(val_fraction or 0), int(seed),
-           bool(skip_invalid))
+           bool(skip_invalid), int(min_val_images or 0))
     if key not in _DATASETS:
-        _DATASETS[key] = CustomDataset(root, class_names, val_fraction, seed, skip_invalid)
+        _DATASETS[key] = CustomDataset(root, class_names, val_fraction, seed, skip_invalid, min_val_images)
     return _DATASETS[key]

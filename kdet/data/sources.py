@@ -164,7 +164,7 @@ def auto(root, split="train", class_names=None, val_fraction=None, seed=None, sk
     ``seed`` (default 0) and stratified by class. ``split="test"`` gives None
     when the data has no test split. Unset arguments are taken from ``data``,
     the recipe's data section (``class_names``, ``val_fraction``,
-    ``split_seed``, ``skip_invalid``), which the engine passes in.
+    ``split_seed``, ``skip_invalid``, ``min_val_images``), which the engine passes in.
     """
     from kdet.data.detect import custom_dataset
 
@@ -173,7 +173,8 @@ def auto(root, split="train", class_names=None, val_fraction=None, seed=None, sk
         data.get(key) if data.get(key) is not None else default)
     dataset = custom_dataset(root, class_names=pick(class_names, "class_names", None),
                              val_fraction=pick(val_fraction, "val_fraction", 0.2), seed=pick(seed, "split_seed", 0),
-                             skip_invalid=pick(skip_invalid, "skip_invalid", False))
+                             skip_invalid=pick(skip_invalid, "skip_invalid", False),
+                             min_val_images=data.get("min_val_images"))
     return dataset.source(split)
 
 

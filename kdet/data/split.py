@@ -92,17 +92,29 @@ def format_split(train_records, val_records, class_names, title):
 class SeededSplit:
     """One source split once into a training and a validation side (see :func:`stratified_split`)."""
 
-    def __init__(self, source, val_fraction=0.2, seed=0):
+    def __init__(self, source, val_fraction=0.2, seed=0, min_val_images=None):
         self.source = source
         self.val_fraction = float(val_fraction)
         self.seed = int(seed)
+        self.min_val_images = int(min_val_images or 0)
         self._sides = None
 
     def side(self, name):
-        """The records of ``"train"`` or ``"val"``; the split is computed and printed on first use."""
+        """The records of ``"train"`` or ``"val"``; the split is computed and printed on first use.
+
+        When ``val_fraction`` would give fewer than ``min_val_images`` images, there is no split:
+        every image trains and the validation side is empty.
+        """
         if self._sides is None:
             records = self.source.records()
             class_names = self.source.class_names
+            wanted = int(round(self.val_fraction * len(records)))
+            if wanted < self.min_val_images:
+                self._sides = {"train": list(records), "val": []}
+                print(f"{self.source.name}: no validation split in the data, and val_fraction {self.val_fraction:g} "
+                      f"of {len(records)} images would be {wanted} < data.min_val_images={self.min_val_images}: "
+                      "training on all of them (no val_AP, no early stopping, the last weights are kept)")
+                return self._sides[name]
             train, val = stratified_split(records, len(class_names), self.val_fraction, self.seed)
             self._sides = {"train": [records[i] for i in train], "val": [records[i] for i in val]}
             print(format_split(self._sides["train"], self._sides["val"], class_names,
