@@ -318,6 +318,33 @@ def test_copy_paste_pastes_donor_objects_on_free_spots_with_their_boxes():
     assert len(untouched[1]) == 2 and np.array_equal(untouched[0], target)
 
 
+def test_copy_paste_scale_range_resizes_each_paste_within_the_range():
+    from kdet.data.augment import copy_paste
+
+    target, boxes, classes, ignore, _ = scene(RECTS[:2], COLOURS)
+    donor_rects = np.array([[10, 10, 30, 25], [100, 60, 130, 90]], np.float32)
+    donor = np.full((HEIGHT // 2, WIDTH // 2, 3), 40, np.uint8)
+    for (x0, y0, x1, y1), colour in zip(donor_rects.astype(int), COLOURS[2:4]):
+        donor[y0:y1, x0:x1] = colour
+    donor_sample = (donor, donor_rects, np.array([2, 3], np.int32), np.array([False, False]))
+    spec = copy_paste(p=1.0, max_objects=2, donors=1, scale_range=(0.25, 1.0))
+    factors = []
+    for seed in range(12):
+        out, out_boxes, out_classes, _ = spec.paste((target, boxes, classes, ignore), [donor_sample],
+                                                    np.random.default_rng(seed))
+        for box, k in zip(out_boxes[2:], out_classes[2:]):
+            w, h = donor_rects[k - 2, 2:] - donor_rects[k - 2, :2]
+            factor = (box[2] - box[0]) / (2 * w)            # x2: the image-size ratio, then the drawn factor
+            assert factor == pytest.approx((box[3] - box[1]) / (2 * h), abs=0.05)  # aspect kept
+            assert 0.25 - 0.03 <= factor <= 1.0 + 0.03
+            truth = pixel_bounds(colour_hits(out, COLOURS[k], tolerance=2))
+            np.testing.assert_allclose(box, truth, atol=1.5)  # bounds the paste (1.5: blended edge pixels)
+            factors.append(factor)
+    assert len(factors) >= 10 and min(factors) < 0.5 and max(factors) > 0.7    # drawn, not fixed
+    with pytest.raises(ValueError, match="scale_range"):
+        copy_paste(scale_range=(1.0, 0.5))
+
+
 def test_copy_paste_runs_in_the_input_pipeline_before_the_other_entries():
     from kdet.data._workers import _Sampler
     from kdet.data.augment import copy_paste

@@ -378,19 +378,25 @@ class CopyPaste:
     the box to 0 at the margin's rim) so no hard rectangle edge is pasted. A spot is free when the
     pasted area overlaps no box of the image (nor an earlier paste), so no object is hidden. Up to
     ``max_objects`` objects per image, drawn from the donors' non-ignored boxes; boxes with a side
-    under 2 px are left out. It multiplies the objects and the backgrounds they are seen on: the
-    few-images case (Ghiasi et al. 2021, "Simple Copy-Paste", pastes instance masks; only boxes here).
+    under 2 px are left out. ``scale_range=(lo, hi)``: each paste is also scaled by a factor drawn
+    log-uniformly from it (object sizes the training images lack; a paste under 2 px is skipped).
+    It multiplies the objects and the backgrounds they are seen on: the few-images case (Ghiasi et
+    al. 2021, "Simple Copy-Paste", pastes instance masks; only boxes here).
     """
 
-    def __init__(self, p=0.5, max_objects=4, donors=2, margin=0.25, max_tries=10):
-        if not 0 <= p <= 1 or max_objects < 1 or donors < 1 or margin < 0:
-            raise ValueError(f"copy_paste: need 0 <= p <= 1, max_objects >= 1, donors >= 1, margin >= 0; got "
-                             f"p={p}, max_objects={max_objects}, donors={donors}, margin={margin}")
+    def __init__(self, p=0.5, max_objects=4, donors=2, margin=0.25, max_tries=10, scale_range=(1.0, 1.0)):
+        lo, hi = scale_range
+        if not 0 <= p <= 1 or max_objects < 1 or donors < 1 or margin < 0 or not 0 < lo <= hi:
+            raise ValueError(f"copy_paste: need 0 <= p <= 1, max_objects >= 1, donors >= 1, margin >= 0, "
+                             f"0 < scale_range[0] <= scale_range[1]; got p={p}, max_objects={max_objects}, "
+                             f"donors={donors}, margin={margin}, scale_range={scale_range}")
         self.p, self.max_objects, self.donors = p, int(max_objects), int(donors)
         self.margin, self.max_tries = float(margin), int(max_tries)
+        self.scale_range = (float(lo), float(hi))
 
     def __repr__(self):
-        return f"CopyPaste(p={self.p}, max_objects={self.max_objects}, donors={self.donors}, margin={self.margin})"
+        return (f"CopyPaste(p={self.p}, max_objects={self.max_objects}, donors={self.donors}, margin={self.margin}, "
+                f"scale_range={self.scale_range})")
 
     def paste(self, sample, donors, rng):
         """``sample`` and ``donors``: tuples ``(image, boxes, classes, ignore)``; returns the new sample."""
@@ -418,8 +424,10 @@ class CopyPaste:
         """Pastes the donor's ``box`` (pixels) at a free spot of ``image`` in place; its new box, or None."""
         height, width = image.shape[:2]
         scale = math.sqrt(height * width / (donor.shape[0] * donor.shape[1]))
+        lo, hi = self.scale_range
+        scale *= math.exp(rng.uniform(math.log(lo), math.log(hi))) if hi > lo else lo
         x0, y0, x1, y1 = box
-        if min(x1 - x0, y1 - y0) < 2:
+        if min(x1 - x0, y1 - y0) < 2 or min(x1 - x0, y1 - y0) * scale < 2:
             return None
         pad_x, pad_y = max(2.0, self.margin * (x1 - x0)), max(2.0, self.margin * (y1 - y0))
         cx0, cy0 = int(max(0, math.floor(x0 - pad_x))), int(max(0, math.floor(y0 - pad_y)))
@@ -506,10 +514,11 @@ def mosaic(p=0.5, center_range=(0.25, 0.75), fill=IMAGENET_MEAN_RGB):
     return Mosaic(p=p, center_range=center_range, fill=fill)
 
 
-def copy_paste(p=0.5, max_objects=4, donors=2, margin=0.25):
-    """Objects of ``donors`` other training images pasted at free spots (:class:`CopyPaste`); applied by the
-    input pipeline after mosaic and before the other entries (list it first, or right after mosaic())."""
-    return CopyPaste(p=p, max_objects=max_objects, donors=donors, margin=margin)
+def copy_paste(p=0.5, max_objects=4, donors=2, margin=0.25, scale_range=(1.0, 1.0)):
+    """Objects of ``donors`` other training images pasted at free spots (:class:`CopyPaste`), each scaled by a
+    log-uniform factor from ``scale_range``; applied by the input pipeline after mosaic and before the other
+    entries (list it first, or right after mosaic())."""
+    return CopyPaste(p=p, max_objects=max_objects, donors=donors, margin=margin, scale_range=scale_range)
 
 
 class _ResizeToModel:
