@@ -105,13 +105,7 @@ def match_anchors(gt_boxes, gt_classes, gt_ignore, anchors, iou_threshold=0.5, n
     best_is_ignore = ops.take_along_axis(ignore, best_gt, axis=1)
 
     # 1. forced best anchor for each claiming ground truth; the last claim wins.
-    best_anchor = ops.argmax(iou, axis=1)  # [B, M]
-    claims = ops.logical_and(claims, ops.max(iou, axis=1) > 0)
-    anchor_index = ops.arange(ops.shape(iou)[1], dtype="int32")
-    claimed = ops.logical_and(  # [B, A, M]: ground truth m claims anchor a
-        ops.expand_dims(ops.cast(best_anchor, "int32"), 1) == anchor_index[None, :, None],
-        ops.expand_dims(claims, 1),
-    )
+    claimed = _best_anchor_pairs(iou, claims)  # [B, A, M]: ground truth m claims anchor a
     gt_index = ops.arange(ops.shape(gt_boxes)[1], dtype="int32")
     forced_gt = ops.max(ops.where(claimed, gt_index, -1), axis=2)  # [B, A]
     forced = forced_gt >= 0
@@ -169,8 +163,9 @@ def atss_match(gt_boxes, gt_classes, gt_ignore, anchors, anchors_per_level, top_
         ops.all(centre[:, :, None, :] < gt_boxes[:, None, :, 2:], axis=-1))
     positive_pair = ops.logical_and(ops.logical_and(candidate, iou >= threshold),
                                     ops.logical_and(inside, ops.expand_dims(valid, 1)))
-    if forced_match:
-        positive_pair = ops.logical_or(positive_pair, _best_anchor_of_orphans(iou, positive_pair, valid))
+    if forced_match:  # ground truths left without a positive claim their best anchor
+        orphan = ops.logical_and(valid, ops.logical_not(ops.any(positive_pair, axis=1)))  # [B, M]
+        positive_pair = ops.logical_or(positive_pair, _best_anchor_pairs(iou, orphan))
 
     matched_gt = ops.cast(ops.argmax(ops.where(positive_pair, iou, -1.0), axis=2), "int32")  # [B, A]
     matched = ops.any(positive_pair, axis=2)
@@ -179,13 +174,13 @@ def atss_match(gt_boxes, gt_classes, gt_ignore, anchors, anchors_per_level, top_
     return _targets(gt_boxes, gt_classes, matched_gt, positive, ignored)
 
 
-def _best_anchor_of_orphans(iou, positive_pair, valid):
-    """``[B, A, M]`` bool: each valid ground truth without a positive pairs with its highest-IoU anchor."""
-    orphan = ops.logical_and(valid, ops.logical_not(ops.any(positive_pair, axis=1)))  # [B, M]
-    orphan = ops.logical_and(orphan, ops.max(iou, axis=1) > 0)
+def _best_anchor_pairs(iou, claims):
+    """``[B, A, M]`` bool: each ground truth in ``claims`` ``[B, M]`` whose best IoU is > 0 pairs with the
+    anchor it overlaps most (ties: lowest anchor index); ``iou`` is ``[B, A, M]``."""
+    claims = ops.logical_and(claims, ops.max(iou, axis=1) > 0)
     best_anchor = ops.cast(ops.argmax(iou, axis=1), "int32")  # [B, M]
     anchor_index = ops.arange(ops.shape(iou)[1], dtype="int32")
-    return ops.logical_and(ops.expand_dims(best_anchor, 1) == anchor_index[None, :, None], ops.expand_dims(orphan, 1))
+    return ops.logical_and(ops.expand_dims(best_anchor, 1) == anchor_index[None, :, None], ops.expand_dims(claims, 1))
 
 
 def _targets(gt_boxes, gt_classes, matched_gt, positive, ignored):

@@ -233,7 +233,9 @@ KERAS_CV_DETECTORS = {"YOLOV8Detector": keras_cv_yolov8, "RetinaNet": keras_cv_r
 
 
 def run_keras_cv(args, build, recipe, train, test, max_det, ground_truth):
-    """Train a keras-cv detector (``build(num_classes, max_det)``) for the budget, predict the test split; the row's fields and results."""
+    """Train a keras-cv detector (``build(num_classes, max_det)``) for the budget, predict the test split.
+
+    Returns the row's fields and the COCO results."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -346,9 +348,10 @@ def main(argv=None):
         print("note: no --ultralytics-python: Ultralytics not raced")
     if args.keras_cv:
         train = recipe["data"]["train"].records() if args.max_train_images else split_records(recipe, "train")
+        test = split_records(recipe, "test")
         for name, build in KERAS_CV_DETECTORS.items():
             print(f"== keras-cv {name} (YOLOv8-xs backbone, from scratch), imgsz {args.imgsz}", flush=True)
-            row, results = run_keras_cv(args, build, recipe, train, split_records(recipe, "test"), max_det, ground_truth)
+            row, results = run_keras_cv(args, build, recipe, train, test, max_det, ground_truth)
             rows.append(dict(system=f"keras-cv {name} {args.imgsz} px", **row, **coco_scores(ground_truth, results)))
     names = [c["name"] for c in sorted(ground_truth["categories"], key=lambda c: c["id"])]
     table = format_table(rows, names)

@@ -107,7 +107,7 @@ class _Sampler:
             others = rng.integers(0, len(self.records), 3)
             samples = [sample] + [self._sample(int(j)) for j in others]
             sample = mosaic.combine(samples, rng, min_visibility=self.augmenter.min_visibility)
-        paste = getattr(self.augmenter, "copy_paste", None)
+        paste = self.augmenter.copy_paste
         if paste is not None and rng.random() < paste.p:
             donors = rng.integers(0, len(self.records), paste.donors)
             sample = paste.paste(sample, [self._sample(int(j)) for j in donors], rng)
