@@ -101,7 +101,9 @@ def default_recipe():
             tal_beta=6.0,                # exponent of the predicted box's IoU in the alignment
             box_loss="smooth_l1",        # "smooth_l1" (encoded offsets) | "giou" | "diou" | "ciou" (decoded boxes)
             box_weight=None,             # times alpha on the box loss; None: 1 for smooth_l1, 2 for the IoU family
-            cls_loss="softmax",          # "softmax" (+ hard negative mining) | "focal" | "quality_focal" | "varifocal"
+            cls_loss="softmax",          # "softmax" (+ hard negative mining) | "quality_softmax" (the same, positives'
+                                         # target split: predicted box's IoU on the class, the rest on background)
+                                         # | "focal" | "quality_focal" | "varifocal"
                                          # (sigmoid losses: no mining, the model then scores with sigmoid)
         ),
         train=dict(

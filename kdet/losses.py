@@ -18,7 +18,8 @@ from kdet.matching import (DEFAULT_VARIANCES, atss_match, decode_boxes, encode_b
 
 ASSIGNERS = ("max_iou", "atss", "tal")
 BOX_LOSSES = ("smooth_l1", "giou", "diou", "ciou")
-CLASS_LOSSES = ("softmax", "focal", "quality_focal", "varifocal")
+CLASS_LOSSES = ("softmax", "quality_softmax", "focal", "quality_focal", "varifocal")
+SOFTMAX_LOSSES = ("softmax", "quality_softmax")
 # loss.box_weight=None: 1 for smooth L1 (as before); 2 for the IoU family, mmdetection's GIoU weight
 # beside sigmoid class losses (ATSS, GFL, VFNet): 1 - GIoU is a few times smaller than SSD's smooth L1
 # on variance-scaled offsets, so the box term keeps a similar share of the gradient.
@@ -32,7 +33,7 @@ def score_activation(cls_loss):
     """How the model turns class logits into scores for ``loss.cls_loss``: ``"softmax"`` or ``"sigmoid"``."""
     if cls_loss not in CLASS_LOSSES:
         raise ValueError(f"loss.cls_loss must be one of {CLASS_LOSSES}, got {cls_loss!r}")
-    return "softmax" if cls_loss == "softmax" else "sigmoid"
+    return "softmax" if cls_loss in SOFTMAX_LOSSES else "sigmoid"
 
 
 def numeric_class_weights(class_weights, num_classes=None, class_names=None):
@@ -130,7 +131,10 @@ class MultiBoxLoss(keras.losses.Loss):
     Modern one-stage levers (recipe keys ``loss.*``, kdet/defaults.py):
     ``box_loss`` "smooth_l1" (on encoded offsets) or "giou" / "diou" / "ciou"
     on the decoded boxes (:func:`paired_iou_losses`), weighted by ``alpha *
-    box_weight``; ``cls_loss`` "softmax" (CE + hard negative mining) or the
+    box_weight``; ``cls_loss`` "softmax" (CE + hard negative mining),
+    "quality_softmax" (the same, but a positive's target puts the IoU of its
+    predicted box on its class and the rest on background, so scores rank
+    boxes by how well they fit, as GFL's quality focal loss does) or the
     sigmoid losses "focal" (RetinaNet), "quality_focal" (GFL: the positive's
     target is the IoU of its predicted box) and "varifocal" (VarifocalNet),
     which use every non-ignored anchor, background as an all-zero target, and
@@ -241,6 +245,10 @@ class MultiBoxLoss(keras.losses.Loss):
         loc = ops.sum(ops.where(positive, loc, 0.0))
         if self.cls_loss == "softmax":
             conf = self._softmax_loss(logits, labels, num_pos_per_image)
+        elif self.cls_loss == "quality_softmax":
+            if quality is None:
+                quality = ops.stop_gradient(paired_iou(pred_boxes, matched_boxes))
+            conf = self._softmax_loss(logits, labels, num_pos_per_image, quality)
         else:
             if quality is None:  # IoU of the predicted box with its object (GFL / VarifocalNet)
                 quality = ops.stop_gradient(paired_iou(pred_boxes, matched_boxes))
@@ -273,12 +281,19 @@ class MultiBoxLoss(keras.losses.Loss):
             return ops.sum(smooth_l1(offsets - ops.stop_gradient(targets)), axis=-1)
         return paired_iou_losses(pred_boxes, ops.stop_gradient(matched_boxes), self.box_loss)
 
-    def _softmax_loss(self, logits, labels, num_pos_per_image):
-        """Weighted CE on positives and hard-mined negatives (SSD), summed."""
+    def _softmax_loss(self, logits, labels, num_pos_per_image, quality=None):
+        """Weighted CE on positives and hard-mined negatives (SSD), summed.
+
+        With ``quality [B, A]`` (the IoU of each positive's predicted box) a positive's target is
+        split: ``quality`` on its class, the rest on background (GFL's soft target, for softmax).
+        """
         positive = labels > 0
         log_probs = ops.log_softmax(logits, axis=-1)
         target = ops.maximum(labels, 0)
         ce = -ops.squeeze(ops.take_along_axis(log_probs, ops.expand_dims(target, -1), axis=-1), -1)
+        if quality is not None:
+            on_class = ops.where(positive, quality, 1.0)
+            ce = on_class * ce - (1.0 - on_class) * log_probs[..., 0]
         negatives = self._hard_negatives(ops.stop_gradient(-log_probs[..., 0]), labels == 0, num_pos_per_image)
         ce = ce * self._weights(target, logits.shape[-1])
         return ops.sum(ops.where(ops.logical_or(positive, negatives), ce, 0.0))

@@ -189,6 +189,26 @@ def test_sigmoid_losses_match_numpy_reference(kind):
                                rtol=1e-5)
 
 
+def test_quality_softmax_splits_each_positive_target_by_its_iou():
+    """Positives: IoU(predicted box, object) on the class, the rest on background; the mined
+    negatives are those of plain softmax (the background losses are the same)."""
+    y_true, y_pred, labels, matched = _case(seed=5)
+    plain = MultiBoxLoss(cls_loss="softmax").components(y_true, y_pred)
+    quality = MultiBoxLoss(cls_loss="quality_softmax").components(y_true, y_pred)
+    log_probs = y_pred[..., 4:7] - np.log(np.exp(y_pred[..., 4:7]).sum(-1, keepdims=True))
+    delta, ious = 0.0, []
+    for b, a in zip(*np.nonzero(labels > 0)):
+        iou = _np_iou(_np_decode(y_pred[b, a, :4], ANCHORS[a]), matched[b, a])
+        on_class, on_background = -log_probs[b, a, labels[b, a]], -log_probs[b, a, 0]
+        delta += iou * on_class + (1 - iou) * on_background - on_class
+        ious.append(iou)
+    assert 0.05 < min(ious) and max(ious) < 0.95  # a soft target, not 0 or 1
+    num_pos = (labels > 0).sum()
+    np.testing.assert_allclose(float(quality["conf"]), float(plain["conf"]) + delta / num_pos, rtol=1e-5)
+    np.testing.assert_allclose(float(quality["loc"]), float(plain["loc"]), rtol=1e-6)
+    assert score_activation("quality_softmax") == "softmax"
+
+
 def test_sigmoid_loss_ignores_ignored_anchors_and_uses_every_other_one():
     y_true, y_pred, labels, _ = _case()
     for kind in ("focal", "quality_focal", "varifocal"):
