@@ -36,3 +36,48 @@ def test_peer_predictions_score_on_kdets_ground_truth():
     assert scores["AP50_per_class"][:2] == pytest.approx([0.5, 1.0])
     assert np.isnan(scores["AP50_per_class"][2])
     assert scores["AP50"] == pytest.approx(0.75) and scores["AP"] == pytest.approx(0.75)
+
+
+def test_keras_cv_peer_trains_every_epoch_in_full(tmp_path):
+    """With steps_per_epoch, a finite tf.data dataset runs dry in every second epoch: the peer would
+    get empty epochs (and the table twice its real images/s). Every epoch must run all its steps."""
+    import types
+
+    import cv2
+    import keras
+    from keras import ops
+
+    train = []
+    for k in range(20):
+        path = str(tmp_path / f"{k}.jpg")
+        cv2.imwrite(path, np.full((40, 40, 3), 10 * k, np.uint8))
+        train.append(Record(image_id=str(k), image_path=path, width=40, height=40, boxes=[[5, 5, 20, 25]], classes=[0]))
+
+    class CountingDetector(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(1)
+            self.steps_run = keras.Variable(0, dtype="int64", trainable=False)
+
+        def call(self, images):
+            return self.dense(ops.mean(images, axis=(1, 2)))
+
+        def train_step(self, data):
+            self.steps_run.assign_add(1)
+            return {"loss": 0.0}
+
+        def predict(self, images, verbose=0):  # no detections
+            n = int(images.shape[0])
+            return dict(num_detections=np.zeros(n, np.int32), boxes=np.zeros((n, 1, 4)), classes=np.zeros((n, 1)),
+                        confidence=np.zeros((n, 1)))
+
+    model = CountingDetector()
+    model.compile(optimizer="sgd", jit_compile=False)
+    args = types.SimpleNamespace(imgsz=32, budget=0.04)
+    recipe = dict(data=dict(class_names=["x"], batch_size=4, max_boxes=4))
+    test = train[:2]
+    row, results = race.run_keras_cv(args, lambda num_classes, max_det: model, recipe, train, test, 10,
+                                     records_to_coco_json(test, ["x"]))
+    assert results == []
+    assert row["epochs"] >= 2  # the case that fails without .repeat()
+    assert int(model.steps_run.numpy()) == row["epochs"] * 5

@@ -251,8 +251,9 @@ def run_keras_cv(args, build, recipe, train, test, max_det, ground_truth):
         boxes = targets[..., :4] * float(size)  # normalised xyxy -> pixels of the input
         return tf.cast(images, tf.float32), dict(boxes=boxes, classes=targets[..., 4])
 
+    # repeated: with steps_per_epoch, a finite dataset runs dry in every second epoch (an empty epoch)
     data = make_dataset(train, size, batch, augment=[hflip(), resize()], max_boxes=recipe["data"]["max_boxes"],
-                        seed=0, cache_images=True).map(keras_cv_batch)
+                        seed=0, cache_images=True).map(keras_cv_batch).repeat()
     steps = len(train) // batch
     keras.utils.set_random_seed(0)
     model = build(len(class_names), max_det)
