@@ -243,15 +243,13 @@ class MultiBoxLoss(keras.losses.Loss):
 
         loc = self._box_losses(offsets, pred_boxes, matched_boxes, anchors)
         loc = ops.sum(ops.where(positive, loc, 0.0))
+        if self.cls_loss != "softmax" and quality is None:  # IoU of the predicted box with its object (GFL)
+            quality = ops.stop_gradient(paired_iou(pred_boxes, matched_boxes))
         if self.cls_loss == "softmax":
             conf = self._softmax_loss(logits, labels, num_pos_per_image)
         elif self.cls_loss == "quality_softmax":
-            if quality is None:
-                quality = ops.stop_gradient(paired_iou(pred_boxes, matched_boxes))
             conf = self._softmax_loss(logits, labels, num_pos_per_image, quality)
         else:
-            if quality is None:  # IoU of the predicted box with its object (GFL / VarifocalNet)
-                quality = ops.stop_gradient(paired_iou(pred_boxes, matched_boxes))
             quality = ops.where(positive, quality, 0.0)
             conf = self._sigmoid_loss(logits, labels, quality)
             if self.assigner == "tal":  # YOLOv8: over the soft targets' sum, small for the normalised alignment

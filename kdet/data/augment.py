@@ -427,7 +427,8 @@ class CopyPaste:
         lo, hi = self.scale_range
         scale *= math.exp(rng.uniform(math.log(lo), math.log(hi))) if hi > lo else lo
         x0, y0, x1, y1 = box
-        if min(x1 - x0, y1 - y0) < 2 or min(x1 - x0, y1 - y0) * scale < 2:
+        side = min(x1 - x0, y1 - y0)
+        if side < 2 or side * scale < 2:  # too small in the donor, or once scaled
             return None
         pad_x, pad_y = max(2.0, self.margin * (x1 - x0)), max(2.0, self.margin * (y1 - y0))
         cx0, cy0 = int(max(0, math.floor(x0 - pad_x))), int(max(0, math.floor(y0 - pad_y)))
