@@ -56,6 +56,8 @@ def default_recipe():
                                          # as numbers in the model config (reload and export reuse them)
             aspect_ratios=None,          # None: [[2], [2, 3], [2, 3], [2, 3], [2], [2]]; "auto": fitted as above
             fpn_channels=256,            # FPN backbones only (scaled by width_multiplier, min 8)
+            fine_map=False,              # VGG16 bases only: a stride-4 source (conv3_3 + upsampled conv4_3)
+                                         # before conv4_3, for objects under ~12 px; 7 maps, so 8 anchor scales
         ),
         data=dict(
             root=None,                   # passed to sources given as partial(...) callables

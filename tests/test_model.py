@@ -187,3 +187,35 @@ def test_vgg16_bn_variant_for_training_from_scratch(tmp_path):
     np.testing.assert_allclose(keras.models.load_model(path)(x), model(x), atol=1e-5)
     with pytest.raises(ValueError, match="no ImageNet weights for the batch-norm variant"):
         SSD(num_classes=2, image_size=64, backbone="vgg16_bn", backbone_weights="imagenet")
+
+
+def test_fine_map_adds_a_stride4_source_fed_by_conv4_3(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = SSD(NUM_CLASSES, image_size=96, backbone="vgg16_bn", width_multiplier=0.125, fine_map=True)
+    sizes = [(24, 24)] + vgg16_feature_map_sizes(96)  # conv3_3's stride 4, then the usual six maps
+    assert model.feature_map_sizes == sizes
+    np.testing.assert_allclose(model.anchors, default_boxes(sizes, [0.05] + ssd_scales(), [[2]] + SSD300_ASPECT_RATIOS))
+    assert model.anchors_per_level[0] == 24 * 24 * 4
+    # One FPN top-down step: the fine source sees conv4_3 (a change there reaches the stride-4 boxes).
+    fine_source = model.get_layer("fine_norm").output
+    probe = keras.Model(model.inputs, fine_source)
+    images = _images(1, 96, 96)
+    before = keras.ops.convert_to_numpy(probe(images))
+    conv4_3 = model.get_layer("block4_conv3")
+    kernel, = conv4_3.get_weights()
+    conv4_3.set_weights([kernel * 2.0])
+    assert not np.allclose(keras.ops.convert_to_numpy(probe(images)), before)
+    conv4_3.set_weights([kernel])
+    # Its layers freeze with conv4_3's stage and survive a save and reload.
+    assert {"fine_lateral", "fine_conv", "fine_norm"} <= set(model.backbone_stages[3])
+    path = tmp_path / "fine.keras"
+    model.save(path)
+    reloaded = keras.models.load_model(path)
+    assert reloaded.get_config()["fine_map"] is True
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(reloaded(images)),
+                               keras.ops.convert_to_numpy(model(images)), atol=1e-5)
+
+
+def test_fine_map_is_refused_on_other_backbones():
+    with pytest.raises(ValueError, match="fine_map=True .* 'vgg16' and 'vgg16_bn', not 'mobilenetv2_fpn'"):
+        SSD(NUM_CLASSES, image_size=64, backbone="mobilenetv2_fpn", width_multiplier=0.35, fine_map=True)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import keras
 
+from kdet.models.anchors import SSD300_ASPECT_RATIOS, ssd_scales
 from kdet.models.layers import ImagePreprocessing, L2Normalization
 
 BACKBONES = ("vgg16", "vgg16_bn", "resnet50_fpn", "mobilenetv2_fpn", "mobilenetv3_large_ssdlite",
@@ -216,7 +217,7 @@ def vgg16_feature_map_sizes(image_size):
     return sizes
 
 
-def vgg16_ssd(images, width_multiplier=1.0, weights=None, batch_norm=False):
+def vgg16_ssd(images, width_multiplier=1.0, weights=None, batch_norm=False, fine_map=False):
     """The SSD300 VGG16 base + extra layers (Liu et al. 2016, Fig. 2).
 
     VGG16 conv1_1..conv5_3 (pool3 in ceil mode), conv4_3 -> L2Normalization(20)
@@ -231,6 +232,12 @@ def vgg16_ssd(images, width_multiplier=1.0, weights=None, batch_norm=False):
     ``batch_norm=True`` (backbone ``"vgg16_bn"``) puts BatchNormalization after
     every conv, as ScratchDet (Zhu et al. 2019) does to train SSD from scratch;
     there are no ImageNet weights for it.
+
+    ``fine_map=True`` adds a stride-4 source before conv4_3 for objects a stride-8
+    map localises poorly (under ~12 px): conv3_3 plus conv4_3 brought down by a
+    1x1 conv and 2x nearest upsampling (one FPN top-down step), then a 3x3 conv and
+    L2Normalization(20). Seven sources then, so seven aspect-ratio lists and
+    eight anchor scales.
     """
     label = "VGG16-BN" if batch_norm else "VGG16"
     _check_weights(weights, "VGG16")
@@ -264,13 +271,18 @@ def vgg16_ssd(images, width_multiplier=1.0, weights=None, batch_norm=False):
 
     x = ImagePreprocessing("caffe", name="vgg16_preprocess")(images)
     stages, pretrained, sources = [], [], []
+    conv3_3 = None
     blocks = [(64, 2), (128, 2), (256, 3), (512, 3), (512, 3)]
     for block, (filters, num_convs) in enumerate(blocks, start=1):
         names = [f"block{block}_conv{i}" for i in range(1, num_convs + 1)]
         for name in names:
             x = conv(filters, 3, name, padding="same")(x)
         pretrained += names
+        if block == 3:
+            conv3_3 = x
         if block == 4:
+            if fine_map:
+                sources.append(_fine_source(conv3_3, x, conv))
             sources.append(L2Normalization(20.0, name="conv4_3_norm")(x))
         if block < 5:
             pool_name = f"block{block}_pool"
@@ -279,7 +291,8 @@ def vgg16_ssd(images, width_multiplier=1.0, weights=None, batch_norm=False):
         else:
             pool_name = "pool5"
             x = keras.layers.MaxPooling2D(3, 1, padding="same", name=pool_name)(x)
-        stages.append(with_norm(names) + [pool_name])
+        fine_layers = with_norm(["fine_lateral", "fine_conv"]) + ["fine_norm"] if fine_map and block == 4 else []
+        stages.append(with_norm(names) + fine_layers + [pool_name])
 
     x = conv(1024, 3, "fc6", padding="same", dilation_rate=6)(x)
     x = conv(1024, 1, "fc7")(x)
@@ -300,7 +313,18 @@ def vgg16_ssd(images, width_multiplier=1.0, weights=None, batch_norm=False):
     if weights is not None:
         _load_pretrained({name: convs[name] for name in pretrained},
                          _pretrained_layer_weights(keras.applications.VGG16, "VGG16", weights), label)
-    return BackboneFeatures(sources=sources, stages=stages, pretrained=pretrained)
+    if not fine_map:
+        return BackboneFeatures(sources=sources, stages=stages, pretrained=pretrained)
+    # The fine map's boxes: half conv4_3's first scale, and the paper's boxes for the rest.
+    return BackboneFeatures(sources=sources, stages=stages, pretrained=pretrained,
+                            anchor_scales=[0.05] + ssd_scales(6), aspect_ratios=[[2]] + SSD300_ASPECT_RATIOS)
+
+
+def _fine_source(conv3_3, conv4_3, conv):
+    """The stride-4 source of ``vgg16_ssd(fine_map=True)``: conv3_3 + upsampled conv4_3, 3x3 conv, L2 norm."""
+    lateral = conv(256, 1, "fine_lateral")(conv4_3)
+    fused = keras.layers.Add(name="fine_add")([conv3_3, _upsample_like(lateral, conv3_3, "fine")])
+    return L2Normalization(20.0, name="fine_norm")(conv(256, 3, "fine_conv", padding="same")(fused))
 
 
 # ------------------------------------------------------------------------ FPN
@@ -632,13 +656,17 @@ def kerascv_fpn(images, trunk, fpn_channels=256, width_multiplier=1.0, weights=N
     return BackboneFeatures(sources=sources, stages=stages, pretrained=pretrained)
 
 
-def build_backbone(images, backbone="vgg16", width_multiplier=1.0, weights=None, fpn_channels=256):
-    """Dispatch on the backbone name (one of ``BACKBONES``)."""
+def build_backbone(images, backbone="vgg16", width_multiplier=1.0, weights=None, fpn_channels=256,
+                   fine_map=False):
+    """Dispatch on the backbone name (one of ``BACKBONES``); ``fine_map`` is for the VGG16 bases only."""
+    if fine_map and backbone not in ("vgg16", "vgg16_bn"):
+        raise ValueError(f"fine_map=True (a stride-4 source) is built for backbones 'vgg16' and 'vgg16_bn', "
+                         f"not {backbone!r}")
     if backbone == "mobilenetv3_large_ssdlite":
         return mobilenetv3_large_ssdlite(images, width_multiplier=width_multiplier, weights=weights)
     if backbone in ("vgg16", "vgg16_bn"):
         return vgg16_ssd(images, width_multiplier=width_multiplier, weights=weights,
-                         batch_norm=backbone == "vgg16_bn")
+                         batch_norm=backbone == "vgg16_bn", fine_map=fine_map)
     if backbone.endswith("_fpn") and backbone[: -len("_fpn")] in _KERASCV_FPN_TRUNKS:
         return kerascv_fpn(images, trunk=backbone[: -len("_fpn")], fpn_channels=fpn_channels,
                            width_multiplier=width_multiplier, weights=weights)

@@ -130,7 +130,7 @@ class SSD(keras.Model):
     def __init__(self, num_classes: int, image_size=300, backbone: str = "vgg16", width_multiplier: float = 1.0,
                  backbone_weights=None, anchor_scales=None, aspect_ratios=None,
                  clip_anchors: bool = True, anchor_steps=None, fpn_channels: int = 256,
-                 score_activation: str = "softmax", **kwargs):
+                 score_activation: str = "softmax", fine_map: bool = False, **kwargs):
         if int(num_classes) < 1:
             raise ValueError(f"SSD: num_classes must be >= 1, got {num_classes}")
         if score_activation not in SCORE_ACTIVATIONS:
@@ -140,7 +140,7 @@ class SSD(keras.Model):
         # === Functional graph ===
         images = keras.Input((height, width, 3), name="images")
         features = build_backbone(images, backbone, width_multiplier=width_multiplier,
-                                  weights=backbone_weights, fpn_channels=fpn_channels)
+                                  weights=backbone_weights, fpn_channels=fpn_channels, fine_map=fine_map)
         sources = features.sources
         num_maps = len(sources)
         ratios = aspect_ratios if aspect_ratios is not None else (
@@ -177,6 +177,7 @@ class SSD(keras.Model):
         self.anchor_steps = anchor_steps
         self.fpn_channels = fpn_channels
         self.score_activation = score_activation
+        self.fine_map = bool(fine_map)
 
         # === Derived attributes ===
         self.feature_map_sizes = [tuple(s.shape[1:3]) for s in sources]
@@ -242,6 +243,7 @@ class SSD(keras.Model):
             "anchor_steps": self.anchor_steps,
             "fpn_channels": self.fpn_channels,
             "score_activation": self.score_activation,
+            "fine_map": self.fine_map,
         }
 
     @classmethod
