@@ -37,10 +37,20 @@ def test_tiny_objects_warn_with_the_image_size_that_fixes_them():
     text = "\n".join(data["warnings"])
     assert "speck: 100% of its objects are under 8 px" in text and "model.image_size=608" in text
     assert "that small in the original images too" in text
+    assert "fine_map" not in text  # the recipe names no VGG16 backbone
     # The smallest anchor (0.1 * 96 = 9.6 px) against a 1.28 px box: IoU ~0.02, far below 0.5.
     assert data["anchor_coverage"]["per_class"]["speck"]["covered"] == 0.0
     assert "speck: only 0% of its objects have an anchor at IoU >= 0.5" in text
     assert "WARNING" in result["brief"] and "pre-flight" in result["full"]
+
+
+def test_tiny_objects_on_a_vgg16_base_name_the_stride4_map_until_it_is_on():
+    for fine_map, named in ((False, True), (True, False)):
+        recipe = recipe_for(96, backbone="vgg16_bn", fine_map=fine_map)
+        text = "\n".join(run_preflight(recipe, {"train": tiny_object_records()}, ["speck"],
+                                       anchor_setup=SMALL_SETUP)["data"]["warnings"])
+        assert "model.image_size=608" in text
+        assert ("model.fine_map=True" in text) == named
 
 
 def test_no_warnings_on_objects_that_fit():

@@ -114,7 +114,8 @@ def anchor_summary(records, class_names, anchors, image_size, match_iou):
 
 
 # ------------------------------------------------------------------ warnings
-def size_warnings(summary, image_size, small_px=SMALL_PX):
+def size_warnings(summary, image_size, small_px=SMALL_PX, fine_map_hint=False):
+    """One warning per class with many tiny objects; ``fine_map_hint`` also names ``model.fine_map``."""
     warnings = []
     for name, row in summary.items():
         if "fix_image_size" not in row:
@@ -124,6 +125,8 @@ def size_warnings(summary, image_size, small_px=SMALL_PX):
                 f"model.image_size={row['fix_image_size']} would bring {100 * SMALL_SHARE:.0f}% of them to {small_px:g} px")
         if row.get("tiny_in_original"):
             text += " (they are that small in the original images too: upsampling helps the anchors, not the detail)"
+        if fine_map_hint:
+            text += "; or model.fine_map=True, a stride-4 first map (VGG16 backbones)"
         warnings.append(text)
     return warnings
 
@@ -174,7 +177,8 @@ def run_preflight(recipe, records_by_split, class_names, anchor_setup=None, auto
     auto_fit = None
     if any(r["covered"] is not None and r["covered"] < MIN_COVERAGE for r in coverage["per_class"].values()):
         auto_fit = _auto_fit_coverage(train, class_names, setup, match_iou)
-    warnings = size_warnings(sizes, image_size) + coverage_warnings(coverage, auto_fit, loss_cfg.get("assigner", "max_iou"))
+    fine_map_hint = recipe["model"].get("backbone") in ("vgg16", "vgg16_bn") and not recipe["model"].get("fine_map")
+    warnings = size_warnings(sizes, image_size, fine_map_hint=fine_map_hint) + coverage_warnings(coverage, auto_fit, loss_cfg.get("assigner", "max_iou"))
     warnings += _problem_warnings(problems)
     reweighted = loss_cfg.get("class_weights") is not None or recipe["data"].get("repeat_factor_threshold")
     if ratio is not None and ratio >= 10 and not reweighted:
