@@ -206,8 +206,10 @@ def test_fine_map_adds_a_stride4_source_fed_by_conv4_3(tmp_path):
     conv4_3.set_weights([kernel * 2.0])
     assert not np.allclose(keras.ops.convert_to_numpy(probe(images)), before)
     conv4_3.set_weights([kernel])
-    # Its layers freeze with conv4_3's stage and survive a save and reload.
-    assert {"fine_lateral", "fine_conv", "fine_norm"} <= set(model.backbone_stages[3])
+    # Its layers are new (never frozen with the pretrained stages) and survive a save and reload.
+    fine_layers = {"fine_lateral", "fine_lateral_bn", "fine_conv", "fine_conv_bn", "fine_norm"}
+    assert fine_layers <= set(model.new_layer_names)
+    assert not fine_layers & {name for stage in model.backbone_stages for name in stage}
     path = tmp_path / "fine.keras"
     model.save(path)
     reloaded = keras.models.load_model(path)

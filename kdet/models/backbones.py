@@ -237,7 +237,8 @@ def vgg16_ssd(images, width_multiplier=1.0, weights=None, batch_norm=False, fine
     map localises poorly (under ~12 px): conv3_3 plus conv4_3 brought down by a
     1x1 conv and 2x nearest upsampling (one FPN top-down step), then a 3x3 conv and
     L2Normalization(20). Seven sources then, so seven aspect-ratio lists and
-    eight anchor scales.
+    eight anchor scales. Its layers are new, like the extras: in no backbone stage, so
+    freezing pretrained stages never freezes them.
     """
     label = "VGG16-BN" if batch_norm else "VGG16"
     _check_weights(weights, "VGG16")
@@ -291,8 +292,7 @@ def vgg16_ssd(images, width_multiplier=1.0, weights=None, batch_norm=False, fine
         else:
             pool_name = "pool5"
             x = keras.layers.MaxPooling2D(3, 1, padding="same", name=pool_name)(x)
-        fine_layers = with_norm(["fine_lateral", "fine_conv"]) + ["fine_norm"] if fine_map and block == 4 else []
-        stages.append(with_norm(names) + fine_layers + [pool_name])
+        stages.append(with_norm(names) + [pool_name])
 
     x = conv(1024, 3, "fc6", padding="same", dilation_rate=6)(x)
     x = conv(1024, 1, "fc7")(x)
