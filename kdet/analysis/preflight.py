@@ -164,6 +164,7 @@ def run_preflight(recipe, records_by_split, class_names, anchor_setup=None, auto
     (built from the recipe when ``None``); ``auto_text``: what the "auto" anchor fit printed.
     """
     from kdet.analysis.anchors import model_anchor_setup
+    from kdet.models.backbones import VGG16_BACKBONES
 
     train = records_by_split["train"]
     image_size = recipe["model"].get("image_size", 300)
@@ -177,7 +178,7 @@ def run_preflight(recipe, records_by_split, class_names, anchor_setup=None, auto
     auto_fit = None
     if any(r["covered"] is not None and r["covered"] < MIN_COVERAGE for r in coverage["per_class"].values()):
         auto_fit = _auto_fit_coverage(train, class_names, setup, match_iou)
-    fine_map_hint = recipe["model"].get("backbone") in ("vgg16", "vgg16_bn") and not recipe["model"].get("fine_map")
+    fine_map_hint = recipe["model"].get("backbone") in VGG16_BACKBONES and not recipe["model"].get("fine_map")
     warnings = size_warnings(sizes, image_size, fine_map_hint=fine_map_hint) + coverage_warnings(coverage, auto_fit, loss_cfg.get("assigner", "max_iou"))
     warnings += _problem_warnings(problems)
     reweighted = loss_cfg.get("class_weights") is not None or recipe["data"].get("repeat_factor_threshold")

@@ -31,6 +31,7 @@ from kdet.models.layers import ImagePreprocessing, L2Normalization
 BACKBONES = ("vgg16", "vgg16_bn", "resnet50_fpn", "mobilenetv2_fpn", "mobilenetv3_large_ssdlite",
              "resnet50v2_fpn", "cspdarknet_tiny_fpn", "efficientnetv2_b0_fpn")  # the last three: keras-cv trunks
 MOBILENETV2_IMAGENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
+VGG16_BACKBONES = ("vgg16", "vgg16_bn")  # the SSD paper's base, with and without BatchNorm; the only ones with fine_map
 
 
 class WeightsDownloadError(RuntimeError):
@@ -313,11 +314,9 @@ def vgg16_ssd(images, width_multiplier=1.0, weights=None, batch_norm=False, fine
     if weights is not None:
         _load_pretrained({name: convs[name] for name in pretrained},
                          _pretrained_layer_weights(keras.applications.VGG16, "VGG16", weights), label)
-    if not fine_map:
-        return BackboneFeatures(sources=sources, stages=stages, pretrained=pretrained)
     # The fine map's boxes: half conv4_3's first scale, and the paper's boxes for the rest.
-    return BackboneFeatures(sources=sources, stages=stages, pretrained=pretrained,
-                            anchor_scales=[0.05] + ssd_scales(6), aspect_ratios=[[2]] + SSD300_ASPECT_RATIOS)
+    fine_boxes = dict(anchor_scales=[0.05] + ssd_scales(6), aspect_ratios=[[2]] + SSD300_ASPECT_RATIOS) if fine_map else {}
+    return BackboneFeatures(sources=sources, stages=stages, pretrained=pretrained, **fine_boxes)
 
 
 def _fine_source(conv3_3, conv4_3, conv):
@@ -659,12 +658,12 @@ def kerascv_fpn(images, trunk, fpn_channels=256, width_multiplier=1.0, weights=N
 def build_backbone(images, backbone="vgg16", width_multiplier=1.0, weights=None, fpn_channels=256,
                    fine_map=False):
     """Dispatch on the backbone name (one of ``BACKBONES``); ``fine_map`` is for the VGG16 bases only."""
-    if fine_map and backbone not in ("vgg16", "vgg16_bn"):
+    if fine_map and backbone not in VGG16_BACKBONES:
         raise ValueError(f"fine_map=True (a stride-4 source) is built for backbones 'vgg16' and 'vgg16_bn', "
                          f"not {backbone!r}")
     if backbone == "mobilenetv3_large_ssdlite":
         return mobilenetv3_large_ssdlite(images, width_multiplier=width_multiplier, weights=weights)
-    if backbone in ("vgg16", "vgg16_bn"):
+    if backbone in VGG16_BACKBONES:
         return vgg16_ssd(images, width_multiplier=width_multiplier, weights=weights,
                          batch_norm=backbone == "vgg16_bn", fine_map=fine_map)
     if backbone.endswith("_fpn") and backbone[: -len("_fpn")] in _KERASCV_FPN_TRUNKS:
