@@ -106,10 +106,10 @@ def build_model(recipe, class_names):
         if recipe["model"].get("init_from"):
             init_from_checkpoint(model, recipe["model"]["init_from"])
         return model
-    except TypeError as err:
-        raise RecipeError(f"bad model section in the recipe: {err}") from err
     except (WeightsFileError, InitFromError) as err:
         raise RecipeError(str(err)) from err
+    except (TypeError, ValueError) as err:  # SSD refuses the section (fine_map on FPN, scales of the wrong length)
+        raise RecipeError(f"bad model section in the recipe: {err}") from err
 
 
 def _ssd_arguments(model_section):

@@ -191,3 +191,14 @@ def test_readable_error_line_for_oserror():
     err = FileNotFoundError(2, "No such file or directory", "/data/x.json")
     assert error_line(err) == "error: /data/x.json: No such file or directory"
     assert error_line(ValueError("first\n  second")) == "error: first second"
+
+
+@pytest.mark.parametrize("overrides, needles", [
+    (["model.backbone=mobilenetv2_fpn", "model.fine_map=True"], ["bad model section", "fine_map"]),
+    (["model.anchor_scales=[0.1,0.2]"], ["bad model section", "anchor_scales"]),
+])
+def test_train_refused_model_section_is_one_line(tmp_path, overrides, needles):
+    args = [arg for override in overrides for arg in ("--set", override)]
+    proc = run_tool("train", REPO / "recipes" / "ssd_bccd_scratch.py", "--work-dir", tmp_path / "run", *args,
+                    "--set", f"data.root={BCCD}")
+    last_error_line(proc, *needles)

@@ -427,7 +427,12 @@ def model_anchor_setup(model_cfg, num_classes):
     accepted = inspect.signature(SSD.__init__).parameters
     kwargs = {k: (None if v == "auto" else v) for k, v in model_cfg.items() if k in accepted}
     kwargs.update(num_classes=num_classes, backbone_weights=None)   # never download for this
-    model = SSD(**kwargs)
+    try:
+        model = SSD(**kwargs)
+    except (TypeError, ValueError) as err:  # the first build of a training run: one line naming the section
+        from kdet.config import RecipeError
+
+        raise RecipeError(f"bad model section in the recipe: {err}") from err
     layer = model.get_layer("anchors")
     setup = AnchorSetup(model_cfg.get("image_size", 300), list(model.feature_map_sizes),
                         [float(s) for s in layer.scales], [[float(r) for r in rs] for rs in layer.aspect_ratios],
