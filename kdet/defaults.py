@@ -102,7 +102,10 @@ def default_recipe():
             tal_alpha=1.0,               # exponent of the class score in the alignment
             tal_beta=6.0,                # exponent of the predicted box's IoU in the alignment
             box_loss="smooth_l1",        # "smooth_l1" (encoded offsets) | "giou" | "diou" | "ciou" (decoded boxes)
-            box_weight=None,             # times alpha on the box loss; None: 1 for smooth_l1, 2 for the IoU family
+                                         # | "smooth_l1+giou" | "smooth_l1+diou" | "smooth_l1+ciou" (both)
+            box_weight=None,             # times alpha on the box loss; None: 1 for smooth_l1 and the sums,
+                                         # 2 for the IoU family alone
+            iou_weight=2.0,              # the IoU term's weight inside "smooth_l1+<iou>"
             cls_loss="softmax",          # "softmax" (+ hard negative mining) | "quality_softmax" (the same, positives'
                                          # target split: predicted box's IoU on the class, the rest on background)
                                          # | "focal" | "quality_focal" | "varifocal"

@@ -17,13 +17,19 @@ from kdet.matching import (DEFAULT_VARIANCES, atss_match, decode_boxes, encode_b
                            task_aligned_match)
 
 ASSIGNERS = ("max_iou", "atss", "tal")
-BOX_LOSSES = ("smooth_l1", "giou", "diou", "ciou")
+IOU_BOX_LOSSES = ("giou", "diou", "ciou")
+# "smooth_l1+ciou" etc.: smooth L1 on the offsets plus iou_weight x the IoU-family term on the decoded boxes
+# (DETR's L1 + GIoU, YOLOX's late L1 beside its IoU loss): the offsets keep smooth L1's steady gradient,
+# the IoU term aims the boxes at what AP counts.
+BOX_LOSSES = ("smooth_l1",) + IOU_BOX_LOSSES + tuple(f"smooth_l1+{kind}" for kind in IOU_BOX_LOSSES)
 CLASS_LOSSES = ("softmax", "quality_softmax", "focal", "quality_focal", "varifocal")
 SOFTMAX_LOSSES = ("softmax", "quality_softmax")
 # loss.box_weight=None: 1 for smooth L1 (as before); 2 for the IoU family, mmdetection's GIoU weight
 # beside sigmoid class losses (ATSS, GFL, VFNet): 1 - GIoU is a few times smaller than SSD's smooth L1
 # on variance-scaled offsets, so the box term keeps a similar share of the gradient.
-DEFAULT_BOX_WEIGHTS = dict(smooth_l1=1.0, giou=2.0, diou=2.0, ciou=2.0)
+DEFAULT_BOX_WEIGHTS = dict(smooth_l1=1.0, giou=2.0, diou=2.0, ciou=2.0,
+                           **{f"smooth_l1+{kind}": 1.0 for kind in IOU_BOX_LOSSES})
+DEFAULT_IOU_WEIGHT = 2.0                 # the IoU term of "smooth_l1+<iou>" (mmdetection's GIoU weight)
 FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0     # RetinaNet
 QFL_BETA = 2.0                           # GFL
 VFL_ALPHA, VFL_GAMMA = 0.75, 2.0         # VarifocalNet
@@ -167,6 +173,7 @@ class MultiBoxLoss(keras.losses.Loss):
         anchors_per_level=None,
         box_loss="smooth_l1",
         box_weight=None,
+        iou_weight=DEFAULT_IOU_WEIGHT,
         cls_loss="softmax",
         tal_top_k=13,
         tal_alpha=1.0,
@@ -200,6 +207,7 @@ class MultiBoxLoss(keras.losses.Loss):
         self.score_activation = score_activation(cls_loss)  # checks cls_loss
         self.box_loss, self.cls_loss = box_loss, cls_loss
         self.box_weight = DEFAULT_BOX_WEIGHTS[box_loss] if box_weight is None else float(box_weight)
+        self.iou_weight = float(iou_weight)
         self.tal_top_k, self.tal_alpha, self.tal_beta = int(tal_top_k), float(tal_alpha), float(tal_beta)
 
     def call(self, y_true, y_pred):
@@ -274,10 +282,16 @@ class MultiBoxLoss(keras.losses.Loss):
 
     def _box_losses(self, offsets, pred_boxes, matched_boxes, anchors):
         """Per-anchor box loss ``[B, A]`` (meaningful on positives only)."""
-        if self.box_loss == "smooth_l1":  # summed over the 4 encoded offsets
+        kinds = self.box_loss.split("+")
+        loss = 0.0
+        if "smooth_l1" in kinds:  # summed over the 4 encoded offsets
             targets = encode_boxes(matched_boxes, anchors, self.variances)
-            return ops.sum(smooth_l1(offsets - ops.stop_gradient(targets)), axis=-1)
-        return paired_iou_losses(pred_boxes, ops.stop_gradient(matched_boxes), self.box_loss)
+            loss = ops.sum(smooth_l1(offsets - ops.stop_gradient(targets)), axis=-1)
+        iou_kind = kinds[-1] if kinds[-1] in IOU_BOX_LOSSES else None
+        if iou_kind is not None:
+            iou_loss = paired_iou_losses(pred_boxes, ops.stop_gradient(matched_boxes), iou_kind)
+            loss = loss + (self.iou_weight * iou_loss if len(kinds) == 2 else iou_loss)
+        return loss
 
     def _softmax_loss(self, logits, labels, num_pos_per_image, quality=None):
         """Weighted CE on positives and hard-mined negatives (SSD), summed.
@@ -365,6 +379,7 @@ class MultiBoxLoss(keras.losses.Loss):
             anchors_per_level=self.anchors_per_level,
             box_loss=self.box_loss,
             box_weight=self.box_weight,
+            iou_weight=self.iou_weight,
             cls_loss=self.cls_loss,
             tal_top_k=self.tal_top_k,
             tal_alpha=self.tal_alpha,

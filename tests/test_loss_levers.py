@@ -150,12 +150,28 @@ def test_iou_box_loss_in_the_multibox_loss(kind):
     np.testing.assert_allclose(float(parts["loss"]), float(plain["conf"]) + 2.0 * loc, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["giou", "ciou"])
+def test_smooth_l1_plus_iou_box_loss_is_the_sum_of_both_terms(kind):
+    y_true, y_pred, _, _ = _case()
+    smooth = float(MultiBoxLoss().components(y_true, y_pred)["loc"])
+    iou = float(MultiBoxLoss(box_loss=kind).components(y_true, y_pred)["loc"])
+    both = MultiBoxLoss(box_loss=f"smooth_l1+{kind}")
+    assert both.box_weight == 1.0 and both.iou_weight == 2.0
+    np.testing.assert_allclose(float(both.components(y_true, y_pred)["loc"]), smooth + 2.0 * iou, rtol=1e-5)
+    heavier = MultiBoxLoss(box_loss=f"smooth_l1+{kind}", iou_weight=5.0, box_weight=0.5)
+    parts = heavier.components(y_true, y_pred)
+    np.testing.assert_allclose(float(parts["loc"]), smooth + 5.0 * iou, rtol=1e-5)
+    np.testing.assert_allclose(float(parts["loss"]), float(parts["conf"]) + 0.5 * float(parts["loc"]), rtol=1e-5)
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(heavier))
+    assert restored.get_config() == heavier.get_config()
+
+
 def test_iou_box_loss_gradient_is_finite_and_reaches_positive_offsets_only():
     y_true, y_pred, labels, _ = _case()
     y_pred = y_pred.copy()
     y_pred[0, 0, :4] = [50.0, -50.0, 80.0, -80.0]  # a wild background anchor (log-scale clamped)
     y_pred[0, 2, 2:4] = [-60.0, 40.0]  # a positive whose box collapses to a sliver
-    for kind in ("giou", "diou", "ciou"):
+    for kind in ("giou", "diou", "ciou", "smooth_l1+ciou"):
         x = tf.Variable(y_pred)
         with tf.GradientTape() as tape:
             value = MultiBoxLoss(box_loss=kind)(y_true, x)

@@ -3,8 +3,8 @@
 
     python tools/benchmark_race.py --budget 23 --ultralytics-python /work/venv-race/bin/python
 
-1. **kdet** trains the recipe (default ``recipes/ssd_bccd_scratch.py``) in this process with
-   ``--set train.time_budget=BUDGET`` (and ``eval.report_train_images=0``: the run report's
+1. **kdet** trains the recipe (default ``recipes/ssd_bccd_race.py``, kdet's best from-scratch BCCD
+   recipe) in this process with ``--set train.time_budget=BUDGET`` (and ``eval.report_train_images=0``: the run report's
    train/held-out gap would only cost time after training), then writes its test split's
    ``ground_truth.json`` and ``test_detections.json`` (eval settings of the recipe).
 2. **Ultralytics** (when ``--ultralytics-python`` names a Python with it installed; a separate venv,
@@ -45,7 +45,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-DEFAULT_RECIPE = os.path.join(REPO, "recipes", "ssd_bccd_scratch.py")
+DEFAULT_RECIPE = os.path.join(REPO, "recipes", "ssd_bccd_race.py")
 
 
 def parse_args(argv=None):
