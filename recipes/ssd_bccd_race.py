@@ -11,10 +11,6 @@ budget"; BCCD train -> val at 224 px, one seed each, never the test split):
 * mosaic in place of SSD's zoom-out (expand), off for the last 10 planned epochs (Ultralytics'
   close_mosaic): on half the images 0.254 -> 0.338 (batch 16), 0.386 (batch 8); at 40 fixed
   epochs with batch 8: p=0.5 0.416, p=0.8 0.440, p=1.0 0.384.
-* keras-cv's CSPDarkNet-Tiny at width 0.5 with kdet's FPN (P3-P7, 64 channels) in place of the
-  width-0.125 VGG16-BN, at 300 px: val AP 0.406 -> 0.456, AP50 0.713 -> 0.783 at a 6-minute
-  budget (43 epochs instead of 35; 0.423 -> 0.456 at 40 fixed epochs, 224 px). Width 1.0 fits
-  22 epochs in those 6 minutes: 0.264. The same anchors (BCCD-fitted), less the VGG's 1x1 map.
 GIoU, ATSS and the task-aligned assigner lost beside the quality focal loss, width 0.25 lost
 to the time it costs (0.150), AdamW 2.5e-3 lost to 5e-3 (0.393), weight averaging with a
 warm-up (train.ema_momentum=0.99, ema_warmup_epochs=2) made no difference (0.413): none is used.
@@ -26,14 +22,6 @@ from kdet.config import merge
 from kdet.data.augment import mosaic, ssd_augmentation
 
 recipe = merge(scratch, dict(
-    model=dict(
-        backbone="cspdarknet_tiny_fpn",  # keras-cv's CSPDarkNet-Tiny (YOLOX-Tiny's trunk), from scratch
-        width_multiplier=0.5,            # stack channels 24-48-96-192, FPN 64 channels
-        fpn_channels=128,
-        # scratch's fitted scales on the same 38-19-10-5-3 maps (the FPN has no 1x1 map)
-        anchor_scales=scratch["model"]["anchor_scales"][:6],
-        aspect_ratios=scratch["model"]["aspect_ratios"][:5],
-    ),
     data=dict(
         batch_size=8,
         # mosaic tiles 4 images at half scale: it replaces the zoom-out, which would shrink them again
