@@ -35,6 +35,11 @@ class RecipeError(ValueError):
     """A recipe that cannot be read or a bad override; the message is one line."""
 
 
+def bad_model_section(err):
+    """The ``RecipeError`` for a model section the SSD constructor refuses (``err``: its TypeError / ValueError)."""
+    return RecipeError(f"bad model section in the recipe: {err}")
+
+
 DELETE = "_delete_"  # merge marker: {"_delete_": True, ...} replaces the base's value
 
 

@@ -12,7 +12,7 @@ import time
 import keras
 import numpy as np
 
-from kdet.config import RecipeError, load_recipe, resolve_source
+from kdet.config import RecipeError, bad_model_section, load_recipe, resolve_source
 from kdet.defaults import default_of, nms_settings
 
 
@@ -109,7 +109,7 @@ def build_model(recipe, class_names):
     except (WeightsFileError, InitFromError) as err:
         raise RecipeError(str(err)) from err
     except (TypeError, ValueError) as err:  # SSD refuses the section (fine_map on FPN, scales of the wrong length)
-        raise RecipeError(f"bad model section in the recipe: {err}") from err
+        raise bad_model_section(err) from err
 
 
 def _ssd_arguments(model_section):

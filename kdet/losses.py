@@ -208,6 +208,10 @@ class MultiBoxLoss(keras.losses.Loss):
         self.box_loss, self.cls_loss = box_loss, cls_loss
         self.box_weight = DEFAULT_BOX_WEIGHTS[box_loss] if box_weight is None else float(box_weight)
         self.iou_weight = float(iou_weight)
+        # the parts of box_loss: smooth L1 on the offsets and / or one IoU-family term (weighted in a sum)
+        self._with_smooth_l1 = box_loss.startswith("smooth_l1")
+        self._iou_kind = box_loss.split("+")[-1] if box_loss.split("+")[-1] in IOU_BOX_LOSSES else None
+        self._iou_term_weight = self.iou_weight if "+" in box_loss else 1.0
         self.tal_top_k, self.tal_alpha, self.tal_beta = int(tal_top_k), float(tal_alpha), float(tal_beta)
 
     def call(self, y_true, y_pred):
@@ -282,15 +286,13 @@ class MultiBoxLoss(keras.losses.Loss):
 
     def _box_losses(self, offsets, pred_boxes, matched_boxes, anchors):
         """Per-anchor box loss ``[B, A]`` (meaningful on positives only)."""
-        kinds = self.box_loss.split("+")
         loss = 0.0
-        if "smooth_l1" in kinds:  # summed over the 4 encoded offsets
+        if self._with_smooth_l1:  # summed over the 4 encoded offsets
             targets = encode_boxes(matched_boxes, anchors, self.variances)
             loss = ops.sum(smooth_l1(offsets - ops.stop_gradient(targets)), axis=-1)
-        iou_kind = kinds[-1] if kinds[-1] in IOU_BOX_LOSSES else None
-        if iou_kind is not None:
-            iou_loss = paired_iou_losses(pred_boxes, ops.stop_gradient(matched_boxes), iou_kind)
-            loss = loss + (self.iou_weight * iou_loss if len(kinds) == 2 else iou_loss)
+        if self._iou_kind is not None:
+            iou_loss = paired_iou_losses(pred_boxes, ops.stop_gradient(matched_boxes), self._iou_kind)
+            loss = loss + self._iou_term_weight * iou_loss
         return loss
 
     def _softmax_loss(self, logits, labels, num_pos_per_image, quality=None):

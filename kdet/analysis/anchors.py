@@ -430,9 +430,9 @@ def model_anchor_setup(model_cfg, num_classes):
     try:
         model = SSD(**kwargs)
     except (TypeError, ValueError) as err:  # the first build of a training run: one line naming the section
-        from kdet.config import RecipeError
+        from kdet.config import bad_model_section
 
-        raise RecipeError(f"bad model section in the recipe: {err}") from err
+        raise bad_model_section(err) from err
     layer = model.get_layer("anchors")
     setup = AnchorSetup(model_cfg.get("image_size", 300), list(model.feature_map_sizes),
                         [float(s) for s in layer.scales], [[float(r) for r in rs] for rs in layer.aspect_ratios],
