@@ -56,6 +56,8 @@ def default_recipe():
                                          # as numbers in the model config (reload and export reuse them)
             aspect_ratios=None,          # None: [[2], [2, 3], [2, 3], [2, 3], [2], [2]]; "auto": fitted as above
             fpn_channels=256,            # FPN backbones only (scaled by width_multiplier, min 8)
+            neck="fpn",                  # *_fpn backbones: "fpn" (linear top-down) | "pan" (YOLOv8's PAN, C2f blocks)
+            head_convs=0,                # 3x3 conv-BN-SiLU layers before each box / class predictor (YOLOv8: 2)
             fine_map=False,              # VGG16 bases only: a stride-4 source (conv3_3 + upsampled conv4_3)
                                          # before conv4_3, for objects under ~12 px; 7 maps, so 8 anchor scales
         ),

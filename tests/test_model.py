@@ -221,3 +221,40 @@ def test_fine_map_adds_a_stride4_source_fed_by_conv4_3(tmp_path):
 def test_fine_map_is_refused_on_other_backbones():
     with pytest.raises(ValueError, match="fine_map=True .* 'vgg16' and 'vgg16_bn', not 'mobilenetv2_fpn'"):
         SSD(NUM_CLASSES, image_size=64, backbone="mobilenetv2_fpn", width_multiplier=0.35, fine_map=True)
+
+
+def _tower_parameters(channels, convs):
+    """Hand count of one head's towers: per map and conv, a 3x3 kernel without bias plus BN's 4 vectors."""
+    return sum(convs * (9 * c * c + 4 * c) for c in channels)
+
+
+def test_head_convs_put_conv_bn_silu_towers_before_both_predictors(tmp_path):
+    arguments = dict(image_size=72, backbone="mobilenetv2_fpn", width_multiplier=0.35, fpn_channels=32, neck="pan")
+    plain = SSD(NUM_CLASSES, **arguments)
+    towered = SSD(NUM_CLASSES, head_convs=2, **arguments)
+    assert towered.output_shape == plain.output_shape
+    np.testing.assert_array_equal(towered.anchors, plain.anchors)
+    source_channels = [int(plain.get_layer(f"box_head_{k}").input.shape[-1])
+                       for k in range(len(plain.feature_map_sizes))]
+    assert towered.count_params() - plain.count_params() == 2 * _tower_parameters(source_channels, 2)
+    for head in ("box_head", "class_head"):
+        for k in range(len(source_channels)):
+            predictor_input = towered.get_layer(f"{head}_{k}").input
+            assert predictor_input is towered.get_layer(f"{head}_{k}_tower1_silu").output
+            assert towered.get_layer(f"{head}_{k}_tower1_silu").activation is keras.activations.silu
+    towers = {layer.name for layer in towered.layers if "_tower" in layer.name and layer.weights}
+    assert towers <= set(towered.new_layer_names)
+    path = tmp_path / "towered.keras"
+    towered.save(path)
+    reloaded = keras.models.load_model(path)
+    assert reloaded.head_convs == 2
+    images = _images(2, 72, 72, seed=4)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(reloaded(images)),
+                               keras.ops.convert_to_numpy(towered(images)), atol=1e-5)
+
+
+def test_head_convs_refused_on_separable_heads_and_below_zero():
+    with pytest.raises(ValueError, match="head_convs must be >= 0, got -1"):
+        SSD(NUM_CLASSES, image_size=64, width_multiplier=0.125, head_convs=-1)
+    with pytest.raises(ValueError, match="not 'mobilenetv3_large_ssdlite'.s separable heads"):
+        SSD(NUM_CLASSES, image_size=96, backbone="mobilenetv3_large_ssdlite", width_multiplier=0.5, head_convs=1)

@@ -1,7 +1,7 @@
 """Training-step cost of SSD300-VGG16 next to the bare VGG16 forward+backward at the same batch.
 
     python tools/benchmark_train_step.py [--batch-size 8] [--steps 5] [--size 300] [--breakdown]
-                                         [--jit auto|on|off] [--compare BACKBONE:WIDTH:SIZE[:FPN],...]
+                                         [--jit auto|on|off] [--compare BACKBONE:WIDTH:SIZE[:FPN[:NECK[:HEAD_CONVS]]],...]
 
 The difference is what SSD adds on top of its backbone: the extra layers and
 heads, the anchors, the vectorised matching and the MultiBox loss.
@@ -124,7 +124,8 @@ def breakdown(batch_size, steps, size, num_classes=20, jit="auto"):
 
 def compare_models(specs, batch_size, steps, num_classes=20, jit="auto"):
     """``[(spec, parameters, s/step, CPU s/step)]`` of full SSD train steps, one model per
-    ``backbone:width:size[:fpn_channels]`` spec (fpn_channels default 256, FPN backbones only)."""
+    ``backbone:width:size[:fpn_channels[:neck[:head_convs]]]`` spec (FPN backbones only: fpn_channels,
+    default 256, and the neck, default "fpn"; head_convs default 0)."""
     import keras
 
     from kdet.losses import MultiBoxLoss
@@ -132,10 +133,11 @@ def compare_models(specs, batch_size, steps, num_classes=20, jit="auto"):
 
     rows = []
     for spec in specs:
-        backbone, width, size, *fpn_channels = spec.split(":")
+        backbone, width, size, *rest = spec.split(":")
+        fpn_channels, neck, head_convs = rest + [256, "fpn", 0][len(rest):]
         size = int(size)
         model = SSD(num_classes=num_classes, image_size=size, backbone=backbone, width_multiplier=float(width),
-                    fpn_channels=int(fpn_channels[0]) if fpn_channels else 256)
+                    fpn_channels=int(fpn_channels), neck=neck, head_convs=int(head_convs))
         model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9),
                       loss=MultiBoxLoss(num_classes=num_classes), jit_compile=JIT[jit])
         rng = np.random.default_rng(0)
@@ -154,7 +156,7 @@ def main(argv=None):
     p.add_argument("--breakdown", action="store_true", help="time SSD's stages one by one instead")
     p.add_argument("--jit", choices=sorted(JIT), default="auto", help="XLA compilation (see above)")
     p.add_argument("--compare", default=None,
-                   help="comma-separated backbone:width:size[:fpn_channels] specs to time as full SSD train "
+                   help="comma-separated backbone:width:size[:fpn_channels[:neck[:head_convs]]] specs to time as full SSD train "
                         "steps, e.g. mobilenetv3_large_ssdlite:1.0:320,vgg16_bn:0.125:300,mobilenetv2_fpn:1.0:320:128")
     args = p.parse_args(argv)
     if args.compare:

@@ -27,6 +27,7 @@ import keras
 
 from kdet.models.anchors import SSD300_ASPECT_RATIOS, ssd_scales
 from kdet.models.layers import ImagePreprocessing, L2Normalization
+from kdet.models.necks import NECKS, build_neck, upsample_like
 
 BACKBONES = ("vgg16", "vgg16_bn", "resnet50_fpn", "mobilenetv2_fpn", "mobilenetv3_large_ssdlite",
              "resnet50v2_fpn", "cspdarknet_tiny_fpn", "efficientnetv2_b0_fpn")  # the last three: keras-cv trunks
@@ -322,7 +323,7 @@ def vgg16_ssd(images, width_multiplier=1.0, weights=None, batch_norm=False, fine
 def _fine_source(conv3_3, conv4_3, conv):
     """The stride-4 source of ``vgg16_ssd(fine_map=True)``: conv3_3 + upsampled conv4_3, 3x3 conv, L2 norm."""
     lateral = conv(256, 1, "fine_lateral")(conv4_3)
-    fused = keras.layers.Add(name="fine_add")([conv3_3, _upsample_like(lateral, conv3_3, "fine")])
+    fused = keras.layers.Add(name="fine_add")([conv3_3, upsample_like(lateral, conv3_3, "fine")])
     return L2Normalization(20.0, name="fine_norm")(conv(256, 3, "fine_conv", padding="same")(fused))
 
 
@@ -353,38 +354,9 @@ _FPN_TRUNKS = {
 }
 
 
-def _upsample_like(x, target, name):
-    """Nearest 2x upsampling of ``x``, cropped to ``target``'s size (odd sizes)."""
-    x = keras.layers.UpSampling2D(2, interpolation="nearest", name=f"{name}_upsample")(x)
-    extra_h = x.shape[1] - target.shape[1]
-    extra_w = x.shape[2] - target.shape[2]
-    if extra_h or extra_w:
-        x = keras.layers.Cropping2D(((0, extra_h), (0, extra_w)), name=f"{name}_crop")(x)
-    return x
-
-
-def fpn_neck(c3, c4, c5, channels):
-    """The FPN neck (Lin et al. 2017) on C3..C5 (strides 8, 16, 32): ``[P3, P4, P5, P6, P7]``.
-
-    1x1 laterals, a top-down pathway of nearest 2x upsampling + addition, and 3x3
-    smoothing; P6 is a 3x3 stride-2 conv on P5 and P7 a 3x3 stride-2 conv on ReLU(P6)
-    (torchvision ``LastLevelP6P7``). ``channels`` for every level.
-    """
-    laterals = [keras.layers.Conv2D(channels, 1, name=f"fpn_lateral_c{i}")(c)
-                for i, c in zip((3, 4, 5), (c3, c4, c5))]
-    p5 = laterals[2]
-    p4 = keras.layers.Add(name="fpn_p4_add")([laterals[1], _upsample_like(p5, laterals[1], "fpn_p5")])
-    p3 = keras.layers.Add(name="fpn_p3_add")([laterals[0], _upsample_like(p4, laterals[0], "fpn_p4")])
-    outputs = [keras.layers.Conv2D(channels, 3, padding="same", name=f"fpn_output_p{i}")(p)
-               for i, p in zip((3, 4, 5), (p3, p4, p5))]
-    p6 = keras.layers.Conv2D(channels, 3, strides=2, padding="same", name="fpn_p6")(outputs[2])
-    p7 = keras.layers.ReLU(name="fpn_p6_relu")(p6)
-    p7 = keras.layers.Conv2D(channels, 3, strides=2, padding="same", name="fpn_p7")(p7)
-    return outputs + [p6, p7]
-
-
-def fpn(images, trunk="resnet50", fpn_channels=256, width_multiplier=1.0, weights=None):
-    """FPN (Lin et al. 2017) on a keras.applications trunk: sources P3..P7 (``fpn_neck`` on C3..C5).
+def fpn(images, trunk="resnet50", fpn_channels=256, width_multiplier=1.0, weights=None, neck="fpn"):
+    """FPN (Lin et al. 2017) on a keras.applications trunk: sources P3..P7 (``neck``: kdet.models.necks'
+    ``"fpn"`` or YOLOv8's ``"pan"``, on C3..C5).
 
     ``width_multiplier`` scales ``fpn_channels`` (min 8) and, for MobileNetV2,
     is its ``alpha``; ResNet50's trunk has no width option and stays full.
@@ -416,7 +388,7 @@ def fpn(images, trunk="resnet50", fpn_channels=256, width_multiplier=1.0, weight
         _load_pretrained(with_weights, _pretrained_layer_weights(builder, label, weights, **kwargs), label)
 
     c3, c4, c5 = (trunk_model.get_layer(name).output for name in taps)
-    sources = fpn_neck(c3, c4, c5, scaled_filters(fpn_channels, width_multiplier))
+    sources = build_neck(neck, c3, c4, c5, scaled_filters(fpn_channels, width_multiplier))
     pretrained = [layer.name for layer in trunk_layers if layer.weights]
     return BackboneFeatures(sources=sources, stages=stages, pretrained=pretrained)
 
@@ -618,8 +590,9 @@ _KERASCV_FPN_TRUNKS = {
 }
 
 
-def kerascv_fpn(images, trunk, fpn_channels=256, width_multiplier=1.0, weights=None):
-    """FPN (``fpn_neck``) on a keras-cv backbone's ``pyramid_level_inputs`` P3, P4, P5: sources P3..P7.
+def kerascv_fpn(images, trunk, fpn_channels=256, width_multiplier=1.0, weights=None, neck="fpn"):
+    """FPN (``neck``: kdet.models.necks' ``"fpn"`` or ``"pan"``) on a keras-cv backbone's
+    ``pyramid_level_inputs`` P3, P4, P5: sources P3..P7.
 
     The trunk is built from its constructor arguments (``_KERASCV_FPN_TRUNKS``; offline, with keras-cv's
     ``include_rescaling``: pixels / 255, as its presets were trained). ``width_multiplier`` scales
@@ -650,17 +623,22 @@ def kerascv_fpn(images, trunk, fpn_channels=256, width_multiplier=1.0, weights=N
     used = [layer for layer in keras.Model(images, levels).layers  # graph order; drops layers past P5
             if not isinstance(layer, keras.layers.InputLayer)]
     stages = _stages_in_graph_order(used, spec.stage_of)
-    sources = fpn_neck(*levels, scaled_filters(fpn_channels, width_multiplier))
+    sources = build_neck(neck, *levels, scaled_filters(fpn_channels, width_multiplier))
     pretrained = [name for stage_names in stages for name in stage_names if model.get_layer(name).weights]
     return BackboneFeatures(sources=sources, stages=stages, pretrained=pretrained)
 
 
 def build_backbone(images, backbone="vgg16", width_multiplier=1.0, weights=None, fpn_channels=256,
-                   fine_map=False):
-    """Dispatch on the backbone name (one of ``BACKBONES``); ``fine_map`` is for the VGG16 bases only."""
+                   fine_map=False, neck="fpn"):
+    """Dispatch on the backbone name (one of ``BACKBONES``); ``fine_map`` is for the VGG16 bases only,
+    ``neck`` (one of ``NECKS``) for the ``*_fpn`` backbones only."""
     if fine_map and backbone not in VGG16_BACKBONES:
         raise ValueError(f"fine_map=True (a stride-4 source) is built for backbones 'vgg16' and 'vgg16_bn', "
                          f"not {backbone!r}")
+    if neck not in NECKS:
+        raise ValueError(f"unknown neck {neck!r}; expected one of {NECKS}")
+    if neck != "fpn" and not backbone.endswith("_fpn"):
+        raise ValueError(f"neck={neck!r} is built for the *_fpn backbones, not {backbone!r}")
     if backbone == "mobilenetv3_large_ssdlite":
         return mobilenetv3_large_ssdlite(images, width_multiplier=width_multiplier, weights=weights)
     if backbone in VGG16_BACKBONES:
@@ -668,8 +646,8 @@ def build_backbone(images, backbone="vgg16", width_multiplier=1.0, weights=None,
                          batch_norm=backbone == "vgg16_bn", fine_map=fine_map)
     if backbone.endswith("_fpn") and backbone[: -len("_fpn")] in _KERASCV_FPN_TRUNKS:
         return kerascv_fpn(images, trunk=backbone[: -len("_fpn")], fpn_channels=fpn_channels,
-                           width_multiplier=width_multiplier, weights=weights)
+                           width_multiplier=width_multiplier, weights=weights, neck=neck)
     if backbone.endswith("_fpn") and backbone in BACKBONES:
         return fpn(images, trunk=backbone[: -len("_fpn")], fpn_channels=fpn_channels,
-                   width_multiplier=width_multiplier, weights=weights)
+                   width_multiplier=width_multiplier, weights=weights, neck=neck)
     raise ValueError(f"unknown backbone {backbone!r}; expected one of {BACKBONES}")

@@ -7,6 +7,7 @@ docs/CONVENTIONS.md "Raw predictions". ``detect`` decodes them (kdet.postprocess
 ``compile`` defaults to the MultiBox loss (kdet.losses).
 """
 
+import functools
 import math
 
 import keras
@@ -52,16 +53,27 @@ def _separable_head(sources, boxes_per_map, channels_per_box, name, bias_initial
     return keras.layers.Concatenate(axis=1, name=f"{name}_concat")(outputs)
 
 
-def _head(sources, boxes_per_map, channels_per_box, name, bias_initializer="zeros"):
+def _conv_bn_silu(x, filters, name):
+    x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=name)(x)
+    x = keras.layers.BatchNormalization(epsilon=1e-3, momentum=0.97, name=f"{name}_bn")(x)
+    return keras.layers.Activation("silu", name=f"{name}_silu")(x)
+
+
+def _head(sources, boxes_per_map, channels_per_box, name, bias_initializer="zeros", convs=0):
     """3x3 conv per map, reshaped to ``[B, H*W*boxes, channels]`` and concatenated.
 
+    ``convs`` > 0 puts that many 3x3 conv + BN + SiLU layers (the map's channels) in front of
+    the predicting conv, one tower per map and per head (YOLOv8's decoupled head branches).
     The reshape runs over cells row-major (y, x) then the boxes of a cell,
     the order of ``default_boxes``.
     """
     outputs = []
     for k, (source, boxes) in enumerate(zip(sources, boxes_per_map)):
+        x = source
+        for i in range(convs):
+            x = _conv_bn_silu(x, source.shape[-1], f"{name}_{k}_tower{i}")
         x = keras.layers.Conv2D(boxes * channels_per_box, 3, padding="same", name=f"{name}_{k}",
-                                bias_initializer=bias_initializer)(source)
+                                bias_initializer=bias_initializer)(x)
         outputs.append(keras.layers.Reshape((-1, channels_per_box), name=f"{name}_{k}_reshape")(x))
     if len(outputs) == 1:
         return outputs[0]
@@ -101,6 +113,10 @@ class SSD(keras.Model):
         clip_anchors: clip anchors to the image.
         anchor_steps: optional per-map centre spacing (see ``default_boxes``).
         fpn_channels: channels of the FPN maps (FPN backbones only).
+        neck: ``"fpn"`` (Lin et al.'s linear top-down neck) or ``"pan"`` (YOLOv8's path-aggregation
+            neck: top-down and bottom-up fusion by C2f blocks with BatchNorm and SiLU); ``*_fpn`` backbones only.
+        head_convs: 3x3 conv + BN + SiLU layers in front of each map's box and class predictor
+            (0: SSD's single linear conv; 2: YOLOv8's branch depth); not with the separable heads.
         score_activation: ``"softmax"`` (over background + classes; SSD's) or ``"sigmoid"``
             (per class, background logit unused) for models trained with a sigmoid class loss
             (``loss.cls_loss`` "focal" / "quality_focal" / "varifocal"; the engine sets it).
@@ -130,17 +146,20 @@ class SSD(keras.Model):
     def __init__(self, num_classes: int, image_size=300, backbone: str = "vgg16", width_multiplier: float = 1.0,
                  backbone_weights=None, anchor_scales=None, aspect_ratios=None,
                  clip_anchors: bool = True, anchor_steps=None, fpn_channels: int = 256,
-                 score_activation: str = "softmax", fine_map: bool = False, **kwargs):
+                 score_activation: str = "softmax", fine_map: bool = False, neck: str = "fpn", head_convs: int = 0, **kwargs):
         if int(num_classes) < 1:
             raise ValueError(f"SSD: num_classes must be >= 1, got {num_classes}")
         if score_activation not in SCORE_ACTIVATIONS:
             raise ValueError(f"SSD: score_activation must be one of {SCORE_ACTIVATIONS}, got {score_activation!r}")
+        if int(head_convs) < 0:
+            raise ValueError(f"SSD: head_convs must be >= 0, got {head_convs}")
         height, width = _image_hw(image_size)
 
         # === Functional graph ===
         images = keras.Input((height, width, 3), name="images")
         features = build_backbone(images, backbone, width_multiplier=width_multiplier,
-                                  weights=backbone_weights, fpn_channels=fpn_channels, fine_map=fine_map)
+                                  weights=backbone_weights, fpn_channels=fpn_channels, fine_map=fine_map,
+                                  neck=neck)
         sources = features.sources
         num_maps = len(sources)
         ratios = aspect_ratios if aspect_ratios is not None else (
@@ -154,7 +173,12 @@ class SSD(keras.Model):
                              f"anchor_scales needs {num_maps + 1} values, got {len(scales)}")
 
         boxes_per_map = boxes_per_location(ratios)
-        head = _separable_head if features.head == "separable" else _head
+        if features.head == "separable":
+            if int(head_convs):
+                raise ValueError(f"SSD: head_convs is for the conv heads, not {backbone!r}'s separable heads")
+            head = _separable_head
+        else:
+            head = functools.partial(_head, convs=int(head_convs))
         offsets = head(sources, boxes_per_map, 4, "box_head")
         logits = head(sources, boxes_per_map, 1 + int(num_classes), "class_head",
                       bias_initializer=_class_bias(score_activation))
@@ -178,6 +202,8 @@ class SSD(keras.Model):
         self.fpn_channels = fpn_channels
         self.score_activation = score_activation
         self.fine_map = bool(fine_map)
+        self.neck = neck
+        self.head_convs = int(head_convs)
 
         # === Derived attributes ===
         self.feature_map_sizes = [tuple(s.shape[1:3]) for s in sources]
@@ -244,6 +270,8 @@ class SSD(keras.Model):
             "fpn_channels": self.fpn_channels,
             "score_activation": self.score_activation,
             "fine_map": self.fine_map,
+            "neck": self.neck,
+            "head_convs": self.head_convs,
         }
 
     @classmethod
