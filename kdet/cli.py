@@ -26,6 +26,7 @@ Python warnings (e.g. tf.function retracing) are not touched.
 """
 
 import functools
+import logging
 import os
 import re
 import sys
@@ -154,6 +155,21 @@ def _show_kdet_warnings_as_lines():
     warnings.showwarning = show
 
 
+def _exit_now(status):
+    """End the process here, output flushed, without the interpreter's shutdown.
+
+    After a run stopped by bad input, TensorFlow threads (the tf.data iterator the error
+    came through) can still be running; tearing the runtime down under them aborts the
+    process ("terminate called without an active exception", status -6 instead of 2) or
+    hangs it. What the run writes at each epoch's end (checkpoints, ``state.json``, ``log.csv``)
+    is on disk by then.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def tool_main(func=None, *, needs_tensorflow=True):
     """Decorator for a tool's ``main(argv=None)``: quiet TensorFlow start-up, user errors -> one line, exit 2."""
     if func is None:
@@ -170,6 +186,8 @@ def tool_main(func=None, *, needs_tensorflow=True):
             return func(argv, *args, **kwargs)
         except user_errors() as err:
             print(error_line(err), file=sys.stderr)
+            if argv is None and "tensorflow" in sys.modules:  # the command line, after TensorFlow ran
+                _exit_now(2)
             return 2
 
     return wrapper
