@@ -63,21 +63,21 @@ def pan_neck(c3, c4, c5, channels):
     output P5). P6 and P7 are 3x3 stride-2 conv-BN-SiLU on P5 and P6. Every conv but the
     C2f's own is conv-BN-SiLU, as in YOLOv8.
     """
-    top5 = _conv_bn_silu(c5, channels, 1, "pan_reduce_c5")
+    top5 = conv_bn_silu(c5, channels, 1, "pan_reduce_c5")
     top4 = _c2f(keras.layers.Concatenate(name="pan_join_td4")(
         [upsample_like(top5, c4, "pan_td5"), c4]), channels, "pan_td4")
     p3 = _c2f(keras.layers.Concatenate(name="pan_join_td3")(
         [upsample_like(top4, c3, "pan_td4"), c3]), channels, "pan_out3")
     p4 = _c2f(keras.layers.Concatenate(name="pan_join_bu4")(
-        [_conv_bn_silu(p3, channels, 3, "pan_down3", strides=2, like=top4), top4]), channels, "pan_out4")
+        [conv_bn_silu(p3, channels, 3, "pan_down3", strides=2, like=top4), top4]), channels, "pan_out4")
     p5 = _c2f(keras.layers.Concatenate(name="pan_join_bu5")(
-        [_conv_bn_silu(p4, channels, 3, "pan_down4", strides=2, like=top5), top5]), channels, "pan_out5")
-    p6 = _conv_bn_silu(p5, channels, 3, "pan_p6", strides=2)
-    p7 = _conv_bn_silu(p6, channels, 3, "pan_p7", strides=2)
+        [conv_bn_silu(p4, channels, 3, "pan_down4", strides=2, like=top5), top5]), channels, "pan_out5")
+    p6 = conv_bn_silu(p5, channels, 3, "pan_p6", strides=2)
+    p7 = conv_bn_silu(p6, channels, 3, "pan_p7", strides=2)
     return [p3, p4, p5, p6, p7]
 
 
-def _conv_bn_silu(x, filters, kernel, name, strides=1, like=None):
+def conv_bn_silu(x, filters, kernel, name, strides=1, like=None):
     """Conv (no bias) + BatchNorm + SiLU; ``like``: crop a stride-2 output to that map's size (odd sizes)."""
     x = keras.layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False, name=f"{name}_conv")(x)
     x = keras.layers.BatchNormalization(momentum=0.97, epsilon=1e-3, name=f"{name}_bn")(x)
@@ -93,10 +93,10 @@ def _c2f(x, filters, name):
     pair of 3x3 convs, the three parts concatenated and fused by a 1x1 conv. (YOLOv8 splits one
     1x1 conv's output in two; two 1x1 convs are the same and need no Lambda layer to save.)"""
     half = max(8, filters // 2)
-    first = _conv_bn_silu(x, half, 1, f"{name}_in_a")
-    second = _conv_bn_silu(x, half, 1, f"{name}_in_b")
-    inner = _conv_bn_silu(second, half, 3, f"{name}_b1")
-    inner = _conv_bn_silu(inner, half, 3, f"{name}_b2")
+    first = conv_bn_silu(x, half, 1, f"{name}_in_a")
+    second = conv_bn_silu(x, half, 1, f"{name}_in_b")
+    inner = conv_bn_silu(second, half, 3, f"{name}_b1")
+    inner = conv_bn_silu(inner, half, 3, f"{name}_b2")
     inner = keras.layers.Add(name=f"{name}_residual")([second, inner])
     x = keras.layers.Concatenate(name=f"{name}_concat")([first, second, inner])
-    return _conv_bn_silu(x, filters, 1, f"{name}_out")
+    return conv_bn_silu(x, filters, 1, f"{name}_out")

@@ -17,6 +17,7 @@ import kdet.training.optim  # noqa: F401  registers kdet's optimizers and schedu
 from kdet.models.anchors import (SSD300_ASPECT_RATIOS, AnchorBoxes, boxes_per_location,
                                  ssd_scales)
 from kdet.models.backbones import build_backbone
+from kdet.models.necks import conv_bn_silu
 
 
 def default_aspect_ratios(num_maps):
@@ -53,12 +54,6 @@ def _separable_head(sources, boxes_per_map, channels_per_box, name, bias_initial
     return keras.layers.Concatenate(axis=1, name=f"{name}_concat")(outputs)
 
 
-def _conv_bn_silu(x, filters, name):
-    x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=name)(x)
-    x = keras.layers.BatchNormalization(epsilon=1e-3, momentum=0.97, name=f"{name}_bn")(x)
-    return keras.layers.Activation("silu", name=f"{name}_silu")(x)
-
-
 def _head(sources, boxes_per_map, channels_per_box, name, bias_initializer="zeros", convs=0):
     """3x3 conv per map, reshaped to ``[B, H*W*boxes, channels]`` and concatenated.
 
@@ -71,7 +66,7 @@ def _head(sources, boxes_per_map, channels_per_box, name, bias_initializer="zero
     for k, (source, boxes) in enumerate(zip(sources, boxes_per_map)):
         x = source
         for i in range(convs):
-            x = _conv_bn_silu(x, source.shape[-1], f"{name}_{k}_tower{i}")
+            x = conv_bn_silu(x, source.shape[-1], 3, f"{name}_{k}_tower{i}")
         x = keras.layers.Conv2D(boxes * channels_per_box, 3, padding="same", name=f"{name}_{k}",
                                 bias_initializer=bias_initializer)(x)
         outputs.append(keras.layers.Reshape((-1, channels_per_box), name=f"{name}_{k}_reshape")(x))
@@ -146,7 +141,8 @@ class SSD(keras.Model):
     def __init__(self, num_classes: int, image_size=300, backbone: str = "vgg16", width_multiplier: float = 1.0,
                  backbone_weights=None, anchor_scales=None, aspect_ratios=None,
                  clip_anchors: bool = True, anchor_steps=None, fpn_channels: int = 256,
-                 score_activation: str = "softmax", fine_map: bool = False, neck: str = "fpn", head_convs: int = 0, **kwargs):
+                 score_activation: str = "softmax", fine_map: bool = False, neck: str = "fpn",
+                 head_convs: int = 0, **kwargs):
         if int(num_classes) < 1:
             raise ValueError(f"SSD: num_classes must be >= 1, got {num_classes}")
         if score_activation not in SCORE_ACTIVATIONS:
