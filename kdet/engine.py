@@ -490,6 +490,9 @@ def _train(recipe, work_dir, out_dir, resume, strategy):
     callbacks = build_callbacks(recipe, out_dir, class_names, val_ds, resume_point,
                                 extra_state=(lambda: dict(time_budget=budget.state())) if budget is not None else None)
     if budget is not None:  # first: it decides before val_AP and the checkpoint of the epoch are written
+        for callback in callbacks:
+            if hasattr(callback, "every_n_epochs"):  # val_AP and the TensorBoard images keep their share
+                budget.pace(callback)
         callbacks[:0] = [budget] + ([budget.progbar] if budget.progbar else [])
     if pass_epoch is not None:
         from kdet.training.callbacks import PassEpoch

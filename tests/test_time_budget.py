@@ -1,6 +1,7 @@
 """train.time_budget (epochs fitted to minutes, the LR schedule re-paced) and data.close_mosaic (mosaic off
 for the last epochs, switched in the input pipeline by the epoch variable)."""
 
+import csv
 import json
 import math
 import os
@@ -240,8 +241,8 @@ def test_engine_fits_the_run_to_the_budget_records_the_decision_and_resumes_it(t
     monkeypatch.setattr(keras.Model, "fit", fit)
     # planned: 4 epochs of 2 steps, cosine from 1e-3 to 0, mosaic off for the last epoch; budget 12 (virtual) s
     recipe = fixed_recipe(tiny_train_records(), epochs=4, time_budget=0.2)
-    recipe["data"].update(val=None, test=None, augment=[mosaic(p=0.5), hflip(), resize()], batch_size=4,
-                          close_mosaic=1)
+    recipe["data"].update(test=None, augment=[mosaic(p=0.5), hflip(), resize()], batch_size=4, close_mosaic=1)
+    recipe["eval"]["every_n_epochs"] = 100  # never in the plan: only the run's last epoch is evaluated
     work = str(tmp_path / "work")
     engine.train(recipe, work)
     first = json.load(open(os.path.join(work, "state.json")))
@@ -258,8 +259,58 @@ def test_engine_fits_the_run_to_the_budget_records_the_decision_and_resumes_it(t
     # planned step 3.5) in steps 4..6, mosaic off for the last epoch; epoch 3 ends at the budget
     assert state["epochs_done"] == 3
     assert state["time_budget"] == dict(minutes=0.2, epochs=3, elapsed_s=12.0, epoch_seconds=2.0, mosaic_off_from=2)
-    assert len(open(os.path.join(work, "log.csv")).read().splitlines()) == 1 + 3
+    with open(os.path.join(work, "log.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and [bool(row.get("val_AP")) for row in rows] == [False, False, True]
     # the compiled train step read the re-paced schedule, restored with the checkpoint: the cosine's end
     assert runs[0]["iterations"] == 2 and runs[1]["iterations"] == 6
     assert runs[0]["learning_rate"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 2 / 8)), rel=1e-5)
     assert runs[1]["learning_rate"] == pytest.approx(0.0, abs=1e-9)
+
+
+class PeriodicEvaluation:
+    """What the budget paces: ``every_n_epochs`` and ``final_epoch``, and the epochs it would evaluate."""
+
+    def __init__(self, every_n_epochs):
+        from kdet.metrics.callback import COCOEvalCallback
+
+        self.every_n_epochs = every_n_epochs
+        self.final_epoch = None
+        self.evaluated = []
+        self._due = COCOEvalCallback.on_epoch_end.__get__(self)  # the real rule, its evaluate() recorded
+        self.eval_params = types.SimpleNamespace(stat_names=[])
+        self.verbose = 0
+        self.prefix = "val_"
+
+    def evaluate(self):
+        self.evaluated.append(self._epoch)
+        return {}
+
+    def on_epoch_end(self, epoch):
+        self._epoch = epoch + 1
+        self._due(epoch, logs=None)
+
+
+def test_evaluations_keep_their_share_of_the_plan_and_the_last_epoch_is_evaluated():
+    budget, model, _, _ = budget_and_model(minutes=2.0, planned=10, close_mosaic=0)
+    evaluation = budget.pace(PeriodicEvaluation(every_n_epochs=5))  # twice in the 10 planned epochs
+    budget.on_train_begin()
+    epoch = 0
+    while not model.stop_training:
+        run_epoch(budget, epoch, 4, seconds_per_step=1.0, compile_seconds=4.0 if epoch == 0 else 0.0)
+        evaluation.on_epoch_end(epoch)
+        epoch += 1
+    # 120 s at 4 s an epoch: 29 epochs decided, so every 5 of 10 planned becomes every round(14.5) = 14 (or 15)
+    assert budget.epochs == 29 and evaluation.every_n_epochs in (14, 15)
+    assert evaluation.evaluated[-1] == 29 and len(evaluation.evaluated) == 3  # two in the plan's pace + the last
+
+
+def test_a_run_the_budget_cuts_short_is_evaluated_after_its_last_epoch():
+    budget, model, _, _ = budget_and_model(close_mosaic=0)
+    evaluation = budget.pace(PeriodicEvaluation(every_n_epochs=1000))  # "only at the end"
+    budget.on_train_begin()
+    run_epoch(budget, 0, 4, seconds_per_step=1.0, compile_seconds=4.0)  # decides 14 epochs
+    evaluation.on_epoch_end(0)
+    run_epoch(budget, 1, 4, seconds_per_step=20.0)  # then one epoch eats the budget
+    evaluation.on_epoch_end(1)
+    assert model.stop_training and budget.stopped_by_budget and evaluation.evaluated == [2]

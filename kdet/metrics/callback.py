@@ -59,6 +59,7 @@ class COCOEvalCallback(keras.callbacks.Callback):
       val_dataset: batches of ``(images, targets)`` or ``(images, targets, meta)``: a
         ``tf.data.Dataset``, a ``keras.utils.PyDataset`` or a re-iterable (e.g. a list).
       every_n_epochs: evaluate when ``(epoch + 1) % every_n_epochs == 0``.
+      final_epoch: also evaluate after this epoch (1-based; the run's last, set by ``train.time_budget``).
       class_names: names of the classes (their number sets the class count).
       detect_fn: ``detect_fn(model, images) -> {"boxes", "scores", "classes", ...}``;
         default ``model.detect(images)``.
@@ -74,8 +75,9 @@ class COCOEvalCallback(keras.callbacks.Callback):
 
     def __init__(self, val_dataset, every_n_epochs=1, class_names=None, detect_fn=None,
                  dtype="float64", jit_compile=True, verbose=1, prefix="val_", ignore_as_crowd=True,
-                 iou_thresholds=None, max_dets=None, area_ranges=None, use_cats=True):
+                 iou_thresholds=None, max_dets=None, area_ranges=None, use_cats=True, final_epoch=None):
         super().__init__()
+        self.final_epoch = final_epoch
         self.eval_params = EvalParams.make(iou_thresholds, max_dets, area_ranges, use_cats)
         self.ignore_as_crowd = ignore_as_crowd
         if not class_names:
@@ -100,7 +102,7 @@ class COCOEvalCallback(keras.callbacks.Callback):
 
     # ------------------------------------------------------------ keras hooks
     def on_epoch_end(self, epoch, logs=None):
-        if (epoch + 1) % self.every_n_epochs:
+        if (epoch + 1) % self.every_n_epochs and epoch + 1 != self.final_epoch:
             return
         result = self.evaluate()
         if logs is not None:

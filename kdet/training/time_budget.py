@@ -11,8 +11,10 @@ cosine) and its augmentation phases (``data.close_mosaic``) are laid out over it
 * **Decision**, after every epoch: ``epochs = done + round(time left / cost)``; the first one is
   printed (``time_budget 23 min: epoch 1 took 19.2 s -> 68 epochs``), later ones when the count
   changes. The learning-rate schedule (a :class:`~kdet.training.optim.FittedSchedule`) then plays
-  the rest of the plan in the epochs left, and mosaic is switched off for the matching share of
-  the last epochs.
+  the rest of the plan in the epochs left, mosaic is switched off for the matching share of
+  the last epochs, and the periodic evaluations (``eval.every_n_epochs``, :meth:`TimeBudget.pace`)
+  keep their share of the plan: every 10 of 72 planned epochs is every 13 of 97 decided ones,
+  and the last epoch is always evaluated.
 * **Stop**: after the last decided epoch, or after the first epoch that ends past the budget (so
   a wrong estimate runs past it by less than one epoch).
 * **Resume**: the decision and the time used so far go into ``state.json`` (:meth:`state`); a
@@ -63,6 +65,13 @@ class TimeBudget(keras.callbacks.Callback):
         self.resumed_mosaic_off = resumed.get("mosaic_off_from") if resumed else None
         self.stopped_by_budget = False
         self.epoch_seconds = None
+        self._paced = []  # (callback, its planned every_n_epochs)
+
+    def pace(self, callback):
+        """Re-pace ``callback.every_n_epochs`` (a periodic evaluation) with the plan; its ``final_epoch``, if it
+        has one, is set to the run's last epoch so that epoch is evaluated too."""
+        self._paced.append((callback, int(callback.every_n_epochs)))
+        return callback
 
     # ------------------------------------------------------------ state
     def elapsed(self):
@@ -92,6 +101,7 @@ class TimeBudget(keras.callbacks.Callback):
             planned = self.planned_epochs - self.close_mosaic if self.close_mosaic else NEVER
             off = self.resumed_mosaic_off if self.resumed_mosaic_off is not None else planned
             self.mosaic_off_from.assign(max(0, off))
+        self._pace_evaluations(self.epochs)
 
     def on_train_batch_end(self, batch, logs=None):
         if self._first_step_end is None:
@@ -103,6 +113,7 @@ class TimeBudget(keras.callbacks.Callback):
         used = self.elapsed()
         if used >= self.budget_s:
             self.stopped_by_budget = done < self.epochs
+            self._pace_evaluations(done)  # this epoch is the last: it is evaluated (the callbacks come after)
             self._stop(done, f"time_budget {self.minutes:g} min used up ({used / 60:.2f} min) after epoch {done}")
             return
         self._decide(done, used)
@@ -140,6 +151,14 @@ class TimeBudget(keras.callbacks.Callback):
             schedule.fit_rest(step, self.epochs * self.steps_per_epoch)
         if self.mosaic_off_from is not None:
             self.mosaic_off_from.assign(self.fitted_mosaic_off_epoch(done, schedule))
+        self._pace_evaluations(self.epochs)
+
+    def _pace_evaluations(self, last_epoch):
+        """Every paced callback: its planned share of the epochs (at least 1), and ``last_epoch`` evaluated."""
+        for callback, planned_every in self._paced:
+            callback.every_n_epochs = max(1, int(round(planned_every * self.epochs / self.planned_epochs)))
+            if hasattr(callback, "final_epoch"):
+                callback.final_epoch = int(last_epoch)
 
     def fitted_mosaic_off_epoch(self, done, schedule):
         """The first epoch without mosaic: where the re-paced plan reaches its last ``close_mosaic`` epochs.
