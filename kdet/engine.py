@@ -273,6 +273,25 @@ def predict_records(model, records, recipe):
     return results
 
 
+def candidate_counts(model, records, recipe):
+    """Per record, the (anchor, class) pairs scoring above ``eval.score_threshold`` (per class with
+    ``eval.per_class_top_k``): what competes for ``eval.pre_nms_top_k`` (the run report's cap finding)."""
+    from kdet.metrics.callback import compiled_over_weights
+    from kdet.postprocess import count_candidates
+
+    settings = eval_settings(recipe)
+    count = compiled_over_weights(model, lambda images: count_candidates(
+        model(images, training=False), settings["score_threshold"], model.score_activation,
+        per_class=settings["per_class_top_k"]))
+    on_tf = keras.backend.backend() == "tensorflow"
+    counts = [0] * len(records)
+    for images, _, meta in build_eval_dataset(recipe, records, with_meta=True):
+        numbers = keras.ops.convert_to_numpy(count(images if on_tf else images.numpy()))
+        for index, n in zip(meta["index"].numpy(), numbers):
+            counts[index] = int(n)
+    return counts
+
+
 def evaluate_records(model, records, class_names, recipe):
     """COCO metrics (exact pycocotools semantics) and VOC mAP50 of ``model`` on ``records``."""
     from kdet.data.coco import coco_image_ids, records_to_coco_json, to_coco_results

@@ -77,13 +77,7 @@ def decode_detections(
         )
     offsets, logits, anchors = y_pred[..., :4], y_pred[..., 4:4 + num_logits], y_pred[..., 4 + num_logits:]
     boxes = ops.clip(decode_boxes(offsets, anchors, variances), 0.0, 1.0)  # [B, A, 4]
-    if score_activation == "sigmoid":
-        scores = ops.sigmoid(logits[..., 1:])  # [B, A, C]
-    elif score_activation == "softmax":
-        scores = ops.softmax(logits, axis=-1)[..., 1:]
-    else:
-        raise ValueError(f"decode_detections: score_activation must be 'softmax' or 'sigmoid', "
-                         f"got {score_activation!r}")
+    scores = _class_scores(logits, score_activation)  # [B, A, C]
 
     if per_class_top_k:
         if class_agnostic:
@@ -106,6 +100,27 @@ def decode_detections(
         same_class = None if class_agnostic else cand_classes[:, :, None] == cand_classes[:, None, :]
         keep = _greedy_nms(cand_boxes, cand_scores > score_threshold, iou_threshold, same_class)
     return _select_top(cand_boxes, cand_scores, cand_classes, keep, max_detections)
+
+
+def count_candidates(y_pred, score_threshold=NMS_DEFAULTS["score_threshold"], score_activation="softmax",
+                     per_class=False):
+    """The (anchor, class) pairs of each image scoring above ``score_threshold``: what competes for
+    ``pre_nms_top_k``. ``per_class=True``: the largest count of one class (``per_class_top_k``'s cap).
+
+    Returns ``[B]`` int32. With more candidates than ``pre_nms_top_k``, the lowest-scored never reach NMS.
+    """
+    logits = ops.cast(y_pred, "float32")[..., 4:-4]
+    above = ops.cast(_class_scores(logits, score_activation) > score_threshold, "int32")  # [B, A, C]
+    return ops.max(ops.sum(above, axis=1), axis=-1) if per_class else ops.sum(above, axis=(1, 2))
+
+
+def _class_scores(logits, score_activation):
+    """``[..., 1 + C]`` logits (background first) -> ``[..., C]`` class scores."""
+    if score_activation == "sigmoid":
+        return ops.sigmoid(logits[..., 1:])
+    if score_activation == "softmax":
+        return ops.softmax(logits, axis=-1)[..., 1:]
+    raise ValueError(f"decode_detections: score_activation must be 'softmax' or 'sigmoid', got {score_activation!r}")
 
 
 def _gather_boxes(boxes, anchor_index):

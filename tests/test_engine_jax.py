@@ -29,6 +29,10 @@ def _epochs_logged(work_dir):
         return [row for row in csv.DictReader(f)]
 
 
+def truth_images(work_dir):
+    return json.loads((work_dir / "ground_truth.json").read_text())["images"]
+
+
 def test_train_tool_under_jax_evaluates_and_resumes(tmp_path):
     recipe, work_dir, cache = write_tiny_recipe(tmp_path), tmp_path / "run", tmp_path / "jax_cache"
 
@@ -46,6 +50,8 @@ def test_train_tool_under_jax_evaluates_and_resumes(tmp_path):
     assert json.loads((work_dir / "test_detections.json").read_text())  # the model detects something
     assert metrics["AP50"] == truth["AP50"] and metrics["AP"] == truth["AP"]
     assert (work_dir / "report.json").exists() and (work_dir / "final.keras").exists()
+    candidates = json.loads((work_dir / "report_config.json").read_text())["nms"]["candidates"]  # the cap finding's
+    assert len(candidates) == len(truth_images(work_dir)) and all(n >= 0 for n in candidates)
     assert metrics["saved_model"] is None and not (work_dir / "saved_model").exists()
     assert "SavedModel export needs the TensorFlow backend" in out.stdout
     assert f"KERAS_BACKEND=tensorflow python tools/export.py {work_dir / 'final.keras'}" in out.stdout

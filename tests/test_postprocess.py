@@ -144,3 +144,17 @@ def test_xla_compiles_with_unknown_batch_and_matches_eager():
 def test_bad_shape_is_rejected():
     with pytest.raises(ValueError, match="4 \\+ \\(1 \\+ C\\) \\+ 4"):
         decode_detections(np.zeros((1, 10, 9), np.float32))
+
+
+def test_count_candidates_counts_pairs_above_the_threshold_over_all_classes_or_per_class():
+    from kdet.postprocess import count_candidates
+
+    # 1 image, 3 anchors, 2 classes; sigmoid scores by hand: logit 0 -> 0.5, 3 -> 0.953, -5 -> 0.0067
+    logits = np.array([[[9.0, 3.0, 0.0], [9.0, 0.0, -5.0], [9.0, -5.0, 3.0]]])  # background logit unused
+    y_pred = np.concatenate([np.zeros((1, 3, 4)), logits, np.zeros((1, 3, 4))], -1).astype("float32")
+    assert ops.convert_to_numpy(count_candidates(y_pred, 0.01, "sigmoid")).tolist() == [4]  # 0.953, 0.5, 0.5, 0.953
+    assert ops.convert_to_numpy(count_candidates(y_pred, 0.6, "sigmoid")).tolist() == [2]
+    assert ops.convert_to_numpy(count_candidates(y_pred, 0.01, "sigmoid", per_class=True)).tolist() == [2]
+    # softmax: background 9 dominates; only the scores above 0.01 count: exp(3) / (exp(9) + 1 + exp(3)) = 0.0025
+    assert ops.convert_to_numpy(count_candidates(y_pred, 0.01, "softmax")).tolist() == [0]
+    assert ops.convert_to_numpy(count_candidates(y_pred, 0.001, "softmax")).tolist() == [2]

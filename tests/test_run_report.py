@@ -32,13 +32,15 @@ def coco_files(gts, dets, class_names, size=100, paths=None):
     return dict(images=images, annotations=annotations, categories=categories), results
 
 
-def write_work_dir(path, gts, dets, class_names, size=100, preflight=None, log=None, train=None, paths=None):
+def write_work_dir(path, gts, dets, class_names, size=100, preflight=None, log=None, train=None, paths=None,
+                   nms=None):
     os.makedirs(path, exist_ok=True)
     truth, results = coco_files(gts, dets, class_names, size, paths)
     (path / "ground_truth.json").write_text(json.dumps(truth))
     (path / "test_detections.json").write_text(json.dumps(results))
     (path / "report_config.json").write_text(json.dumps(dict(class_names=class_names, image_size=size,
-                                                              score_threshold=0.25, eval_score_threshold=0.01)))
+                                                              score_threshold=0.25, eval_score_threshold=0.01,
+                                                              **({"nms": nms} if nms else {}))))
     if preflight is not None:
         (path / "preflight.json").write_text(json.dumps(preflight))
     if log is not None:
@@ -143,6 +145,24 @@ def test_no_findings_for_a_good_model(tmp_path):
     out = report(tmp_path, *good_model(), ["a", "b"], train=good_model())
     assert out["findings"] == []
     assert "findings (0)" in out["text"]
+
+
+NMS = dict(score_threshold=0.01, iou_threshold=0.45, max_detections=200, pre_nms_top_k=400, class_agnostic=False,
+           per_class_top_k=False)
+
+
+def test_candidate_cap_is_named_with_a_value_that_fits_and_stays_quiet_below_it(tmp_path):
+    # 4 images: 3 over the cap of 400 (95th percentile of 100, 900, 1000, 1250: 1212.5 -> 1300)
+    nms = dict(NMS, candidates=[100, 900, 1000, 1250])
+    found = report(tmp_path, *good_model(), ["a", "b"], train=good_model(), nms=nms)["findings"]
+    assert kinds(found) == ["Candidate cap"]
+    assert "on 3 of 4 images" in found[0] and "pre_nms_top_k=400" in found[0]
+    assert "median 950, most 1250" in found[0] and "Set eval.pre_nms_top_k=1300" in found[0]
+    quiet = dict(NMS, candidates=[100, 200, 300, 400])  # at the cap, not over it
+    assert report(tmp_path / "q", *good_model(), ["a", "b"], train=good_model(), nms=quiet)["findings"] == []
+    per_class = dict(NMS, per_class_top_k=True, candidates=[500] * 4)
+    found = report(tmp_path / "c", *good_model(), ["a", "b"], train=good_model(), nms=per_class)["findings"]
+    assert "pairs of one class scored" in found[0]
 
 
 def starved_small_class():

@@ -24,8 +24,9 @@ matplotlib (Agg). One function per artefact:
   ``errors_gallery.png`` (the images with most errors, ground truth green,
   predictions red).
 * :func:`findings`: sentences computed from the numbers (each only when the
-  numbers show it): over-detection, the weakest class and why, confusion pairs
-  that look like label mistakes, small objects, over- and under-fitting.
+  numbers show it): a pre-NMS candidate cap that cuts detections, over-detection,
+  the weakest class and why, confusion pairs that look like label mistakes, small
+  objects, over- and under-fitting.
 
 Matching is VOC's (``kdet.metrics.voc``) at IoU 0.5 for P / R / F1, curves and
 confusion; the AP columns are exact COCO (``kdet.metrics.coco``).
@@ -567,10 +568,34 @@ def _val_trend(log):
             "best.keras holds the peak; early stopping (train.early_stopping_patience) or more augmentation")
 
 
+def finding_candidate_cap(nms, min_share=0.1):
+    """More candidates above the score threshold than ``eval.pre_nms_top_k`` lets into NMS, on many images.
+
+    ``nms``: the evaluation's NMS settings with ``candidates``, the count of each evaluated image
+    (``kdet.engine.candidate_counts``).
+    """
+    counts = np.asarray((nms or {}).get("candidates") or [], np.int64)
+    if counts.size == 0:
+        return None
+    cap = int(nms["pre_nms_top_k"])
+    over = counts > cap
+    if over.mean() < min_share:
+        return None
+    unit = "of one class " if nms.get("per_class_top_k") else ""
+    suggested = _round_up(int(np.percentile(counts, 95)), 100)
+    return (f"Candidate cap: on {int(over.sum())} of {counts.size} images more (anchor, class) pairs {unit}scored above "
+            f"eval.score_threshold {nms['score_threshold']:g} than eval.pre_nms_top_k={cap} lets into NMS (median "
+            f"{int(np.median(counts))}, most {int(counts.max())}), so objects whose boxes rank below the {cap}th "
+            f"candidate are never detected: crowded images lose recall and AP. Set eval.pre_nms_top_k={suggested} "
+            "(95% of these images fit; NMS time grows with it) in the recipe; it applies to val_AP, the final "
+            "evaluation and the SavedModel export alike.")
+
+
 def findings(table, class_names, confusion, sizes, found, classes, preflight, image_size, eval_threshold,
-             train_ap50=None, log=None):
+             train_ap50=None, log=None, nms=None):
     """All findings that the numbers support, in reading order (a list of sentences)."""
-    out = [finding_over_detection(table, eval_threshold),
+    out = [finding_candidate_cap(nms),
+           finding_over_detection(table, eval_threshold),
            finding_weakest_class(table, class_names, preflight, confusion, sizes, found, classes)]
     out += finding_confusion_pairs(confusion, class_names)
     out.append(finding_small_objects(sizes, found, image_size))
@@ -613,7 +638,7 @@ def write_run_report(work_dir, score_threshold=None, out_dir=None, verbose=True,
     log = read_log(join("log.csv"))
     train_ap50 = _train_ap50(work_dir)
     found_text = findings(table, class_names, confusion_best, sizes, found, classes, preflight, image_size,
-                          eval_threshold, train_ap50=train_ap50, log=log)
+                          eval_threshold, train_ap50=train_ap50, log=log, nms=config.get("nms"))
 
     out = lambda name: os.path.join(out_dir, name)
     if plots:
@@ -626,8 +651,8 @@ def write_run_report(work_dir, score_threshold=None, out_dir=None, verbose=True,
                       f"training images' AP50: {'-' if train_ap50 is None else f'{train_ap50:.3f}'} "
                       f"(held-out {_f(table['all']['AP50'], 0).strip()})", "",
                       f"findings ({len(found_text)}):"] + [f"  - {t}" for t in found_text]
-                     + (["  (none: no over-detection, weak class, confusion pair, small-object or fit problem "
-                         "stands out)"] if not found_text else [])) + "\n"
+                     + (["  (none: no candidate cap, over-detection, weak class, confusion pair, small-object or "
+                         "fit problem stands out)"] if not found_text else [])) + "\n"
     with open(out("report.txt"), "w") as f:
         f.write(text)
     _write_json(out("report.json"), dict(score_threshold=threshold, table=table, findings=found_text,
@@ -664,14 +689,16 @@ def report_after_training(model, recipe, work_dir, class_names, test_records, gr
                           train_records=None):
     """What ``engine.finish`` calls after the final evaluation: store the inputs, then the report."""
     from kdet.data.coco import coco_image_ids, to_coco_results
-    from kdet.engine import predict_records
+    from kdet.engine import candidate_counts, eval_settings, predict_records
 
     eval_cfg = recipe.get("eval", {})
     save_ground_truth(os.path.join(work_dir, GT_FILE), test_records, class_names, ground_truth)
+    nms = eval_settings(recipe)
     _write_json(os.path.join(work_dir, CONFIG_FILE), dict(
         class_names=list(class_names), image_size=recipe["model"].get("image_size", 300),
         score_threshold=float(eval_cfg.get("report_score_threshold", 0.25)),
-        eval_score_threshold=float(eval_cfg.get("score_threshold", 0.01)),
+        eval_score_threshold=float(nms["score_threshold"]),
+        nms=dict(nms, candidates=candidate_counts(model, test_records, recipe)),
         match_iou=float(recipe.get("loss", {}).get("iou_threshold", 0.5)),
         anchor_scales=recipe["model"].get("anchor_scales"), aspect_ratios=recipe["model"].get("aspect_ratios")))
     sample = training_sample(train_records, int(eval_cfg.get("report_train_images", 200)),
