@@ -138,7 +138,8 @@ def default_recipe():
             early_stopping_patience=None,  # epochs without val_AP improvement
             time_budget=None,            # minutes of training (Ultralytics' time=): epochs are measured and as many
                                          # run as fit; the LR schedule and close_mosaic, planned over `epochs`,
-                                         # are re-paced to them (kdet/training/time_budget.py)
+                                         # are re-paced to them, so is eval.every_n_epochs, and the last epoch
+                                         # is always evaluated (kdet/training/time_budget.py)
         ),
         pretrained=None,                 # with model.backbone_weights="auto": recipe settings merged in when ImageNet
                                          # weights can be fetched, e.g. dict(model=dict(backbone="vgg16"), train=...)

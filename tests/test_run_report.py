@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -151,18 +152,48 @@ NMS = dict(score_threshold=0.01, iou_threshold=0.45, max_detections=200, pre_nms
            per_class_top_k=False)
 
 
-def test_candidate_cap_is_named_with_a_value_that_fits_and_stays_quiet_below_it(tmp_path):
-    # 4 images: 3 over the cap of 400 (95th percentile of 100, 900, 1000, 1250: 1212.5 -> 1300)
-    nms = dict(NMS, candidates=[100, 900, 1000, 1250])
-    found = report(tmp_path, *good_model(), ["a", "b"], train=good_model(), nms=nms)["findings"]
-    assert kinds(found) == ["Candidate cap"]
-    assert "on 3 of 4 images" in found[0] and "pre_nms_top_k=400" in found[0]
-    assert "median 950, most 1250" in found[0] and "Set eval.pre_nms_top_k=1300" in found[0]
-    quiet = dict(NMS, candidates=[100, 200, 300, 400])  # at the cap, not over it
-    assert report(tmp_path / "q", *good_model(), ["a", "b"], train=good_model(), nms=quiet)["findings"] == []
-    per_class = dict(NMS, per_class_top_k=True, candidates=[500] * 4)
-    found = report(tmp_path / "c", *good_model(), ["a", "b"], train=good_model(), nms=per_class)["findings"]
+def test_candidate_cap_is_named_only_when_a_wider_cap_scores_higher(tmp_path):
+    # good_model scores AP 1.0 / AP50 1.0; a wider cap said to score 1.0 too: harmless, no finding
+    nms = dict(NMS, candidates=[100, 900, 1000, 1250], wider=dict(pre_nms_top_k=1250, AP=1.0, AP50=1.0))
+    assert report(tmp_path, *good_model(), ["a", "b"], train=good_model(), nms=nms)["findings"] == []
+    # the detections as a cap of 400 left them: one 'b' of four missed: COCO's 101-point AP of 'b' is
+    # 76 / 101 (recall 0.75 at precision 1), so AP = AP50 = (1 + 76 / 101) / 2 = 0.876: +0.124
+    gts, dets = good_model()
+    dets[0] = det([box(0, 0, 30)], [0.9], [0])
+    nms["wider"] = dict(pre_nms_top_k=1600, AP=1.0, AP50=1.0)
+    found = report(tmp_path / "w2", gts, dets, ["a", "b"], nms=nms)["findings"]
+    assert kinds(found)[0] == "Candidate cap"
+    assert "on 3 of 4 images" in found[0] and "than eval.pre_nms_top_k=400" in found[0]
+    assert "with eval.pre_nms_top_k=1600 score AP 1.000 (+0.124) and AP50 1.000 (+0.124)" in found[0]
+    per_class = dict(nms, per_class_top_k=True)
+    found = report(tmp_path / "w3", gts, dets, ["a", "b"], nms=per_class)["findings"]
     assert "pairs of one class scored" in found[0]
+
+
+def test_wider_cap_check_rescoring_with_four_times_the_cap_only_when_it_binds(monkeypatch):
+    import kdet.engine as engine
+
+    gts, dets = good_model()
+    truth, _ = coco_files(gts, dets, ["a", "b"])
+    records = [types.SimpleNamespace(image_id=i) for i in range(1, 5)]
+    caps = []
+
+    def predict_records(model, records, recipe):  # the cap decides: below 1000 the first image loses an object
+        cap = recipe["eval"]["pre_nms_top_k"]
+        caps.append(cap)
+        out = [dict(boxes=np.asarray(d["boxes"], np.float32), scores=np.asarray(d["scores"]),
+                    classes=np.asarray(d["classes"])) for d in dets]
+        if cap < 1000:
+            out[0] = {k: v[:1] for k, v in out[0].items()}
+        return out
+
+    monkeypatch.setattr(engine, "predict_records", predict_records)
+    recipe = dict(eval=dict(pre_nms_top_k=400))
+    assert run_report.wider_cap_check(None, recipe, records, truth, [100, 200, 300, 400]) is None and caps == []
+    wider = run_report.wider_cap_check(None, recipe, records, truth, [100, 900, 1000, 2000])
+    assert caps == [1600] and wider == dict(pre_nms_top_k=1600, AP=1.0, AP50=1.0)
+    assert run_report.wider_cap_check(None, recipe, records, truth, [500] * 4)["pre_nms_top_k"] == 500  # the most seen
+    assert recipe == dict(eval=dict(pre_nms_top_k=400))  # the recipe is not changed
 
 
 def starved_small_class():

@@ -568,33 +568,51 @@ def _val_trend(log):
             "best.keras holds the peak; early stopping (train.early_stopping_patience) or more augmentation")
 
 
-def finding_candidate_cap(nms, min_share=0.1):
-    """More candidates above the score threshold than ``eval.pre_nms_top_k`` lets into NMS, on many images.
+def finding_candidate_cap(nms, table, min_gain=0.005):
+    """``eval.pre_nms_top_k`` cut candidates on many images, and the same weights with a wider cap score higher.
 
-    ``nms``: the evaluation's NMS settings with ``candidates``, the count of each evaluated image
-    (``kdet.engine.candidate_counts``).
+    ``nms``: the evaluation's NMS settings with ``candidates`` (per evaluated image, what competes for
+    the cap: ``kdet.engine.candidate_counts``) and ``wider`` (:func:`wider_cap_check`: AP and AP50
+    of the same detector with a wider cap, or None when the cap did not bind).
     """
-    counts = np.asarray((nms or {}).get("candidates") or [], np.int64)
-    if counts.size == 0:
+    wider = (nms or {}).get("wider")
+    ap, ap50 = table["all"]["AP50_95"], table["all"]["AP50"]
+    if not wider or ap is None or ap50 is None:
         return None
-    cap = int(nms["pre_nms_top_k"])
-    over = counts > cap
-    if over.mean() < min_share:
+    gain, gain50 = wider["AP"] - ap, wider["AP50"] - ap50
+    if max(gain, gain50) < min_gain:
         return None
-    unit = "of one class " if nms.get("per_class_top_k") else ""
-    suggested = _round_up(int(np.percentile(counts, 95)), 100)
-    return (f"Candidate cap: on {int(over.sum())} of {counts.size} images more (anchor, class) pairs {unit}scored above "
-            f"eval.score_threshold {nms['score_threshold']:g} than eval.pre_nms_top_k={cap} lets into NMS (median "
-            f"{int(np.median(counts))}, most {int(counts.max())}), so objects whose boxes rank below the {cap}th "
-            f"candidate are never detected: crowded images lose recall and AP. Set eval.pre_nms_top_k={suggested} "
-            "(95% of these images fit; NMS time grows with it) in the recipe; it applies to val_AP, the final "
-            "evaluation and the SavedModel export alike.")
+    counts = np.asarray(nms["candidates"])
+    cap, unit = int(nms["pre_nms_top_k"]), "of one class " if nms.get("per_class_top_k") else ""
+    return (f"Candidate cap: on {int((counts > cap).sum())} of {counts.size} images more (anchor, class) pairs "
+            f"{unit}scored above eval.score_threshold {nms['score_threshold']:g} than eval.pre_nms_top_k={cap} lets "
+            f"into NMS, so objects whose boxes rank below the {cap}th candidate are never detected. The same weights "
+            f"with eval.pre_nms_top_k={wider['pre_nms_top_k']} score AP {wider['AP']:.3f} ({gain:+.3f}) and AP50 "
+            f"{wider['AP50']:.3f} ({gain50:+.3f}) on these images: set it in the recipe (val_AP, the final evaluation "
+            "and the SavedModel export all use it; NMS time grows with it).")
+
+
+def wider_cap_check(model, recipe, records, ground_truth, candidates, min_share=0.1, factor=4):
+    """AP and AP50 of ``model`` on ``records`` with ``factor`` x ``eval.pre_nms_top_k``, when more than
+    ``min_share`` of the images have more ``candidates`` than the cap (else None)."""
+    from kdet.data.coco import coco_image_ids, to_coco_results
+    from kdet.engine import eval_settings, predict_records
+    from kdet.metrics.coco import coco_evaluate
+
+    counts, cap = np.asarray(candidates), int(eval_settings(recipe)["pre_nms_top_k"])
+    if counts.size == 0 or (counts > cap).mean() < min_share:
+        return None
+    wider = min(cap * factor, int(counts.max()))
+    widened = dict(recipe, eval=dict(recipe.get("eval") or {}, pre_nms_top_k=wider))
+    detections = predict_records(model, records, widened)
+    coco = coco_evaluate(ground_truth, to_coco_results(coco_image_ids(records), detections))
+    return dict(pre_nms_top_k=wider, AP=float(coco["AP"]), AP50=float(coco["AP50"]))
 
 
 def findings(table, class_names, confusion, sizes, found, classes, preflight, image_size, eval_threshold,
              train_ap50=None, log=None, nms=None):
     """All findings that the numbers support, in reading order (a list of sentences)."""
-    out = [finding_candidate_cap(nms),
+    out = [finding_candidate_cap(nms, table),
            finding_over_detection(table, eval_threshold),
            finding_weakest_class(table, class_names, preflight, confusion, sizes, found, classes)]
     out += finding_confusion_pairs(confusion, class_names)
@@ -692,13 +710,15 @@ def report_after_training(model, recipe, work_dir, class_names, test_records, gr
     from kdet.engine import candidate_counts, eval_settings, predict_records
 
     eval_cfg = recipe.get("eval", {})
-    save_ground_truth(os.path.join(work_dir, GT_FILE), test_records, class_names, ground_truth)
-    nms = eval_settings(recipe)
+    ground_truth = _read_json(save_ground_truth(os.path.join(work_dir, GT_FILE), test_records, class_names,
+                                                ground_truth))
+    nms = dict(eval_settings(recipe), candidates=candidate_counts(model, test_records, recipe))
+    nms["wider"] = wider_cap_check(model, recipe, test_records, ground_truth, nms["candidates"])
     _write_json(os.path.join(work_dir, CONFIG_FILE), dict(
         class_names=list(class_names), image_size=recipe["model"].get("image_size", 300),
         score_threshold=float(eval_cfg.get("report_score_threshold", 0.25)),
         eval_score_threshold=float(nms["score_threshold"]),
-        nms=dict(nms, candidates=candidate_counts(model, test_records, recipe)),
+        nms=nms,
         match_iou=float(recipe.get("loss", {}).get("iou_threshold", 0.5)),
         anchor_scales=recipe["model"].get("anchor_scales"), aspect_ratios=recipe["model"].get("aspect_ratios")))
     sample = training_sample(train_records, int(eval_cfg.get("report_train_images", 200)),
