@@ -190,7 +190,13 @@ def test_train_evaluate_export_and_infer_use_the_recipes_nms_settings(tmp_path, 
     calls.clear()
     os.makedirs(tmp_path / "w", exist_ok=True)
     engine.finish(model, recipe, str(tmp_path / "w"), names, records["test"], 0.0)
-    assert len(calls) >= 2 and all(c == expected_call for c in calls), calls
+    # the run report's candidate-cap check rescores with a wider cap (4x at most), nothing else differs
+    widened = [c for c in calls if c["pre_nms_top_k"] != 50]
+    assert all(c == dict(expected_call, pre_nms_top_k=c["pre_nms_top_k"]) and 50 < c["pre_nms_top_k"] <= 200
+               for c in widened), widened
+    config = json.loads((tmp_path / "w" / "report_config.json").read_text())
+    assert bool(widened) == bool(config["nms"]["wider"])
+    assert len(calls) - len(widened) >= 2 and all(c == expected_call for c in calls if c not in widened), calls
     export_dir = tmp_path / "w" / "saved_model"
     written = json.loads((export_dir / "kdet_export.json").read_text())
     assert {k: written[k] for k in expected} == expected
