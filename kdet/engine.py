@@ -256,15 +256,9 @@ def eval_settings(recipe):
 
 def predict_records(model, records, recipe):
     """Detections for ``records`` in pixels of each original image (one dict per record)."""
-    from kdet.metrics.callback import compiled_over_weights
-
     settings = eval_settings(recipe)
-    detect = compiled_over_weights(model, lambda images: model.detect(images, **settings))
-    on_tf = keras.backend.backend() == "tensorflow"
-
     results = [None] * len(records)
-    for images, _, meta in build_eval_dataset(recipe, records, with_meta=True):
-        det = {k: keras.ops.convert_to_numpy(v) for k, v in detect(images if on_tf else images.numpy()).items()}
+    for det, meta in _over_eval_batches(model, records, recipe, lambda images: model.detect(images, **settings)):
         scale = np.stack([meta["width"], meta["height"], meta["width"], meta["height"]], -1).astype(np.float32)
         for row, index in enumerate(meta["index"].numpy()):
             n = int(det["num_detections"][row])
@@ -276,20 +270,27 @@ def predict_records(model, records, recipe):
 def candidate_counts(model, records, recipe):
     """Per record, the (anchor, class) pairs scoring above ``eval.score_threshold`` (per class with
     ``eval.per_class_top_k``): what competes for ``eval.pre_nms_top_k`` (the run report's cap finding)."""
-    from kdet.metrics.callback import compiled_over_weights
     from kdet.postprocess import count_candidates
 
     settings = eval_settings(recipe)
-    count = compiled_over_weights(model, lambda images: count_candidates(
-        model(images, training=False), settings["score_threshold"], model.score_activation,
-        per_class=settings["per_class_top_k"]))
-    on_tf = keras.backend.backend() == "tensorflow"
+    count = lambda images: count_candidates(model(images, training=False), settings["score_threshold"],  # noqa: E731
+                                            model.score_activation, per_class=settings["per_class_top_k"])
     counts = [0] * len(records)
-    for images, _, meta in build_eval_dataset(recipe, records, with_meta=True):
-        numbers = keras.ops.convert_to_numpy(count(images if on_tf else images.numpy()))
+    for numbers, meta in _over_eval_batches(model, records, recipe, count):
         for index, n in zip(meta["index"].numpy(), numbers):
             counts[index] = int(n)
     return counts
+
+
+def _over_eval_batches(model, records, recipe, fn):
+    """``fn(images)``, compiled over ``model``'s weights, on the evaluation batches of ``records``:
+    yields its outputs as numpy and the batch's ``meta`` (``index`` is each row's record)."""
+    from kdet.metrics.callback import compiled_over_weights
+
+    compiled = compiled_over_weights(model, fn)
+    on_tf = keras.backend.backend() == "tensorflow"
+    for images, _, meta in build_eval_dataset(recipe, records, with_meta=True):
+        yield keras.tree.map_structure(keras.ops.convert_to_numpy, compiled(images if on_tf else images.numpy())), meta
 
 
 def evaluate_records(model, records, class_names, recipe):

@@ -706,12 +706,12 @@ def _train_ap50(work_dir):
 def report_after_training(model, recipe, work_dir, class_names, test_records, ground_truth, results,
                           train_records=None):
     """What ``engine.finish`` calls after the final evaluation: store the inputs, then the report."""
-    from kdet.data.coco import coco_image_ids, to_coco_results
+    from kdet.data.coco import coco_image_ids, records_to_coco_json, to_coco_results
     from kdet.engine import candidate_counts, eval_settings, predict_records
 
     eval_cfg = recipe.get("eval", {})
-    ground_truth = _read_json(save_ground_truth(os.path.join(work_dir, GT_FILE), test_records, class_names,
-                                                ground_truth))
+    ground_truth = ground_truth or records_to_coco_json(test_records, class_names)
+    save_ground_truth(os.path.join(work_dir, GT_FILE), test_records, class_names, ground_truth)
     nms = dict(eval_settings(recipe), candidates=candidate_counts(model, test_records, recipe))
     nms["wider"] = wider_cap_check(model, recipe, test_records, ground_truth, nms["candidates"])
     _write_json(os.path.join(work_dir, CONFIG_FILE), dict(
