@@ -103,6 +103,8 @@ def default_recipe():
             tal_top_k=13,                # task-aligned candidates per object
             tal_alpha=1.0,               # exponent of the class score in the alignment
             tal_beta=6.0,                # exponent of the predicted box's IoU in the alignment
+            box_weighting="equal",       # "equal": every positive's box loss counts once | "alignment" (assigner="tal",
+                                         # YOLOv8's): weighted by its soft target, so well-aligned anchors dominate
             box_loss="smooth_l1",        # "smooth_l1" (encoded offsets) | "giou" | "diou" | "ciou" (decoded boxes)
                                          # | "smooth_l1+giou" | "smooth_l1+diou" | "smooth_l1+ciou" (both)
             box_weight=None,             # times alpha on the box loss; None: 1 for smooth_l1 and the sums,
@@ -110,7 +112,7 @@ def default_recipe():
             iou_weight=2.0,              # the IoU term's weight inside "smooth_l1+<iou>"
             cls_loss="softmax",          # "softmax" (+ hard negative mining) | "quality_softmax" (the same, positives'
                                          # target split: predicted box's IoU on the class, the rest on background)
-                                         # | "focal" | "quality_focal" | "varifocal"
+                                         # | "focal" | "quality_focal" | "varifocal" | "quality_bce" (YOLOv8's)
                                          # (sigmoid losses: no mining, the model then scores with sigmoid)
         ),
         train=dict(

@@ -22,7 +22,8 @@ IOU_BOX_LOSSES = ("giou", "diou", "ciou")
 # (DETR's L1 + GIoU, YOLOX's late L1 beside its IoU loss): the offsets keep smooth L1's steady gradient,
 # the IoU term aims the boxes at what AP counts.
 BOX_LOSSES = ("smooth_l1",) + IOU_BOX_LOSSES + tuple(f"smooth_l1+{kind}" for kind in IOU_BOX_LOSSES)
-CLASS_LOSSES = ("softmax", "quality_softmax", "focal", "quality_focal", "varifocal")
+BOX_WEIGHTINGS = ("equal", "alignment")
+CLASS_LOSSES = ("softmax", "quality_softmax", "focal", "quality_focal", "varifocal", "quality_bce")
 SOFTMAX_LOSSES = ("softmax", "quality_softmax")
 # loss.box_weight=None: 1 for smooth L1 (as before); 2 for the IoU family, mmdetection's GIoU weight
 # beside sigmoid class losses (ATSS, GFL, VFNet): 1 - GIoU is a few times smaller than SSD's smooth L1
@@ -142,14 +143,17 @@ class MultiBoxLoss(keras.losses.Loss):
     predicted box on its class and the rest on background, so scores rank
     boxes by how well they fit, as GFL's quality focal loss does) or the
     sigmoid losses "focal" (RetinaNet), "quality_focal" (GFL: the positive's
-    target is the IoU of its predicted box) and "varifocal" (VarifocalNet),
+    target is the IoU of its predicted box), "varifocal" (VarifocalNet) and
+    "quality_bce" (YOLOv8: binary cross-entropy on the same soft target, no focal factor),
     which use every non-ignored anchor, background as an all-zero target, and
     need a model scoring with sigmoid (``SSD(score_activation="sigmoid")``,
     :func:`score_activation`); ``assigner="tal"`` is the task-aligned assigner
     (:func:`kdet.matching.task_aligned_match`, ``tal_top_k``, ``tal_alpha``,
     ``tal_beta``), whose normalised alignment is the soft target of the
-    quality losses; those are then divided by the soft targets' sum instead
-    of the positive count (YOLOv8's ``target_scores_sum``).
+    quality losses, which are then divided by the soft targets' sum instead
+    of the positive count (YOLOv8's ``target_scores_sum``);
+    ``box_weighting="alignment"`` also weights each positive's box loss by its
+    soft target (a mean weighted by them, as YOLOv8's box loss).
 
     Reduction: ``call`` already returns the batch's SSD loss as a scalar, so
     Keras's reduction leaves it unchanged ("sum_over_batch_size" divides a
@@ -178,6 +182,7 @@ class MultiBoxLoss(keras.losses.Loss):
         tal_top_k=13,
         tal_alpha=1.0,
         tal_beta=6.0,
+        box_weighting="equal",
         name="multibox_loss",
         **kwargs,
     ):
@@ -213,6 +218,12 @@ class MultiBoxLoss(keras.losses.Loss):
         self._iou_kind = box_loss.split("+")[-1] if box_loss.split("+")[-1] in IOU_BOX_LOSSES else None
         self._iou_term_weight = self.iou_weight if "+" in box_loss else 1.0
         self.tal_top_k, self.tal_alpha, self.tal_beta = int(tal_top_k), float(tal_alpha), float(tal_beta)
+        if box_weighting not in BOX_WEIGHTINGS:
+            raise ValueError(f"MultiBoxLoss: box_weighting must be one of {BOX_WEIGHTINGS}, got {box_weighting!r}")
+        if box_weighting == "alignment" and assigner != "tal":
+            raise ValueError("MultiBoxLoss: box_weighting='alignment' weights positives by the task-aligned "
+                             f"assigner's soft targets: it needs assigner='tal' (got {assigner!r})")
+        self.box_weighting = box_weighting
 
     def call(self, y_true, y_pred):
         parts = self.components(y_true, y_pred)
@@ -254,7 +265,12 @@ class MultiBoxLoss(keras.losses.Loss):
         num_pos = ops.maximum(_sum_over_replicas(ops.stop_gradient(ops.sum(num_pos_per_image))), 1.0)
 
         loc = self._box_losses(offsets, pred_boxes, matched_boxes, anchors)
-        loc = ops.sum(ops.where(positive, loc, 0.0))
+        if self.box_weighting == "alignment":  # YOLOv8: positives weighted by their soft target, over its sum
+            weights = ops.where(positive, quality, 0.0)
+            loc = ops.sum(weights * loc) * num_pos / ops.maximum(
+                _sum_over_replicas(ops.stop_gradient(ops.sum(weights))), 1.0)
+        else:
+            loc = ops.sum(ops.where(positive, loc, 0.0))
         if self.cls_loss != "softmax" and quality is None:  # IoU of the predicted box with its object (GFL)
             quality = ops.stop_gradient(paired_iou(pred_boxes, matched_boxes))
         if self.cls_loss == "softmax":
@@ -334,6 +350,8 @@ class MultiBoxLoss(keras.losses.Loss):
             bce = ops.softplus(class_logits) - class_logits * target
             if self.cls_loss == "quality_focal":
                 per_class = ops.power(ops.abs(target - prob), QFL_BETA) * bce
+            elif self.cls_loss == "quality_bce":  # YOLOv8: the soft target, no focal factor
+                per_class = bce
             else:  # varifocal: positives weighted by their quality, negatives focally down-weighted
                 per_class = ops.where(target > 0, target, VFL_ALPHA * ops.power(prob, VFL_GAMMA)) * bce
         per_anchor = ops.sum(per_class, axis=-1) * self._weights(ops.maximum(labels, 0), logits.shape[-1])
@@ -386,6 +404,7 @@ class MultiBoxLoss(keras.losses.Loss):
             tal_top_k=self.tal_top_k,
             tal_alpha=self.tal_alpha,
             tal_beta=self.tal_beta,
+            box_weighting=self.box_weighting,
         )
         return config
 

@@ -70,13 +70,15 @@ def _np_sigmoid_loss(logits, labels, quality, kind):
                     total += (0.25 if y == 1 else 0.75) * (1 - p_t) ** 2 * bce
                 elif kind == "quality_focal":
                     total += abs(y - p) ** 2 * bce
+                elif kind == "quality_bce":
+                    total += bce
                 else:
                     total += (y if y > 0 else 0.75 * p ** 2) * bce
     return total / max((labels > 0).sum(), 1)
 
 
-def _np_tal(gt, classes, ignore, anchors, pred_boxes, scores, top_k, alpha=1.0, beta=6.0):
-    """Task-aligned assignment of one image, loops: (labels, soft targets)."""
+def _np_tal(gt, classes, ignore, anchors, pred_boxes, scores, top_k, alpha=1.0, beta=6.0, with_owner=False):
+    """Task-aligned assignment of one image, loops: (labels, soft targets[, each anchor's object or -1])."""
     A, M = len(anchors), len(gt)
     iou = np.array([[_np_iou(pred_boxes[a], gt[m]) for m in range(M)] for a in range(A)])
     align = np.zeros((A, M))
@@ -100,7 +102,7 @@ def _np_tal(gt, classes, ignore, anchors, pred_boxes, scores, top_k, alpha=1.0, 
     for m in set(owner[owner >= 0]):
         mine = owner == m
         soft[mine] = align[mine, m] * iou[mine, m].max() / align[mine, m].max()
-    return labels, soft
+    return (labels, soft, owner) if with_owner else (labels, soft)
 
 
 # ------------------------------------------------------------------ IoU-family box losses
@@ -193,7 +195,7 @@ def test_focal_loss_hand_computed_at_zero_logits():
     np.testing.assert_allclose(conf, expected, rtol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["focal", "quality_focal", "varifocal"])
+@pytest.mark.parametrize("kind", ["focal", "quality_focal", "varifocal", "quality_bce"])
 def test_sigmoid_losses_match_numpy_reference(kind):
     y_true, y_pred, labels, matched = _case(seed=5)
     quality = np.zeros(labels.shape)
@@ -239,7 +241,7 @@ def test_sigmoid_loss_ignores_ignored_anchors_and_uses_every_other_one():
 
 def test_score_activation_and_bad_names():
     assert score_activation("softmax") == "softmax"
-    assert {score_activation(k) for k in ("focal", "quality_focal", "varifocal")} == {"sigmoid"}
+    assert {score_activation(k) for k in ("focal", "quality_focal", "varifocal", "quality_bce")} == {"sigmoid"}
     with pytest.raises(ValueError, match="cls_loss"):
         MultiBoxLoss(cls_loss="bce")
     with pytest.raises(ValueError, match="box_loss"):
@@ -347,6 +349,40 @@ def test_tal_in_the_loss_uses_its_labels_and_soft_targets():
     compiled = tf.function(lambda t, p: loss(t, p), jit_compile=True, input_signature=[
         tf.TensorSpec((None, None, 6), tf.float32), tf.TensorSpec((None, 16, 11), tf.float32)])
     np.testing.assert_allclose(float(compiled(y_true, y_pred)), float(parts["loss"]), rtol=1e-5)
+
+
+def test_alignment_box_weighting_is_the_soft_target_weighted_mean_of_the_box_losses():
+    y_true, y_pred, _, _ = _case(seed=3)
+    y_true = y_true.copy()
+    y_true[0, 2] = [0.0, 0.0, 0.375, 0.5, 1, 0]  # covers anchors 0-2: several positives with unequal targets
+    scores = 1 / (1 + np.exp(-y_pred[..., 5:7].astype(np.float64)))
+    pred = np.array([[_np_decode(y_pred[b, a, :4], ANCHORS[a]) for a in range(16)] for b in range(2)])
+    classes = np.round(y_true[..., 4]).astype(int)
+    losses, soft = [], []
+    for b in range(2):
+        labels, targets, owner = _np_tal(y_true[b, :, :4], classes[b], y_true[b, :, 5] > 0.5, ANCHORS, pred[b],
+                                         scores[b], 3, alpha=0.5, with_owner=True)
+        for a in np.nonzero(labels > 0)[0]:
+            losses.append(_np_iou_losses(pred[b, a], y_true[b, owner[a], :4])[0])  # 1 - GIoU
+            soft.append(targets[a])
+    losses, soft = np.array(losses), np.array(soft)
+    assert len(losses) >= 4 and soft.sum() > 1.0 and soft.std() > 0.1
+
+    def loc(weighting):
+        loss = MultiBoxLoss(cls_loss="quality_focal", assigner="tal", tal_top_k=3, tal_alpha=0.5, box_loss="giou",
+                            box_weighting=weighting)
+        return float(loss.components(y_true, y_pred)["loc"])
+
+    np.testing.assert_allclose(loc("equal"), losses.mean(), rtol=1e-4)
+    # YOLOv8's box loss: sum(target * loss) / max(sum(target), 1)
+    np.testing.assert_allclose(loc("alignment"), (soft * losses).sum() / soft.sum(), rtol=1e-4)
+    assert abs(loc("alignment") - loc("equal")) > 0.01
+    restored = MultiBoxLoss.from_config(MultiBoxLoss(assigner="tal", box_weighting="alignment").get_config())
+    assert restored.box_weighting == "alignment"
+    with pytest.raises(ValueError, match="assigner='tal'"):
+        MultiBoxLoss(box_weighting="alignment")
+    with pytest.raises(ValueError, match="box_weighting"):
+        MultiBoxLoss(assigner="tal", box_weighting="iou")
 
 
 # ------------------------------------------------------------------ the sigmoid-scoring model
