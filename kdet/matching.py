@@ -248,14 +248,10 @@ def task_aligned_match(gt_boxes, gt_classes, gt_ignore, anchors, pred_boxes, pre
         return boxes, labels, ops.zeros_like(pred_boxes[..., 0])
     valid = gt_classes >= 0
     iou = iou_matrix(pred_boxes, gt_boxes)  # [B, A, M]
-    centre = xyxy_to_cxcywh(anchors)[..., :2]
-    inside = ops.logical_and(
-        ops.all(centre[:, :, None, :] > gt_boxes[:, None, :, :2], axis=-1),
-        ops.all(centre[:, :, None, :] < gt_boxes[:, None, :, 2:], axis=-1))
-    allowed = ops.logical_and(inside, ops.expand_dims(valid, 1))  # [B, A, M]
-    class_index = ops.zeros_like(iou, dtype="int32") + ops.expand_dims(ops.maximum(gt_classes, 0), 1)
-    score = ops.take_along_axis(pred_scores, class_index, axis=2)  # [B, A, M]: score of m's class
-    alignment = ops.where(allowed, ops.power(score, alpha) * ops.power(iou, beta), 0.0)
+    allowed = ops.logical_and(_centre_inside(anchors, gt_boxes), ops.expand_dims(valid, 1))  # [B, A, M]
+    gt_one_hot = ops.one_hot(ops.maximum(gt_classes, 0), pred_scores.shape[-1])  # [B, M, C]
+    score = ops.einsum("bac,bmc->bam", pred_scores, gt_one_hot)  # [B, A, M]: score of m's class
+    alignment = ops.where(allowed, _power(score, alpha) * _power(iou, beta), 0.0)
 
     k = min(int(top_k), int(alignment.shape[1]))
     kth = ops.top_k(ops.transpose(alignment, (0, 2, 1)), k)[0][..., -1]  # [B, M]
@@ -267,6 +263,31 @@ def task_aligned_match(gt_boxes, gt_classes, gt_ignore, anchors, pred_boxes, pre
     positive = ops.logical_and(matched, ops.logical_not(ignored))
     boxes, labels = _targets(gt_boxes, gt_classes, matched_gt, positive, ignored)
     return boxes, labels, _normalised_alignment(alignment, iou, matched_gt, positive)
+
+
+def _centre_inside(anchors, gt_boxes):
+    """``[B, A, M]`` bool: anchor ``a``'s centre strictly inside object ``m`` (one coordinate at a time)."""
+    cx = ops.expand_dims((anchors[..., 0] + anchors[..., 2]) / 2, -1)
+    cy = ops.expand_dims((anchors[..., 1] + anchors[..., 3]) / 2, -1)
+    x1, y1, x2, y2 = (ops.expand_dims(gt_boxes[..., i], 1) for i in range(4))
+    return ops.logical_and(ops.logical_and(cx > x1, cx < x2), ops.logical_and(cy > y1, cy < y2))
+
+
+def _power(x, exponent):
+    """``x ** exponent`` for ``x >= 0``; products and square roots for the usual exponents (a CPU's pow is slow)."""
+    exponent = float(exponent)
+    if exponent == 0.5:
+        return ops.sqrt(x)
+    if exponent.is_integer() and 1 <= exponent <= 8:
+        result, square, n = None, x, int(exponent)
+        while n:  # exponentiation by squaring
+            if n & 1:
+                result = square if result is None else result * square
+            n >>= 1
+            if n:
+                square = square * square
+        return result
+    return ops.power(x, exponent)
 
 
 def _normalised_alignment(alignment, iou, matched_gt, positive):
