@@ -297,3 +297,12 @@ def test_atss_forced_match_gives_an_object_between_anchor_centres_its_best_ancho
     np.testing.assert_allclose(boxes[5], gt[0])
     _, ignored = _atss(gt, [0, 1, -1], _grid(4), [16], gt_ignore=[True, False, False], forced_match=True)
     assert ignored[5] == -1 and (ignored == 2).sum() == 4
+
+
+def test_alignment_power_matches_numpy_for_the_fast_and_the_general_exponents():
+    from kdet.matching import _power
+
+    x = np.array([0.0, 1e-4, 0.3, 0.77, 1.0], np.float32)
+    for exponent in (0.5, 1, 2, 3, 6, 7, 8, 2.5, 9, 13):
+        np.testing.assert_allclose(ops.convert_to_numpy(_power(x, exponent)), x.astype(np.float64) ** exponent,
+                                   rtol=1e-5, atol=1e-12, err_msg=str(exponent))
