@@ -1,4 +1,4 @@
-"""The device COCO engine and COCOEvalCallback under KERAS_BACKEND=jax, several checks in one process.
+"""The device COCO engine, COCOEvalCallback and the task-aligned assigner under KERAS_BACKEND=jax, in one process.
 
 tests/test_coco_jax.py runs this file in a subprocess (the pytest process runs TensorFlow);
 ``python tests/jax_checks.py`` with KERAS_BACKEND=jax runs it by hand. Prints one line per
@@ -132,6 +132,25 @@ def callback_with_tf_data_under_jax():
     logs, reference = fit_and_log(val, epochs=2, every_n_epochs=2)
     assert len(logs["val_AP"]) == 1
     assert_stats_close({n: logs["val_" + n][0] for n in STAT_NAMES}, reference, 1e-9, "tf.data")
+
+
+@check
+def task_aligned_match_hand_worked_under_jax():
+    """tests/test_loss_levers.py's hand-worked case (4 anchors, objects A, ignore B, C), under JAX."""
+    from keras import ops
+
+    from kdet.matching import task_aligned_match
+
+    anchors = np.array([[[i / 4, 0, (i + 1) / 4, 1] for i in range(4)]], np.float32)
+    gt = np.array([[[0, 0.2, 0.5, 0.8], [0.5, 0.2, 1.0, 0.8], [0.2, 0.1, 0.6, 0.9], [0, 0, 0, 0]]], np.float32)
+    classes, ignore = np.array([[0, 1, 2, -1]]), np.array([[False, True, False, False]])
+    pred = np.array([[[0, 0.2, 0.5, 0.8], [0.25, 0.2, 0.5, 0.8], [0.5, 0, 0.75, 1], [0.75, 0, 1, 1]]], np.float32)
+    scores = np.array([[[0.5, 0, 0], [0.1, 0, 0.9], [0, 0.6, 0], [0, 0.3, 0]]], np.float32)
+    for top_k, labels, soft in ((2, [1, 1, -1, -1], [1.0, (0.1 / 64) / 0.5, 0, 0]),
+                                (1, [1, 3, -1, 0], [1.0, 0.46875, 0, 0])):
+        _, got_labels, got_soft = task_aligned_match(gt, classes, ignore, anchors, pred, scores, top_k=top_k)
+        np.testing.assert_array_equal(ops.convert_to_numpy(got_labels)[0], labels)
+        np.testing.assert_allclose(ops.convert_to_numpy(got_soft)[0], soft, rtol=1e-5)
 
 
 def main():
