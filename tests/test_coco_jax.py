@@ -26,7 +26,7 @@ def test_engine_and_callback_under_jax():
                          env=jax_env(), timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     passed = [line for line in out.stdout.splitlines() if line.startswith("ok ")]
-    assert len(passed) == 6, out.stdout
+    assert len(passed) == 7, out.stdout
 
 
 def test_device_check_tool_under_jax():
