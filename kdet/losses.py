@@ -264,11 +264,13 @@ class MultiBoxLoss(keras.losses.Loss):
         num_pos_per_image = ops.sum(ops.cast(positive, "float32"), axis=1)
         num_pos = ops.maximum(_sum_over_replicas(ops.stop_gradient(ops.sum(num_pos_per_image))), 1.0)
 
+        if self.assigner == "tal":  # YOLOv8's target_scores_sum: divides its class and box losses
+            soft_target_sum = ops.maximum(
+                _sum_over_replicas(ops.stop_gradient(ops.sum(ops.where(positive, quality, 0.0)))), 1.0)
+
         loc = self._box_losses(offsets, pred_boxes, matched_boxes, anchors)
         if self.box_weighting == "alignment":  # YOLOv8: positives weighted by their soft target, over its sum
-            weights = ops.where(positive, quality, 0.0)
-            loc = ops.sum(weights * loc) * num_pos / ops.maximum(
-                _sum_over_replicas(ops.stop_gradient(ops.sum(weights))), 1.0)
+            loc = ops.sum(ops.where(positive, quality, 0.0) * loc) * num_pos / soft_target_sum
         else:
             loc = ops.sum(ops.where(positive, loc, 0.0))
         if self.cls_loss != "softmax" and quality is None:  # IoU of the predicted box with its object (GFL)
@@ -281,7 +283,7 @@ class MultiBoxLoss(keras.losses.Loss):
             quality = ops.where(positive, quality, 0.0)
             conf = self._sigmoid_loss(logits, labels, quality)
             if self.assigner == "tal":  # YOLOv8: over the soft targets' sum, small for the normalised alignment
-                conf = conf * num_pos / ops.maximum(_sum_over_replicas(ops.stop_gradient(ops.sum(quality))), 1.0)
+                conf = conf * num_pos / soft_target_sum
 
         loc, conf = loc / num_pos, conf / num_pos
         weight = self.alpha * self.box_weight

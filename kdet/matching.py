@@ -158,9 +158,7 @@ def atss_match(gt_boxes, gt_classes, gt_ignore, anchors, anchors_per_level, top_
     centre = xyxy_to_cxcywh(anchors)[..., :2]  # [B or 1, A, 2]
     candidate = _nearest_centres(xyxy_to_cxcywh(gt_boxes)[..., :2], centre, anchors_per_level, top_k)
     threshold = _mean_plus_std(iou, candidate)  # [B, 1, M]
-    inside = ops.logical_and(
-        ops.all(centre[:, :, None, :] > gt_boxes[:, None, :, :2], axis=-1),
-        ops.all(centre[:, :, None, :] < gt_boxes[:, None, :, 2:], axis=-1))
+    inside = _centre_inside(anchors, gt_boxes)
     positive_pair = ops.logical_and(ops.logical_and(candidate, iou >= threshold),
                                     ops.logical_and(inside, ops.expand_dims(valid, 1)))
     if forced_match:  # ground truths left without a positive claim their best anchor
