@@ -1,10 +1,10 @@
 """SSD head over a ResNet50 feature pyramid (P3-P7), PASCAL VOC 2007+2012, tested on VOC 2007 test.
 
-    python tools/train.py recipes/ssd300_fpn_voc.py
+    python tools/train.py recipes/ssd300_fpn_voc.py --set data.root=/data/VOCdevkit
 
-Same data and schedule as ssd300_voc.py; the backbone is ResNet50 + FPN with
-ImageNet weights (downloaded by keras.applications), frozen for the first 2
-epochs and then unfrozen top-down.
+Same data (a local VOCdevkit or TFDS, see ssd300_voc.py) and schedule as ssd300_voc.py; the
+backbone is ResNet50 + FPN with ImageNet weights (downloaded by keras.applications), frozen for the
+first 2 epochs and then unfrozen top-down.
 """
 
 from ssd300_voc import recipe as voc

@@ -179,3 +179,142 @@ def auto(root, split="train", class_names=None, val_fraction=None, seed=None, sk
 
 
 auto.reads_recipe_data = True  # kdet.config.resolve_source passes the recipe's data section as data=
+
+
+# ------------------------------------------------- the headline recipes' data: a local folder, else TFDS
+TFDS_DEFAULT_DIR = "~/tensorflow_datasets"
+_VOC_TFDS_SPLITS = {"trainval": "train+validation", "train": "train", "val": "validation", "test": "test"}
+VOC_LAYOUT = ("a VOCdevkit: the folder holding VOC2007/ and VOC2012/ as the official tars extract them, each with "
+              "Annotations/, JPEGImages/ and ImageSets/Main/<set>.txt (VOC2007/ImageSets/Main/test.txt for the test set)")
+COCO_LAYOUT = ("a COCO 2017 folder: annotations/instances_train2017.json, annotations/instances_val2017.json, "
+               "train2017/ and val2017/ as the official zips extract them")
+
+
+def voc_or_tfds(root, sets="2007:trainval+2012:trainval", class_names=None, skip_invalid=False) -> Source:
+    """PASCAL VOC from a local VOCdevkit under ``root`` when there is one, else TFDS ``voc/YEAR`` in ``root``.
+
+    What is on disk decides: ``root`` (or ``root/VOCdevkit``) holding a ``VOC2007/`` or ``VOC2012/``
+    folder is read as the official VOCdevkit; otherwise ``root`` is TFDS's data_dir (an existing
+    folder, or TFDS's default ``~/tensorflow_datasets``, which TFDS creates), and TFDS downloads and
+    prepares the data there when it is missing. A ``root`` that is neither (no such folder) is a
+    :class:`DatasetError` naming both layouts; so is a failed TFDS preparation.
+
+    Args:
+        root: a VOCdevkit (or the folder above it) or a TFDS data_dir; None: TFDS's default.
+        sets: ``"year:image-set"`` entries joined by ``+``: ``"2007:trainval+2012:trainval"`` (07+12),
+            ``"2007:test"``. Image sets ``trainval``, ``train``, ``val``, ``test`` map to TFDS's
+            ``train+validation``, ``train``, ``validation``, ``test``.
+        class_names: default VOC's 20 classes in TFDS's (alphabetical) order.
+        skip_invalid: local folders only: drop bad boxes / images with a counted warning.
+
+    Returns:
+        one source, or a ``concat`` of one per year. ``difficult`` objects are kept flagged (ignored
+        by training and evaluation, as VOC's devkit and pycocotools conversions ignore them).
+
+    Example:
+        >>> import tempfile
+        >>> voc_or_tfds(tempfile.mkdtemp() + "/missing", "2007:test")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        kdet.data.base.DatasetError: data.root .../missing: no such folder; the VOC recipes read a VOCdevkit: ...
+    """
+    import os
+    from pathlib import Path
+
+    from kdet.data.voc import VOC_CLASSES, VOCSource
+
+    pairs = _voc_sets(sets)
+    names = list(class_names or VOC_CLASSES)
+    folder = Path(os.path.expanduser(str(root))) if root is not None else None
+    devkit = _find_devkit(folder, sorted({year for year, _ in pairs})) if folder is not None else None
+    if devkit is not None:
+        sources = []
+        for year, image_set in pairs:
+            if not (devkit / f"VOC{year}").is_dir():
+                raise DatasetError(f"{devkit / f'VOC{year}'}: not found (data.root {root} is a VOCdevkit without "
+                                   f"VOC{year}/; expected {VOC_LAYOUT})")
+            sources.append(VOCSource(devkit / f"VOC{year}", image_set, class_names=names, skip_invalid=skip_invalid))
+        return sources[0] if len(sources) == 1 else ConcatSource(*sources)
+    data_dir = _tfds_data_dir(folder, root, "VOC", VOC_LAYOUT,
+                              "voc/2007 and voc/2012 prepared by `tfds build voc/2007 voc/2012 --data_dir DIR`")
+    hint = (f"Or set data.root to {VOC_LAYOUT}; {root} is not one." if root is not None else
+            f"Or set data.root to {VOC_LAYOUT}.")
+    from kdet.data.tfds_source import TFDSSource
+
+    sources = [TFDSSource(f"voc/{year}", _VOC_TFDS_SPLITS[image_set], data_dir=data_dir, class_names=names, hint=hint)
+               for year, image_set in pairs]
+    return sources[0] if len(sources) == 1 else ConcatSource(*sources)
+
+
+def coco_or_tfds(root, split="val2017", class_names=None, skip_invalid=False) -> Source:
+    """COCO 2017 from a local folder under ``root`` when there is one, else TFDS ``coco/2017`` in ``root``.
+
+    Local: ``root/annotations/instances_<split>.json`` and the image folder ``root/<split>/``, read by
+    :func:`coco` (``iscrowd`` objects are ignore regions, as pycocotools treats them). Otherwise ``root``
+    is TFDS's data_dir, as in :func:`voc_or_tfds`. TFDS's source holds a split's encoded images in
+    memory: about 19 GB for train2017, so the local folder is the way for training on a normal machine.
+
+    Args:
+        root: the COCO folder or a TFDS data_dir; None: TFDS's default.
+        split: ``"train2017"`` or ``"val2017"`` (TFDS ``train`` / ``validation``).
+        class_names: default: the json's categories in id order (TFDS: COCO's 80 names, the same order).
+        skip_invalid: local folders only: drop bad boxes / images with a counted warning.
+
+    Returns:
+        a source of records with pixel ``xyxy`` boxes, ``iscrowd`` and COCO's ``area``.
+    """
+    import os
+    from pathlib import Path
+
+    from kdet.data.coco import COCOSource
+
+    tfds_split = {"train2017": "train", "val2017": "validation"}.get(split)
+    if tfds_split is None:
+        raise DatasetError(f"coco_or_tfds: split must be 'train2017' or 'val2017', got {split!r}")
+    folder = Path(os.path.expanduser(str(root))) if root is not None else None
+    if folder is not None and ((folder / "annotations").is_dir() or (folder / split).is_dir()):
+        annotation_file, image_dir = folder / "annotations" / f"instances_{split}.json", folder / split
+        for path, kind in ((annotation_file, "file"), (image_dir, "folder")):
+            if not path.exists():
+                raise DatasetError(f"{path}: {kind} not found (data.root {root} looks like a COCO folder; expected "
+                                   f"{COCO_LAYOUT})")
+        return COCOSource(annotation_file, image_dir, class_names=class_names, skip_invalid=skip_invalid)
+    data_dir = _tfds_data_dir(folder, root, "COCO", COCO_LAYOUT, "coco/2017 prepared by `tfds build coco/2017 --data_dir DIR`")
+    hint = (f"Or set data.root to {COCO_LAYOUT}; {root} is not one." if root is not None else
+            f"Or set data.root to {COCO_LAYOUT}.")
+    from kdet.data.tfds_source import TFDSSource
+
+    return TFDSSource("coco/2017", tfds_split, data_dir=data_dir, class_names=class_names, hint=hint)
+
+
+def _voc_sets(sets):
+    """``"2007:trainval+2012:trainval"`` -> ``[("2007", "trainval"), ("2012", "trainval")]``."""
+    pairs = []
+    for entry in (sets.split("+") if isinstance(sets, str) else list(sets)):
+        year, _, image_set = str(entry).strip().partition(":")
+        if not year.isdigit() or image_set not in _VOC_TFDS_SPLITS:
+            raise DatasetError(f"VOC sets {sets!r}: each entry is year:set with set one of "
+                               f"{', '.join(_VOC_TFDS_SPLITS)}, e.g. '2007:trainval+2012:trainval'")
+        pairs.append((year, image_set))
+    return pairs
+
+
+def _find_devkit(folder, years):
+    """``folder`` or ``folder/VOCdevkit`` when it holds a ``VOC<year>/`` of ``years``, else None."""
+    for candidate in (folder, folder / "VOCdevkit"):
+        if any((candidate / f"VOC{year}").is_dir() for year in years):
+            return candidate
+    return None
+
+
+def _tfds_data_dir(folder, root, what, layout, tfds_layout):
+    """TFDS's ``data_dir`` for ``root``: None for TFDS's default, else the folder, which must exist."""
+    import os
+
+    if folder is None or os.path.abspath(folder) == os.path.abspath(os.path.expanduser(TFDS_DEFAULT_DIR)):
+        return None  # TFDS's default (it honours $TFDS_DATA_DIR and creates the folder)
+    if not folder.is_dir():
+        raise DatasetError(f"data.root {root}: no such folder; the {what} recipes read {layout}; or a TFDS data_dir "
+                           f"(an existing folder: empty for TFDS to download into, or holding {tfds_layout} on a "
+                           "machine with internet)")
+    return str(folder)

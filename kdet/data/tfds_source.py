@@ -11,6 +11,14 @@ Boxes: TFDS stores normalised ``(ymin, xmin, ymax, xmax)``. COCO's are exact
 the image size without the ``- 1`` shift, so for ``voc/*`` the pixel values are
 rounded back to the XML integers and converted with ``voc_to_xyxy``.
 
+Preparation errors (``download=True`` on a dataset not yet in ``data_dir``) say
+which of two things failed: a Python module TFDS's builder needs is missing
+(tensorflow-datasets 4.9.x imports ``importlib_resources`` in every
+``download_and_prepare`` without declaring it, tensorflow/datasets#11212: kdet's
+install brings it), or the download itself (requests' connection errors after
+TFDS's retries, about 3 minutes offline). Only the second suggests preparing
+the data on a machine with internet access.
+
 Class names come from the TFDS feature info. When that info holds only
 placeholders (``'0'``, ``'1'``, ... e.g. ``coco/2017`` without its generated
 metadata) the known COCO names are used.
@@ -36,10 +44,13 @@ class TFDSSource(Source):
             (TFDS's own default; pass False to fail fast when it is not prepared).
         max_examples: keep only the first ones (smoke tests).
         class_names: override the TFDS label names (same length).
+        hint: a sentence appended to a load / preparation error (e.g. the local layout a recipe
+            would also take), so that the one error line names every way the data can come.
     """
 
-    def __init__(self, name, split, data_dir=None, download=True, max_examples=None, class_names=None):
+    def __init__(self, name, split, data_dir=None, download=True, max_examples=None, class_names=None, hint=None):
         super().__init__(class_names)
+        self.hint = hint
         self.tfds_name = name
         self.split = split
         self.data_dir = data_dir
@@ -69,14 +80,33 @@ class TFDSSource(Source):
                 with_info=True, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()},
             )
         except Exception as err:  # TFDS raises many kinds; one clear message instead
-            action = "download and prepare" if self.download else "load (download=False)"
-            raise DatasetError(
-                f"{self.name}: cannot {action} the TFDS dataset in data_dir={self.data_dir or '~/tensorflow_datasets'}: "
+            raise DatasetError(self._load_error(err)) from None
+        return tfds.as_numpy(dataset), info
+
+    def _load_error(self, err):
+        """The one message for a failed ``tfds.load``: a missing module, a failed download, or else TFDS's own."""
+        data_dir = self.data_dir or "~/tensorflow_datasets"
+        hint = f" {self.hint}" if self.hint else ""
+        module = _missing_module(err)
+        if module is not None:
+            package = module.split(".")[0]
+            why = ("TFDS's dataset builder imports it without declaring it (tensorflow/datasets#11212), and "
+                   "kdet's install brings it" if package == "importlib_resources"
+                   else f"the builder of {self.tfds_name} imports it")
+            return (f"{self.name}: TFDS cannot prepare the dataset in data_dir={data_dir}: the Python module "
+                    f"{module!r} is not installed (pip install {package}); this is not a download problem: "
+                    f"{why}.{hint}")
+        failure = _download_failure(err)
+        if failure is not None and self.download:
+            return (f"{self.name}: cannot download the TFDS dataset into data_dir={data_dir}: "
+                    f"{type(failure).__name__}: {_first_line(failure)}. If this machine is offline, prepare it on "
+                    f"one with internet access (`tfds build {self.tfds_name} --data_dir DIR`), copy DIR here and "
+                    f"pass data_dir=DIR.{hint}")
+        action = "download and prepare" if self.download else "load (download=False)"
+        return (f"{self.name}: cannot {action} the TFDS dataset in data_dir={data_dir}: "
                 f"{type(err).__name__}: {_first_line(err)}\n"
                 f"If this machine is offline, prepare it on one with internet access "
-                f"(`tfds build {self.tfds_name} --data_dir DIR`), copy DIR here and pass data_dir=DIR."
-            ) from None
-        return tfds.as_numpy(dataset), info
+                f"(`tfds build {self.tfds_name} --data_dir DIR`), copy DIR here and pass data_dir=DIR (a recipe's data.root).{hint}")
 
     def _to_record(self, example, index):
         image_bytes, width, height = _encoded_image(example["image"], f"{self.name} example {index}")
@@ -148,3 +178,34 @@ def _label_names(info):
 def _first_line(err):
     text = str(err).strip()
     return text.splitlines()[0] if text else ""
+
+
+def _causes(err):
+    """``err`` and the exceptions it was raised from or during, outermost first."""
+    seen = []
+    while err is not None and all(err is not e for e in seen):
+        seen.append(err)
+        err = err.__cause__ or err.__context__
+    return seen
+
+
+def _missing_module(err):
+    """The name of the module whose import failed anywhere in ``err``'s chain, else None."""
+    for cause in _causes(err):
+        if isinstance(cause, ModuleNotFoundError):
+            return cause.name or _first_line(cause)
+    return None
+
+
+_NETWORK_MODULES = ("requests", "urllib3", "socket", "http.client", "ssl", "tensorflow_datasets.core.download")
+
+
+def _download_failure(err):
+    """The network / download error in ``err``'s chain (requests' ConnectionError, a timeout, a bad checksum)."""
+    import socket
+
+    for cause in _causes(err):
+        module = type(cause).__module__ or ""
+        if isinstance(cause, (ConnectionError, TimeoutError, socket.gaierror)) or module.startswith(_NETWORK_MODULES):
+            return cause
+    return None
