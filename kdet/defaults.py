@@ -137,6 +137,9 @@ def default_recipe():
             mixed_precision="float32",   # "mixed_float16" | "mixed_bfloat16"
             jit_compile=False,
             strategy="default",          # "mirrored" | "multiworker" | "tpu"
+            checkpoint_every_minutes=10,  # also a mid-epoch checkpoint (last.keras + state.json) after this many
+                                         # minutes, so a kill -9 loses at most that much; 0/None: epoch ends only.
+                                         # A save costs ~0.1 s (race model) to ~1 s (SSD300-VGG16, 0.3 GB)
             early_stopping_patience=None,  # epochs without val_AP improvement
             time_budget=None,            # minutes of training (Ultralytics' time=): epochs are measured and as many
                                          # run as fit; the LR schedule and close_mosaic, planned over `epochs`,

@@ -52,10 +52,11 @@ def load_records(sources):
         raise UserError(str(err)) from err
 
 
-def build_train_dataset(recipe, records, seed=None, epoch=None, mosaic_off_from=None):
+def build_train_dataset(recipe, records, seed=None, epoch=None, mosaic_off_from=None, skip_batches=None):
     """Training batches; with ``epoch`` (a ``tf.Variable`` set by ``PassEpoch``) each epoch's pass comes from it.
 
-    ``mosaic_off_from`` (a ``tf.Variable``): the first epoch without mosaic (``data.close_mosaic``).
+    ``mosaic_off_from`` (a ``tf.Variable``): the first epoch without mosaic (``data.close_mosaic``);
+    ``skip_batches`` (a ``tf.Variable``): batches a pass resumed mid-epoch leaves out (kdet.training.preemption).
     """
     from kdet.data.pipeline import make_dataset
 
@@ -66,7 +67,7 @@ def build_train_dataset(recipe, records, seed=None, epoch=None, mosaic_off_from=
     return make_dataset(records, image_size=_image_size(recipe), batch_size=data["batch_size"],
                         augment=augment, training=True, max_boxes=data["max_boxes"],
                         seed=seed, cache_images=data.get("cache_images", False), workers=data.get("workers"),
-                        epoch=epoch, mosaic_off_from=mosaic_off_from)
+                        epoch=epoch, mosaic_off_from=mosaic_off_from, skip_batches=skip_batches)
 
 
 def build_eval_dataset(recipe, records, with_meta=False):
@@ -389,6 +390,8 @@ def load_resume_point(work_dir, steps_per_epoch):
     model = _load_checkpoint(last)
     steps = int(model.optimizer.iterations.numpy())
     epochs_done, saved_steps = state["epochs_done"], state.get("iterations")
+    position = epochs_done * steps_per_epoch + int(state.get("steps_done") or 0)   # mid-epoch checkpoints: steps_done
+    metrics = state.get("metrics")
     if saved_steps is not None and steps != saved_steps:
         if not saved_steps < steps <= saved_steps + steps_per_epoch:
             said = (f"says {epochs_done} epochs ({saved_steps} optimizer steps) are done" if have_state
@@ -396,9 +399,13 @@ def load_resume_point(work_dir, steps_per_epoch):
             raise UserError(f"{state_path} {said}, but "
                             f"{last} holds {steps} steps: they are not from the same run; remove the work dir's "
                             "state.json and last.keras to start over")
-        epochs_done += 1   # killed between writing last.keras and state.json
-        print(f"{last} is one epoch ahead of {state_path} (the run was stopped between the two writes)")
-    return dict(model=model, epochs_done=epochs_done, best=state.get("best"), time_budget=state.get("time_budget"))
+        ahead = steps - saved_steps   # killed between writing last.keras and state.json
+        position, metrics = position + ahead, None
+        print(f"{last} is {'one epoch' if ahead == steps_per_epoch else f'{ahead} steps'} ahead of {state_path} "
+              "(the run was stopped between the two writes)")
+    epochs_done, steps_done = divmod(position, steps_per_epoch)
+    return dict(model=model, epochs_done=epochs_done, steps_done=steps_done, best=state.get("best"),
+                time_budget=state.get("time_budget"), metrics=metrics if steps_done else None)
 
 
 def _read_state(path):
@@ -435,16 +442,25 @@ def train(recipe, work_dir, resume=False):
     ``work_dir`` and the others write to a temporary folder removed at the end
     (``kdet.training.strategy.writer_dir``); all resume from ``work_dir``.
     """
+    import contextlib
+
+    from kdet.training.signals import SignalStop
     from kdet.training.strategy import make_strategy, writer_dir
+    from kdet.training.workdir_lock import WorkDirBusy, WorkDirLock
 
     os.makedirs(work_dir, exist_ok=True)
     # first: a multi-worker strategy must set up its collectives before any other TensorFlow op
     strategy = make_strategy(recipe["train"].get("strategy", "default"))
     with writer_dir(strategy, work_dir) as out_dir:
-        return _train(recipe, work_dir, out_dir, resume, strategy)
+        try:  # the writer takes the work dir before touching a file in it (kdet/training/workdir_lock.py)
+            lock = WorkDirLock(work_dir) if out_dir == work_dir else contextlib.nullcontext()
+            with lock, SignalStop() as stop:   # SIGTERM / SIGINT: a checkpoint, then Interrupted
+                return _train(recipe, work_dir, out_dir, resume, strategy, stop)
+        except WorkDirBusy as err:
+            raise UserError(str(err)) from None
 
 
-def _train(recipe, work_dir, out_dir, resume, strategy):
+def _train(recipe, work_dir, out_dir, resume, strategy, stop=None):
     import tensorflow as tf
 
     from kdet.training.precision import setup_precision
@@ -472,28 +488,38 @@ def _train(recipe, work_dir, out_dir, resume, strategy):
     seed = train_cfg.get("seed")
     # seeded: each epoch's data order and augmentation come from (seed, epoch), so a resumed run repeats none
     pass_epoch = tf.Variable(0, dtype=tf.int64, trainable=False) if seed is not None else None
+    skip_batches = tf.Variable(0, dtype=tf.int64, trainable=False)  # > 0 only for a pass resumed mid-epoch
     steps_per_epoch = len(epoch_records) // recipe["data"]["batch_size"]
     if steps_per_epoch < 1:
         raise RecipeError(f"{len(epoch_records)} training images are fewer than one batch "
                           f"({recipe['data']['batch_size']})")
     _resolve_auto_epochs(train_cfg, steps_per_epoch, num_images=len(records["train"]))
     mosaic_off_from = _mosaic_switch(recipe, pass_epoch)
-    train_ds = build_train_dataset(recipe, epoch_records, seed=seed, epoch=pass_epoch, mosaic_off_from=mosaic_off_from)
-    train_ds = train_ds.apply(tf.data.experimental.assert_cardinality(steps_per_epoch))  # a known epoch length
-    train_ds = shard_by_data(train_ds)  # workers: each takes its part of every global batch (no files to split)
+    passes = build_train_dataset(recipe, epoch_records, seed=seed, epoch=pass_epoch, mosaic_off_from=mosaic_off_from,
+                                 skip_batches=skip_batches)
+
+    def epochs_of(steps):  # a known epoch length; workers: each takes its part of every global batch
+        return shard_by_data(passes.apply(tf.data.experimental.assert_cardinality(steps)))
+
+    train_ds = epochs_of(steps_per_epoch)
     # with meta: val_AP's small / medium / large ranges use the original image sizes, as the final evaluation
     val_ds = build_eval_dataset(recipe, val_records, with_meta=True) if val_records else None
 
     from kdet.training.callbacks import remove_stale_temp_files
 
     remove_stale_temp_files(out_dir)   # partial saves of a killed run
-    resume_point, initial_epoch = None, 0
+    resume_point, initial_epoch, resume_step = None, 0, 0
     with strategy.scope():
         if resume:
             resume_point = load_resume_point(work_dir, steps_per_epoch)
         if resume_point:
             model, initial_epoch = resume_point["model"], resume_point["epochs_done"]
-            print(f"resuming from {os.path.join(work_dir, 'last.keras')} after epoch {initial_epoch}")
+            resume_step = resume_point["steps_done"]
+            if resume_step:
+                print(f"resuming from {os.path.join(work_dir, 'last.keras')} at epoch {initial_epoch + 1}, "
+                      f"step {resume_step} of {steps_per_epoch}")
+            else:
+                print(f"resuming from {os.path.join(work_dir, 'last.keras')} after epoch {initial_epoch}")
             if recipe["model"].get("init_from"):
                 print("--resume wins: model.init_from is not applied (the checkpoint holds the run's weights)")
         else:
@@ -518,11 +544,19 @@ def _train(recipe, work_dir, out_dir, resume, strategy):
         from kdet.training.callbacks import PassEpoch
 
         callbacks.insert(0, PassEpoch(pass_epoch))
+    callbacks.append(_mid_epoch_checkpoints(recipe, callbacks, steps_per_epoch, stop, strategy, resume_point))
+    if budget is not None:
+        budget.skipped_steps = resume_step
     prepare_fit(model, train_ds, strategy)
     started = time.time()
-    history = model.fit(train_ds, epochs=budget.fit_epochs(initial_epoch) if budget is not None else int(train_cfg["epochs"]),
-                        initial_epoch=initial_epoch, callbacks=callbacks, verbose=recipe.get("verbose", 1),
-                        shuffle=False)   # train_ds shuffles itself; Keras' default True only warns for a tf.data input
+    from kdet.training.preemption import fit_resumable
+
+    epochs = budget.fit_epochs(initial_epoch) if budget is not None else int(train_cfg["epochs"])
+    # train_ds shuffles itself (fit's shuffle=False); resumed mid-epoch: the rest of that pass first
+    history = fit_resumable(model, train_ds, epochs=max(epochs, initial_epoch + 1) if resume_step else epochs,
+                            initial_epoch=initial_epoch, callbacks=callbacks, verbose=recipe.get("verbose", 1),
+                            steps_per_epoch=steps_per_epoch, resume_step=resume_step, skip_batches=skip_batches,
+                            tail_dataset=epochs_of(steps_per_epoch - resume_step) if resume_step else None)
     train_seconds = time.time() - started
     if budget is not None:
         train_seconds = budget.elapsed()  # the whole budget's time, with the runs this one resumes
@@ -531,6 +565,23 @@ def _train(recipe, work_dir, out_dir, resume, strategy):
     if val_records and train_cfg.get("ema_momentum") is not None:
         _evaluate_averaged_weights(model, val_records, class_names, recipe)
     return finish(model, recipe, out_dir, class_names, test_records, train_seconds, train_records=records["train"])
+
+
+def _mid_epoch_checkpoints(recipe, callbacks, steps_per_epoch, stop, strategy, resume_point):
+    """The ``MidEpochCheckpoint`` callback: on SIGTERM / SIGINT, and every ``train.checkpoint_every_minutes``."""
+    from kdet.training.callbacks import Checkpoints
+    from kdet.training.preemption import MidEpochCheckpoint
+    from kdet.training.strategy import is_multi_worker
+
+    every = recipe["train"].get("checkpoint_every_minutes", default_of("train", "checkpoint_every_minutes"))
+    if every is not None and (isinstance(every, bool) or not isinstance(every, (int, float)) or every < 0):
+        raise RecipeError(f"train.checkpoint_every_minutes must be a number of minutes >= 0 (0 or None: only at "
+                          f"epoch ends), got {every!r}")
+    checkpoints = next(c for c in callbacks if isinstance(c, Checkpoints))
+    start = (resume_point["epochs_done"], resume_point["steps_done"]) if resume_point else (0, 0)
+    return MidEpochCheckpoint(checkpoints, steps_per_epoch, every_minutes=every, stop=stop, start=start,
+                              metrics_state=(resume_point or {}).get("metrics"),
+                              multi_worker=strategy if is_multi_worker(strategy) else None)
 
 
 def _check_strategy_backend(kind):
@@ -711,7 +762,13 @@ def train_from_recipe_file(path, overrides=(), work_dir=None, resume=False):
         raise UserError(str(err)) from err
     except Exception as err:  # a bad image met inside the input pipeline (say, changed since loading)
         from kdet.data.pipeline import input_error
+        from kdet.training.callbacks import disk_error_reason
 
+        reason = disk_error_reason(err, space_only=True)
+        if reason is not None and work_dir:   # a write the work dir cannot take, outside the checkpoints
+            detail = (str(err).strip().splitlines() or [""])[0][:200]
+            raise UserError(f"{work_dir}: {reason} while writing the run's files ({detail}); the last checkpoint "
+                            "is intact: free space (or make the folder writable) and run again with --resume") from None
         if input_error(err) is None:
             raise
         raise UserError(str(input_error(err))) from None

@@ -32,7 +32,15 @@ def main(argv=None):
         overrides.append(f"train.epochs={args.epochs}")
     if args.strategy is not None:
         overrides.append(f"train.strategy={args.strategy}")
-    train_from_recipe_file(args.recipe, overrides, work_dir=args.work_dir, resume=args.resume)
+    from kdet.training.signals import Interrupted
+
+    try:
+        train_from_recipe_file(args.recipe, overrides, work_dir=args.work_dir, resume=args.resume)
+    except Interrupted as stop:   # SIGTERM / SIGINT: the checkpoint is written; one line, status 128 + signal
+        from kdet.cli import _exit_now
+
+        print(stop.line, file=sys.stderr)
+        _exit_now(stop.status)
     return 0
 
 

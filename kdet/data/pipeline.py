@@ -50,7 +50,7 @@ def make_dataset(records, image_size, batch_size: int, augment=None, training: b
                  shuffle: bool = True,
                  seed=None, num_parallel_calls=AUTOTUNE, cache_images=False, with_meta=False,
                  min_visibility=DEFAULT_MIN_VISIBILITY, cv2_threads=0, decode="auto", workers=None,
-                 worker_chunksize=8, epoch=None, mosaic_off_from=None):
+                 worker_chunksize=8, epoch=None, mosaic_off_from=None, skip_batches=None):
     """A batched ``tf.data.Dataset`` of ``(images, targets)`` (plus ``meta`` when ``with_meta``).
 
     Args:
@@ -90,6 +90,10 @@ def make_dataset(records, image_size, batch_size: int, augment=None, training: b
         ``mosaic_off_from``: a ``tf.Variable`` (int64), the first epoch whose pass has no mosaic
         (``data.close_mosaic``; read with ``epoch`` when each pass starts, so it may change during
         training and a resumed run switches at the same epoch). Needs ``epoch``.
+        ``skip_batches``: a ``tf.Variable`` (int64), read when each training pass starts: the pass
+        leaves out its first that many batches (their indices, before anything is decoded), the rest
+        unchanged (each element's randomness comes from ``(seed, pass key, index)``, not its
+        position). A run resumed mid-epoch sets it for its first pass (kdet/training/preemption.py).
 
     Returns:
         a ``tf.data.Dataset`` of ``(images uint8 [B, H, W, 3], targets float32 [B, max_boxes, 6])``
@@ -110,6 +114,8 @@ def make_dataset(records, image_size, batch_size: int, augment=None, training: b
     records = _as_records(records)
     if epoch is not None and seed is None:
         raise ValueError("make_dataset(epoch=...) needs a seed: the passes are drawn from (seed, epoch)")
+    if skip_batches is not None and not training:
+        raise ValueError("make_dataset(skip_batches=...) is for training passes")
     if mosaic_off_from is not None and epoch is None:
         raise ValueError("make_dataset(mosaic_off_from=...) needs the epoch variable (epoch=...)")
     if batch_size < 1:
@@ -137,7 +143,8 @@ def make_dataset(records, image_size, batch_size: int, augment=None, training: b
         if workers or decode == "graph":
             raise ValueError("keras-cv augmentation runs in the tf.data graph after an OpenCV decode: "
                              "it needs workers=0 (or None) and decode='auto' or 'python'")
-        indices = _element_indices(len(records), training, shuffle, seed, seed_base, epoch)
+        indices = _element_indices(len(records), training, shuffle, seed, seed_base, epoch,
+                                   skip=_skip(skip_batches, batch_size))
         return _kerascv_batches(indices, sampler, graph_augmenter, records, batch_size, with_meta, num_parallel_calls,
                                 True if seed is not None else None)
     if workers is None:
@@ -158,11 +165,12 @@ def make_dataset(records, image_size, batch_size: int, augment=None, training: b
 
     if workers:
         dataset = _process_batches(sampler, len(records), batch_size, training, shuffle, seed, cv2_threads, workers,
-                                   worker_chunksize, epoch, mosaic_off_from)
+                                   worker_chunksize, epoch, mosaic_off_from, _skip(skip_batches, batch_size))
         dataset = dataset.map(with_meta_of)
         return dataset.prefetch(AUTOTUNE)
 
-    indices = _element_indices(len(records), training, shuffle, seed, seed_base, epoch, mosaic_off_from)
+    indices = _element_indices(len(records), training, shuffle, seed, seed_base, epoch, mosaic_off_from,
+                               _skip(skip_batches, batch_size))
     deterministic = True if (seed is not None or not training) else None
     if in_graph:
         dataset = _decoded_in_graph(indices, sampler, records, with_meta_of, num_parallel_calls, deterministic)
@@ -468,21 +476,27 @@ def _warn_too_many_boxes(records, max_boxes):
             f"only the first {max_boxes} of each are used as targets", stacklevel=3)
 
 
-def _element_indices(count, training, shuffle, seed, seed_base, epoch=None, mosaic_off_from=None):
+def _element_indices(count, training, shuffle, seed, seed_base, epoch=None, mosaic_off_from=None, skip=None):
     """``(pass_key, index)`` pairs: one pass over the records, shuffled anew each pass."""
     return _passes(count, training, shuffle, seed, seed_base,
                    lambda key, order: tf.data.Dataset.from_tensor_slices(order).map(lambda i: (key, i)), epoch,
-                   mosaic_off_from)
+                   mosaic_off_from, skip)
 
 
-def _passes(count, training, shuffle, seed, seed_base, one_pass, epoch=None, mosaic_off_from=None):
+def _skip(skip_batches, batch_size):
+    """``(variable, batch_size)`` for ``_passes`` (None without ``skip_batches``)."""
+    return None if skip_batches is None else (skip_batches, int(batch_size))
+
+
+def _passes(count, training, shuffle, seed, seed_base, one_pass, epoch=None, mosaic_off_from=None, skip=None):
     """``one_pass(key, order)`` flat-mapped over one pass key per iteration.
 
     Training: the key is a seeded random number drawn anew each time the dataset
     is iterated, or, with an ``epoch`` variable, drawn from ``(seed, epoch)`` when the
     pass starts; ``order`` is the records' indices shuffled by ``(seed, key)``.
     Evaluation: key 0, indices in order. From epoch ``mosaic_off_from`` on, the key carries
-    ``MOSAIC_OFF_BIT`` (the Python step then skips mosaic).
+    ``MOSAIC_OFF_BIT`` (the Python step then skips mosaic). ``skip``: ``(variable, batch_size)``: each
+    training pass leaves out its first ``variable * batch_size`` indices (read when the pass starts).
     """
     if not training:
         return tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).flat_map(
@@ -498,6 +512,9 @@ def _passes(count, training, shuffle, seed, seed_base, one_pass, epoch=None, mos
         if shuffle:
             pair = tf.stack([tf.constant(seed_base, tf.int64), key])
             order = tf.random.experimental.stateless_shuffle(order, seed=pair)
+        if skip is not None:
+            variable, rows = skip
+            order = order[tf.cast(variable.read_value(), tf.int64) * rows:]
         return one_pass(key, order)
 
     return keys.flat_map(shuffled)
@@ -532,7 +549,7 @@ def _pass_key(seed, epoch, mosaic_off_from=None):
 
 
 def _process_batches(sampler, count, batch_size, training, shuffle, seed, cv2_threads, workers, chunksize,
-                     epoch=None, mosaic_off_from=None):
+                     epoch=None, mosaic_off_from=None, skip=None):
     """Batches ``(images uint8, targets, original_hw, index)`` computed by ``workers`` processes, in order.
 
     The same elements as the in-thread path: pass keys and orders come from the
@@ -557,9 +574,10 @@ def _process_batches(sampler, count, batch_size, training, shuffle, seed, cv2_th
 
     def one_pass(key, order):
         pass_id = tf.numpy_function(feeder.start, [key, order], tf.int64, stateful=True)
-        return tf.data.Dataset.range(batches).map(lambda b: fetch(pass_id, b))
+        count_now = tf.size(order, out_type=tf.int64) // batch_size if skip is not None else batches
+        return tf.data.Dataset.range(count_now).map(lambda b: fetch(pass_id, b))
 
-    return _passes(count, training, shuffle, seed, sampler.seed_base, one_pass, epoch, mosaic_off_from)
+    return _passes(count, training, shuffle, seed, sampler.seed_base, one_pass, epoch, mosaic_off_from, skip)
 
 
 class _Feeder:

@@ -8,10 +8,12 @@ many epochs ``last.keras`` holds (and its optimizer step count, to check they ag
 """
 
 import csv
+import errno
 import io
 import json
 import math
 import os
+import shutil
 import tempfile
 
 import keras
@@ -182,17 +184,90 @@ class ImageLogger(keras.callbacks.Callback):
 TEMP_PREFIX = ".kdet-tmp-"
 
 
-def atomic_write(path, write, suffix=""):
-    """Call ``write(temp_path)``, then rename the temp file over ``path``; a kill leaves the old file intact."""
+#: errno values of a write the folder cannot take (full disk, quota, read-only, file size limit)
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+_DISK_TEXTS = ("No space left on device", "Disk quota exceeded", "Read-only file system", "File too large",
+               "Permission denied", "errno = 28", "errno = 122", "errno = 30", "errno = 27")
+
+
+class CheckpointWriteError(OSError):
+    """A training file the work dir cannot take; the message (one line) names the folder and the bytes needed."""
+
+    def __init__(self, message, errno_=None):
+        super().__init__(errno_, message)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+def disk_error_reason(err, space_only=False):
+    """The reason (strerror) when ``err`` is a failed write of the kinds in :data:`DISK_ERRNOS`, else None.
+
+    h5py and TensorFlow report these without ``errno`` (the text holds it), so the text counts too.
+    """
+    if isinstance(err, CheckpointWriteError):
+        return None
+    reason = _disk_reason(err)
+    if space_only and reason in ("Permission denied", os.strerror(errno.EACCES), os.strerror(errno.EPERM)):
+        return None   # a file the run reads may be unreadable too: not a full disk
+    return reason
+
+
+def _disk_reason(err):
+    number = getattr(err, "errno", None)
+    if isinstance(number, int) and number in DISK_ERRNOS:
+        return os.strerror(number)
+    text = str(err)
+    for mark in _DISK_TEXTS:
+        if mark in text:
+            return {"errno = 28": "No space left on device", "errno = 122": "Disk quota exceeded",
+                    "errno = 30": "Read-only file system", "errno = 27": "File too large"}.get(mark, mark)
+    return None
+
+
+def _megabytes(n):
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n} bytes"
+
+
+def atomic_write(path, write, suffix="", expected_bytes=None):
+    """Call ``write(temp_path)``, then rename the temp file over ``path``; a kill leaves the old file intact.
+
+    A write the folder cannot take (full disk, quota, read-only, see :data:`DISK_ERRNOS`) removes the
+    temporary file and raises :class:`CheckpointWriteError`, one line naming the folder and about how
+    many bytes the file needs (``expected_bytes``, else the size of the file it replaces).
+    """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, temp = tempfile.mkstemp(prefix=TEMP_PREFIX + os.path.basename(path) + ".", suffix=suffix, dir=folder)
-    os.close(fd)
+    temp = None
     try:
+        fd, temp = tempfile.mkstemp(prefix=TEMP_PREFIX + os.path.basename(path) + ".", suffix=suffix, dir=folder)
+        os.close(fd)
         write(temp)
         os.replace(temp, path)
+    except Exception as err:
+        reason = disk_error_reason(err)
+        if reason is None:
+            raise
+        raise _write_error(path, folder, reason, expected_bytes, err) from err
     finally:
-        if os.path.exists(temp):
+        if temp is not None and os.path.exists(temp):
             os.remove(temp)
+
+
+def _write_error(path, folder, reason, expected_bytes, err):
+    need = expected_bytes() if callable(expected_bytes) else expected_bytes
+    need = need or (os.path.getsize(path) if os.path.exists(path) else None)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    needs = f"{os.path.basename(path)} needs about {need} bytes ({_megabytes(need)})" if need else \
+        f"{os.path.basename(path)} needs more room"
+    has = f", {free} bytes free" if free is not None else ""
+    kept = f"; the previous {os.path.basename(path)} is intact" if os.path.exists(path) else ""
+    return CheckpointWriteError(f"{folder}: cannot write {os.path.basename(path)} ({reason}): {needs}{has}{kept}; "
+                                "free space (or make the folder writable) and run again with --resume",
+                                getattr(err, "errno", None))
 
 
 def atomic_write_text(path, text):
@@ -202,7 +277,7 @@ def atomic_write_text(path, text):
             f.flush()
             os.fsync(f.fileno())
 
-    atomic_write(path, write)
+    atomic_write(path, write, expected_bytes=len(text.encode()))
 
 
 def remove_stale_temp_files(folder):
@@ -214,7 +289,17 @@ def remove_stale_temp_files(folder):
 
 
 def save_model_atomic(model, path):
-    atomic_write(path, model.save, suffix=".keras")   # keras wants the .keras suffix on the temp file
+    # keras wants the .keras suffix on the temp file
+    atomic_write(path, model.save, suffix=".keras", expected_bytes=lambda: _model_bytes(model, path))
+
+
+def _model_bytes(model, path):
+    """About the size of ``model``'s ``.keras`` file: the file it replaces, else its variables' bytes."""
+    if os.path.exists(path):
+        return os.path.getsize(path)
+    optimizer = getattr(model, "optimizer", None)
+    variables = list(model.variables) + (list(optimizer.variables) if optimizer is not None else [])
+    return int(sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in variables)) + 65536
 
 
 class PassEpoch(keras.callbacks.Callback):
@@ -251,12 +336,20 @@ class Checkpoints(keras.callbacks.Callback):
                 self.best is None or self.better(float(value), self.best["value"])):
             save_model_atomic(self.model, os.path.join(self.work_dir, "best.keras"))
             self.best = dict(monitor=self.monitor, value=float(value), epoch=epoch + 1)
+        self.write_last(epoch + 1)
+
+    def write_last(self, epochs_done, steps_done=0, more=None):
+        """``last.keras`` then ``state.json``: ``epochs_done`` whole epochs plus ``steps_done`` steps of the next
+        (a mid-epoch checkpoint, kdet.training.preemption); ``more``: further ``state.json`` entries."""
         save_model_atomic(self.model, os.path.join(self.work_dir, "last.keras"))
-        state = dict(epochs_done=epoch + 1, iterations=int(self.model.optimizer.iterations.numpy()))
+        state = dict(epochs_done=epochs_done, iterations=int(self.model.optimizer.iterations.numpy()))
+        if steps_done:
+            state["steps_done"] = int(steps_done)
         if self.best:
             state["best"] = self.best
         if self.extra_state:
             state.update(self.extra_state())
+        state.update(more or {})
         atomic_write_text(os.path.join(self.work_dir, "state.json"), json.dumps(state, indent=1))
 
 

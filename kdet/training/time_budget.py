@@ -61,7 +61,8 @@ class TimeBudget(keras.callbacks.Callback):
         self.progbar = progbar
         self.clock = clock
         self.verbose = verbose
-        self.decided = bool(resumed)
+        self.decided = bool(resumed) and bool(resumed.get("decided", True))  # a mid-epoch stop can precede it
+        self.skipped_steps = 0  # a run resumed mid-epoch: the steps of its first epoch done before the break
         self.resumed_mosaic_off = resumed.get("mosaic_off_from") if resumed else None
         self.stopped_by_budget = False
         self.epoch_seconds = None
@@ -82,6 +83,8 @@ class TimeBudget(keras.callbacks.Callback):
         """What ``state.json`` keeps for ``--resume``."""
         state = dict(minutes=self.minutes, epochs=self.epochs, elapsed_s=round(self.elapsed(), 3),
                      epoch_seconds=None if self.epoch_seconds is None else round(self.epoch_seconds, 3))
+        if not self.decided:
+            state["decided"] = False
         if self.mosaic_off_from is not None:
             state["mosaic_off_from"] = int(self.mosaic_off_from.numpy())
         return state
@@ -123,7 +126,8 @@ class TimeBudget(keras.callbacks.Callback):
     # ------------------------------------------------------------ the fit
     def _decide(self, done, used):
         """Epochs that fill the budget, from the mean cost of this fit's epochs; re-fit the plan to them."""
-        steps_done = self._epochs_in_fit - 1.0 / self.steps_per_epoch  # the first step holds the compilation
+        # the first step holds the compilation; a run resumed mid-epoch skipped the first steps of its first epoch
+        steps_done = self._epochs_in_fit - (1.0 + self.skipped_steps) / self.steps_per_epoch
         if steps_done <= 0:  # one step per epoch and one epoch so far: nothing measured yet
             return
         self.epoch_seconds = (self.clock() - self._first_step_end) / steps_done
