@@ -116,7 +116,22 @@ def load_recipe(path, overrides=()):
     check_recipe(recipe, f"recipe {path}")
     for item in overrides:
         apply_override(recipe, item)
+        _set_wins_over_conditional_sections(recipe, item)
     return recipe
+
+
+CONDITIONAL_SECTIONS = ("small_data", "pretrained")  # merged in at the start of training when the data or weights say
+
+
+def _set_wins_over_conditional_sections(recipe, item):
+    """An explicit ``--set a.b=v`` is the user's word: the conditional sections no longer change ``a.b``."""
+    *parents, leaf = item.split("=", 1)[0].strip().split(".")
+    for name in CONDITIONAL_SECTIONS:
+        node = recipe.get(name)
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
 
 
 def apply_override(recipe, item):

@@ -77,7 +77,8 @@ def default_recipe():
             eval_batch_size=32,
             max_boxes=100,
             repeat_factor_threshold=None,  # e.g. 0.3: images with classes in < 30% of images repeat (LVIS)
-            cache_images=False,          # True: keep decoded images in memory after the first epoch
+            cache_images=False,          # True: keep decoded images in memory after the first epoch; "auto": when
+                                         # a split's decoded images fit in 2 GiB (kdet.engine.AUTO_CACHE_BYTES)
             workers=None,                # input worker processes; None: 0 below 4 CPUs, else min(CPUs, 4)
             min_images_per_epoch=None,   # e.g. 256: a smaller training set is repeated (whole copies) per epoch
             # read by sources.auto only (data in any layout, kdet/data/detect.py):
@@ -140,12 +141,17 @@ def default_recipe():
             checkpoint_every_minutes=10,  # also a mid-epoch checkpoint (last.keras + state.json) after this many
                                          # minutes, so a kill -9 loses at most that much; 0/None: epoch ends only.
                                          # A save costs ~0.1 s (race model) to ~1 s (SSD300-VGG16, 0.3 GB)
-            early_stopping_patience=None,  # epochs without val_AP improvement
+            early_stopping_patience=None,  # evaluations without val_AP improvement; a stop is held while...
+            early_stopping_min_value=0.01,  # ...the best val_AP is below this (noise: a run that learnt nothing
+                                         # scores 0.000-0.003; docs/experiments.md) and...
+            early_stopping_min_fraction=0.5,  # ...before this share of the planned (or time-budget) epochs
             time_budget=None,            # minutes of training (Ultralytics' time=): epochs are measured and as many
                                          # run as fit; the LR schedule and close_mosaic, planned over `epochs`,
                                          # are re-paced to them, so is eval.every_n_epochs, and the last epoch
                                          # is always evaluated (kdet/training/time_budget.py)
         ),
+        small_data=None,                 # dict(max_images=N, model=..., loss=...): recipe settings merged in when the
+                                         # training split has at most N images (decided and printed at the start)
         pretrained=None,                 # with model.backbone_weights="auto": recipe settings merged in when ImageNet
                                          # weights can be fetched, e.g. dict(model=dict(backbone="vgg16"), train=...)
         eval=dict(

@@ -66,7 +66,7 @@ def build_train_dataset(recipe, records, seed=None, epoch=None, mosaic_off_from=
     augment = recipe_augment(data, _image_size(recipe))  # data.augment, or the keras-cv preset
     return make_dataset(records, image_size=_image_size(recipe), batch_size=data["batch_size"],
                         augment=augment, training=True, max_boxes=data["max_boxes"],
-                        seed=seed, cache_images=data.get("cache_images", False), workers=data.get("workers"),
+                        seed=seed, cache_images=_cache_images(data, records), workers=data.get("workers"),
                         epoch=epoch, mosaic_off_from=mosaic_off_from, skip_batches=skip_batches)
 
 
@@ -78,7 +78,19 @@ def build_eval_dataset(recipe, records, with_meta=False):
     return make_dataset(records, image_size=_image_size(recipe),
                         batch_size=data.get("eval_batch_size", data["batch_size"]),
                         training=False, shuffle=False, max_boxes=data["max_boxes"], with_meta=with_meta,
-                        cache_images=data.get("cache_images", False))
+                        cache_images=_cache_images(data, records))
+
+
+AUTO_CACHE_BYTES = 2 * 1024 ** 3  # data.cache_images="auto": decoded images kept when they fit in this
+
+
+def _cache_images(data, records):
+    """``data.cache_images``; ``"auto"``: True when the split's decoded images fit in ``AUTO_CACHE_BYTES``."""
+    cache = data.get("cache_images", False)
+    if cache != "auto":
+        return bool(cache)
+    decoded = {r.image_path: r.width * r.height * 3 for r in records}
+    return sum(decoded.values()) <= AUTO_CACHE_BYTES
 
 
 def _image_size(recipe):
@@ -126,6 +138,20 @@ def _score_activation(recipe):
         return score_activation(recipe.get("loss", {}).get("cls_loss", "softmax"))
     except ValueError as err:
         raise RecipeError(str(err)) from err
+
+
+def resolve_small_data(recipe, num_train_images):
+    """The recipe's ``small_data`` settings merged in when the training split is that small (printed)."""
+    from kdet.config import merge
+
+    small = dict(recipe.get("small_data") or {})
+    limit = small.pop("max_images", None)
+    if not small or limit is None or num_train_images > int(limit):
+        return recipe
+    changed = ", ".join(f"{section}.{key}" for section, keys in small.items() for key in keys)
+    print(f"small_data: {num_train_images} training images <= {limit}: the recipe's small-data settings apply "
+          f"({changed})")
+    return merge(recipe, small)
 
 
 def resolve_backbone_weights(recipe, class_names):
@@ -313,12 +339,14 @@ def evaluate_records(model, records, class_names, recipe):
 
 
 # ------------------------------------------------------------------ training
-def build_callbacks(recipe, work_dir, class_names, val_dataset, resume_point=None, extra_state=None):
+def build_callbacks(recipe, work_dir, class_names, val_dataset, resume_point=None, extra_state=None,
+                    planned_epochs=None):
     """Checkpoints, logs, COCO evaluation, early stopping, freezing and the non-finite guard.
 
     ``resume_point`` (from `load_resume_point`) keeps ``log.csv``'s rows of the finished
     epochs and the best value ``best.keras`` was saved at; ``extra_state()`` returns more
-    entries for ``state.json`` (the time budget's).
+    entries for ``state.json`` (the time budget's); ``planned_epochs()`` is the run's plan (the time
+    budget's, re-paced), which early stopping waits for a share of.
     """
     from kdet.training.callbacks import Checkpoints, CSVLog, EarlyStoppingOnEvaluations, StopOnNonFiniteLoss
 
@@ -337,7 +365,9 @@ def build_callbacks(recipe, work_dir, class_names, val_dataset, resume_point=Non
         if train_cfg.get("early_stopping_patience"):
             callbacks.append(EarlyStoppingOnEvaluations(
                 monitor=monitor, mode="max", patience=int(train_cfg["early_stopping_patience"]),
-                restore_best_weights=True))
+                restore_best_weights=True, min_value=train_cfg.get("early_stopping_min_value"),
+                min_fraction=train_cfg.get("early_stopping_min_fraction"),
+                planned_epochs=planned_epochs or (lambda: train_cfg["epochs"])))
     epochs_done, best = (resume_point["epochs_done"], resume_point.get("best")) if resume_point else (0, None)
     callbacks += [
         _image_logger(work_dir, val_dataset, eval_cfg.get("every_n_epochs", 1)),
@@ -476,6 +506,7 @@ def _train(recipe, work_dir, out_dir, resume, strategy, stop=None):
         raise RecipeError("the recipe has no data.train source")
     class_names = class_names_of(recipe, sources)
     records = load_records(sources)
+    recipe = resolve_small_data(recipe, len(records["train"]))
     recipe = resolve_backbone_weights(recipe, class_names)
     _print_data_summary(records, class_names)
     recipe = _preflight(recipe, records, class_names, out_dir)
@@ -534,7 +565,8 @@ def _train(recipe, work_dir, out_dir, resume, strategy, stop=None):
                           jit_compile=bool(train_cfg.get("jit_compile", False)))
     budget = _time_budget(recipe, steps_per_epoch, mosaic_off_from, resume_point)
     callbacks = build_callbacks(recipe, out_dir, class_names, val_ds, resume_point,
-                                extra_state=(lambda: dict(time_budget=budget.state())) if budget is not None else None)
+                                extra_state=(lambda: dict(time_budget=budget.state())) if budget is not None else None,
+                                planned_epochs=(lambda: budget.epochs) if budget is not None else None)
     if budget is not None:  # first: it decides before val_AP and the checkpoint of the epoch are written
         for callback in callbacks:
             if hasattr(callback, "every_n_epochs"):  # val_AP and the TensorBoard images keep their share
@@ -564,7 +596,29 @@ def _train(recipe, work_dir, out_dir, resume, strategy, stop=None):
               f"{train_seconds / 60:.2f} min")
     if val_records and train_cfg.get("ema_momentum") is not None:
         _evaluate_averaged_weights(model, val_records, class_names, recipe)
-    return finish(model, recipe, out_dir, class_names, test_records, train_seconds, train_records=records["train"])
+    run = _run_summary(recipe, callbacks, budget, model, steps_per_epoch)
+    return finish(model, recipe, out_dir, class_names, test_records, train_seconds, train_records=records["train"],
+                  run=run)
+
+
+def _run_summary(recipe, callbacks, budget, model, steps_per_epoch):
+    """What the training did against its plan and why it stopped (the run report's evidence)."""
+    from kdet.training.callbacks import EarlyStoppingOnEvaluations
+
+    train_cfg, model_cfg = recipe["train"], recipe["model"]
+    planned = int(budget.epochs if budget is not None else train_cfg["epochs"])
+    steps = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    stopper = next((c for c in callbacks if isinstance(c, EarlyStoppingOnEvaluations)), None)
+    if stopper is not None and stopper.stopped_epoch > 0:
+        stopped_by = (f"early stopping after epoch {stopper.stopped_epoch + 1} ({stopper.patience} evaluations "
+                      f"without a better {stopper.monitor})")
+    elif budget is not None and budget.stopped_by_budget:
+        stopped_by = f"the time budget ({budget.minutes:g} min)"
+    else:
+        stopped_by = "the plan's last epoch"
+    return dict(planned_epochs=planned, steps_per_epoch=steps_per_epoch, planned_steps=planned * steps_per_epoch,
+                steps_done=steps, stopped_by=stopped_by, learning_rate=train_cfg.get("learning_rate"),
+                backbone=model_cfg.get("backbone"), width_multiplier=model_cfg.get("width_multiplier", 1.0))
 
 
 def _mid_epoch_checkpoints(recipe, callbacks, steps_per_epoch, stop, strategy, resume_point):
@@ -688,7 +742,7 @@ def _resolve_auto_epochs(train_cfg, steps_per_epoch, num_images=None):
     print(f"train.epochs='auto': {train_cfg['epochs']} epochs of {steps_per_epoch} steps ({why})")
 
 
-def finish(model, recipe, work_dir, class_names, test_records, train_seconds, train_records=None):
+def finish(model, recipe, work_dir, class_names, test_records, train_seconds, train_records=None, run=None):
     """Final evaluation, metrics.json, the run report and the SavedModel export."""
     from kdet.export import export_saved_model
     from kdet.metrics._coco_common import format_summary
@@ -702,7 +756,7 @@ def finish(model, recipe, work_dir, class_names, test_records, train_seconds, tr
         print(format_summary(coco))
         print(f"mAP@0.5 (COCO AP50) on {len(test_records)} held-out images: {coco['AP50']:.4f}"
               f"   VOC all-point mAP50: {coco['VOC_mAP50']:.4f}")
-        _run_report(model, recipe, work_dir, class_names, test_records, ground_truth, results, train_records)
+        _run_report(model, recipe, work_dir, class_names, test_records, ground_truth, results, train_records, run)
     else:
         print("no validation or test images: no final evaluation (add a test split to the data, or lower "
               "data.min_val_images to hold some training images out)")
@@ -731,12 +785,12 @@ def _save_for_export(model, work_dir, class_names):
           f"{os.path.join(work_dir, 'saved_model')} --classes {shlex.quote(','.join(class_names))}")
 
 
-def _run_report(model, recipe, work_dir, class_names, test_records, ground_truth, results, train_records):
+def _run_report(model, recipe, work_dir, class_names, test_records, ground_truth, results, train_records, run=None):
     """The run report (tables, curves, confusion, gallery, findings): ``kdet.metrics.run_report``."""
     from kdet.metrics.run_report import report_after_training
 
     report_after_training(model, recipe, work_dir, class_names, test_records, ground_truth, results,
-                          train_records=train_records)
+                          train_records=train_records, run=run)
     from kdet.analysis.label_issues import recipe_wants_label_issues, report_label_issues
 
     if recipe_wants_label_issues(recipe):  # K extra trainings: only when the recipe asks

@@ -151,15 +151,20 @@ def yolo_label_lines(record):
 
 def run_ultralytics(args, python, recipe, work_dir, max_det):
     """Train and predict in ``python`` (a subprocess); returns the row's fields and COCO results."""
-    folder = os.path.abspath(os.path.join(work_dir, "ultralytics"))
-    os.makedirs(folder, exist_ok=True)
-    data_dir = tempfile.mkdtemp(prefix="yolo-data-", dir=folder)
-    class_names = recipe["data"]["class_names"]
     train = split_records(recipe, "train") if not args.max_train_images else recipe["data"]["train"].records()
     val = split_records(recipe, "val") or split_records(recipe, "test")
-    test = split_records(recipe, "test")
+    return train_ultralytics(python, os.path.join(work_dir, "ultralytics"), train, val, split_records(recipe, "test"),
+                             recipe["data"]["class_names"], args.imgsz, args.budget, max_det)
+
+
+def train_ultralytics(python, folder, train, val, test, class_names, imgsz, budget_minutes, max_det):
+    """YOLOv8n from its yaml on kdet's ``train`` records (validating on ``val``), for ``budget_minutes``,
+    in ``python`` (its own venv); then its predictions on ``test``. Returns the peer's dict."""
+    folder = os.path.abspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    data_dir = tempfile.mkdtemp(prefix="yolo-data-", dir=folder)
     data_yaml = write_yolo_dataset(data_dir, dict(train=train, val=val), class_names)
-    job = dict(data=data_yaml, imgsz=args.imgsz, hours=args.budget / 60.0, project=folder, max_det=max_det,
+    job = dict(data=data_yaml, imgsz=imgsz, hours=budget_minutes / 60.0, project=folder, max_det=max_det,
                test_images=[os.path.abspath(r.image_path) for r in test], predictions=os.path.join(folder, "predictions.json"))
     config_dir = os.path.join(folder, "config")
     os.makedirs(config_dir, exist_ok=True)
@@ -169,7 +174,7 @@ def run_ultralytics(args, python, recipe, work_dir, max_det):
     done = subprocess.run([python, os.path.abspath(__file__), "--peer", json.dumps(job)], env=env, cwd=folder)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
-        raise SystemExit(f"benchmark_race: the Ultralytics run failed (exit {done.returncode}); see its output above")
+        raise SystemExit(f"benchmark: the Ultralytics run failed (exit {done.returncode}); see its output above")
     with open(job["predictions"]) as f:
         peer = json.load(f)
     peer["cpu_seconds"] = round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1)

@@ -10,12 +10,20 @@ Every source validates its annotations when it loads (never mid-epoch) and
 raises :class:`DatasetError` naming the file and the problem. Sources that
 take ``skip_invalid=True`` drop bad boxes/images instead, count them in
 ``source.skipped`` and warn once.
+
+Zero-size boxes are the one exception by default: a few of them in an otherwise
+good export (a labelling tool's stray click; BCCD has 2 in 4,900) are dropped,
+counted and named in one warning; when they are more than
+``ISOLATED_DEGENERATE_SHARE`` of a split's boxes they are systematic (a wrong
+box format, say) and loading stops, naming the first one and the way out.
 """
 
 import warnings
 from collections import Counter
 
 import numpy as np
+
+ISOLATED_DEGENERATE_SHARE = 0.01  # zero-size boxes up to 1% of a split's boxes are slips, dropped with a warning
 
 
 class DatasetError(ValueError):
@@ -45,6 +53,7 @@ class Source:
         self._class_names = list(class_names) if class_names is not None else None
         self._records = None
         self.skipped = {"boxes": Counter(), "images": Counter()}
+        self.dropped_degenerate = []  # messages of the zero-size boxes dropped without skip_invalid
 
     @property
     def class_names(self):
@@ -58,6 +67,7 @@ class Source:
             records, class_names = self._load()
             self._class_names = list(class_names)
             self._records = self._checked_images(records)
+            self._check_dropped_degenerate()
             self._warn_skipped()
         return self._records
 
@@ -99,6 +109,31 @@ class Source:
     def _annotation_of(self, record):
         """Where ``record``'s annotation comes from, for messages (subclasses name the file)."""
         return f"the annotation in {self.name}"
+
+    def _bad_box(self, err):
+        """A box the checks refused (``err``): skipped with ``skip_invalid``, dropped when zero-size, else raised."""
+        if getattr(self, "skip_invalid", False):
+            self._skip_box(err.reason)
+        elif err.reason == "degenerate":
+            self.dropped_degenerate.append(str(err))
+        else:
+            raise err
+
+    def _check_dropped_degenerate(self):
+        """Zero-size boxes dropped by default: a counted warning when isolated, an error when systematic."""
+        dropped = self.dropped_degenerate
+        if not dropped:
+            return
+        total = len(dropped) + sum(len(r.boxes) for r in self._records)
+        share = len(dropped) / total
+        more = f" and {len(dropped) - 1} more" if len(dropped) > 1 else ""
+        if share > ISOLATED_DEGENERATE_SHARE:
+            raise DatasetError(f"{dropped[0]}{more}: {len(dropped)} of {total} boxes ({share:.1%}) have zero or "
+                               "negative size, too many to be stray clicks: check the box format of the export, "
+                               "or drop every bad box with --set data.skip_invalid=True", reason="degenerate")
+        warnings.warn(f"dropped {len(dropped)} zero-size box{'es' if len(dropped) > 1 else ''} of {total} in "
+                      f"{self.name} (first: {dropped[0]}); --set data.skip_invalid=True drops every invalid box",
+                      stacklevel=3)
 
     def _skip_box(self, reason):
         self.skipped["boxes"][reason] += 1

@@ -149,9 +149,7 @@ class COCOSource(Source):
                 objects.append(self._check_annotation(ann, width, height, class_of_category, where))
                 index.append(k)
             except DatasetError as err:
-                if not self.skip_invalid:
-                    raise
-                self._skip_box(err.reason)
+                self._bad_box(err)
         boxes, classes, difficult, iscrowd, area = zip(*objects) if objects else ([], [], [], [], [])
         return Record(image_id, str(image_path), width, height, np.reshape(boxes, (-1, 4)), classes,
                       difficult, iscrowd, np.asarray(area, np.float32),

@@ -153,9 +153,7 @@ class VOCSource(Source):
             try:
                 box = self._check_object(image, obj, k, class_ids)
             except DatasetError as err:
-                if not self.skip_invalid:
-                    raise
-                self._skip_box(err.reason)
+                self._bad_box(err)
                 continue
             boxes.append(box)
             classes.append(class_ids[obj.name])

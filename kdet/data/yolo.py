@@ -159,9 +159,7 @@ class YOLOSource(Source):
             try:
                 cls, box, polygon = parse_label_line(line, len(self._class_names), f"{labels}:{lineno}")
             except DatasetError as err:
-                if not self.skip_invalid:
-                    raise
-                self._skip_box(err.reason)
+                self._bad_box(err)
                 continue
             self.polygon_lines += polygon
             normalised.append(box)
@@ -229,8 +227,34 @@ def read_data_yaml(path):
         key = next((k for k in keys if data.get(k)), None)
         if key is not None:
             entries = data[key] if isinstance(data[key], (list, tuple)) else [data[key]]
-            splits[split] = [p for entry in entries for p in _split_images(str(entry), bases, path, key)]
+            entries = [_unswapped(str(entry), split, key, bases, path) for entry in entries]
+            splits[split] = [p for entry in entries for p in _split_images(entry, bases, path, key)]
     return names, splits, bases[0]
+
+
+SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+def _unswapped(entry, split, key, bases, yaml_path):
+    """``entry``, or the split's own folder when ``entry`` is another machine's path to another split's folder.
+
+    A Roboflow export re-zipped from a notebook can say ``train: /content/.../test/images``: the
+    path does not exist here, and its folder name contradicts the key. The folders beside the yaml
+    are the export's truth then (as written they would train on the test images); a note says so.
+    """
+    if Path(entry).expanduser().exists() or any((base / entry).exists() for base in bases):
+        return entry  # the yaml's own mapping, valid on this machine: the user's choice
+    named = [SPLIT_FOLDERS[p] for p in Path(entry).parts[-3:] if p in SPLIT_FOLDERS]
+    if not named or named[-1] == split:
+        return entry
+    for base in bases:
+        for folder, folder_split in SPLIT_FOLDERS.items():
+            own = base / folder / "images"
+            if folder_split == split and own.is_dir():
+                print(f"{yaml_path}: {key}: {entry} names a '{named[-1]}' folder (another machine's path, split "
+                      f"names swapped?): using {own}, the folder named for {key}")
+                return str(own)
+    return entry
 
 
 def _split_images(entry, bases, yaml_path, key):

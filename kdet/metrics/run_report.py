@@ -430,6 +430,8 @@ def finding_weakest_class(table, class_names, preflight, confusion, sizes, found
     others_ap = float(np.mean([table[n]["AP50"] for n in others])) if others else None
     if (others_ap is not None and ap >= 0.8 * others_ap - 1e-9) or (others_ap is None and ap >= 0.5):
         return None   # no class stands out (or the only class scores well)
+    if others_ap is not None and others_ap < NOTHING_AP50:
+        return None   # the others are at noise level too: no class is weaker than another
     k = class_names.index(weakest)
     evidence = _class_evidence(weakest, others, preflight)
     row = confusion[k]
@@ -546,7 +548,7 @@ def finding_fit(train_ap50, val_ap50, log):
                        f"{val_ap50:.2f}): the model has not learnt the training set; train longer, raise the "
                        "learning rate or the model's width before adding data")
     trend = _val_trend(log)
-    if trend:
+    if trend and not out:  # an underfitting run's val_AP wobble is not overfitting; one overfitting line is enough
         out.append(trend)
     return out
 
@@ -609,9 +611,102 @@ def wider_cap_check(model, recipe, records, ground_truth, candidates, min_share=
     return dict(pre_nms_top_k=wider, AP=float(coco["AP"]), AP50=float(coco["AP50"]))
 
 
+NOTHING_AP50 = 0.05   # every class under this held-out AP50: nothing measurable was learnt
+
+
+def learnt_nothing(table, class_names):
+    """True when every class with held-out objects scores AP50 under ``NOTHING_AP50``."""
+    scored = [table[n]["AP50"] for n in class_names if table[n]["AP50"] is not None and table[n]["instances"] > 0]
+    return bool(scored) and max(scored) < NOTHING_AP50
+
+
+def finding_learnt_nothing(table, class_names, run, log, preflight, sizes, image_size):
+    """The one finding of a run that learnt nothing: the run's own evidence, most telling first, and the fix."""
+    if not learnt_nothing(table, class_names):
+        return None
+    best = max((n for n in class_names if table[n]["AP50"] is not None and table[n]["instances"] > 0),
+               key=lambda n: table[n]["AP50"])
+    items = [item for item in (_steps_evidence(run), _loss_evidence(log, run), _size_evidence(sizes, image_size),
+                               _anchor_evidence(preflight), _width_evidence(run)) if item]
+    items.sort(key=lambda item: item[0])  # (rank, evidence, fix or None): stable, so ties keep this order
+    fixes = [fix for _, _, fix in items if fix]
+    text = (f"Nothing learnt: held-out AP50 is under {NOTHING_AP50:g} for every class (best {best} "
+            f"{table[best]['AP50']:.3f}), so per-class, fit and threshold findings would be noise. Evidence, most "
+            "telling first: " + "; ".join(f"({k}) {evidence}" for k, (_, evidence, _) in enumerate(items, 1)) + ".")
+    return text + (f" Change first: {fixes[0]}." if fixes else "")
+
+
+def _steps_evidence(run):
+    if not run or not run.get("planned_steps"):
+        return None
+    done, planned = int(run["steps_done"]), int(run["planned_steps"])
+    text = f"{done} of {planned} planned optimizer steps ({done / planned:.0%}), stopped by {run['stopped_by']}"
+    if done < 0.5 * planned:
+        return 0, text, "let the run use its plan (a longer train.time_budget; early stopping waits for learning)"
+    if done < 1000:
+        return 0, text + "; a detector trained from scratch needs thousands of steps", (
+            "train longer (train.epochs, train.time_budget)")
+    return 5, text, None
+
+
+def _loss_evidence(log, run):
+    loss = [v for v in (log or {}).get("loss") or [] if v is not None and math.isfinite(v)]
+    if len(loss) < 2:
+        return None
+    rate = (run or {}).get("learning_rate")
+    said = f" at learning rate {rate:g}" if rate else ""
+    if loss[-1] > 0.8 * loss[0]:
+        fix = (f"the learning rate: try train.learning_rate={rate * 3:.2g} and {rate / 3:.2g}" if rate else
+               "the learning rate (train.learning_rate)")
+        return 1, f"the training loss barely fell ({loss[0]:.3f} -> {loss[-1]:.3f}{said})", fix
+    return 5, f"the training loss fell ({loss[0]:.3f} -> {loss[-1]:.3f}{said}): the model fits something, not yet the objects", None
+
+
+def _size_evidence(sizes, image_size):
+    if sizes is None or not len(sizes):
+        return None
+    median, tiny = float(np.median(sizes)), float(np.mean(np.asarray(sizes) < SIZE_EDGES[0]))
+    side = image_size if isinstance(image_size, (int, float)) else max(image_size)
+    text = f"median object size at the input {median:.1f} px ({tiny:.0%} under {SIZE_EDGES[0]} px)"
+    if median < SIZE_EDGES[1]:
+        larger = _round_up(side * SIZE_EDGES[1] / max(median, 1.0), 32)
+        return 2, text, f"a larger input: model.image_size={larger} brings the median object to {SIZE_EDGES[1]} px"
+    return 5, text, None
+
+
+def _anchor_evidence(preflight):
+    coverage = [((preflight or {}).get(key) or {}).get("overall", {}).get("covered")
+                for key in ("anchor_coverage", "auto_anchor_coverage")]
+    coverage = [c for c in coverage if c is not None]
+    if not coverage:
+        return None
+    covered, iou = max(coverage), preflight.get("match_iou", 0.5)
+    text = f"{covered:.0%} of the training objects have an anchor at the matching IoU {iou:g}"
+    if covered < 0.6:
+        return 3, text, "anchors that fit the objects (model.anchor_scales / aspect_ratios = 'auto', preflight.txt)"
+    return 5, text, None
+
+
+def _width_evidence(run):
+    if not run or run.get("width_multiplier") is None:
+        return None
+    width = float(run["width_multiplier"])
+    text = f"model {run.get('backbone')} at width {width:g}"
+    if width <= 0.25:
+        return 4, text + " (small)", f"a wider model (model.width_multiplier={min(1.0, 2 * width):g})"
+    return 6, text, None
+
+
 def findings(table, class_names, confusion, sizes, found, classes, preflight, image_size, eval_threshold,
-             train_ap50=None, log=None, nms=None):
-    """All findings that the numbers support, in reading order (a list of sentences)."""
+             train_ap50=None, log=None, nms=None, run=None):
+    """All findings that the numbers support, in reading order (a list of sentences).
+
+    A run that learnt nothing gets that one finding alone: the others (weakest class, fit,
+    over-detection) compare numbers that are all noise then.
+    """
+    nothing = finding_learnt_nothing(table, class_names, run, log, preflight, sizes, image_size)
+    if nothing:
+        return [nothing]
     out = [finding_candidate_cap(nms, table),
            finding_over_detection(table, eval_threshold),
            finding_weakest_class(table, class_names, preflight, confusion, sizes, found, classes)]
@@ -656,7 +751,7 @@ def write_run_report(work_dir, score_threshold=None, out_dir=None, verbose=True,
     log = read_log(join("log.csv"))
     train_ap50 = _train_ap50(work_dir)
     found_text = findings(table, class_names, confusion_best, sizes, found, classes, preflight, image_size,
-                          eval_threshold, train_ap50=train_ap50, log=log, nms=config.get("nms"))
+                          eval_threshold, train_ap50=train_ap50, log=log, nms=config.get("nms"), run=config.get("run"))
 
     out = lambda name: os.path.join(out_dir, name)
     if plots:
@@ -704,8 +799,10 @@ def _train_ap50(work_dir):
 
 
 def report_after_training(model, recipe, work_dir, class_names, test_records, ground_truth, results,
-                          train_records=None):
-    """What ``engine.finish`` calls after the final evaluation: store the inputs, then the report."""
+                          train_records=None, run=None):
+    """What ``engine.finish`` calls after the final evaluation: store the inputs, then the report.
+
+    ``run``: what the training did against its plan (``kdet.engine``'s run summary), for the findings."""
     from kdet.data.coco import coco_image_ids, records_to_coco_json, to_coco_results
     from kdet.engine import candidate_counts, eval_settings, predict_records
 
@@ -720,7 +817,8 @@ def report_after_training(model, recipe, work_dir, class_names, test_records, gr
         eval_score_threshold=float(nms["score_threshold"]),
         nms=nms,
         match_iou=float(recipe.get("loss", {}).get("iou_threshold", 0.5)),
-        anchor_scales=recipe["model"].get("anchor_scales"), aspect_ratios=recipe["model"].get("aspect_ratios")))
+        anchor_scales=recipe["model"].get("anchor_scales"), aspect_ratios=recipe["model"].get("aspect_ratios"),
+        run=run))
     sample = training_sample(train_records, int(eval_cfg.get("report_train_images", 200)),
                              seed=int(recipe.get("train", {}).get("seed") or 0))
     if sample:

@@ -354,10 +354,46 @@ class Checkpoints(keras.callbacks.Callback):
 
 
 class EarlyStoppingOnEvaluations(keras.callbacks.EarlyStopping):
-    """``EarlyStopping`` that skips, without a warning, epochs whose logs lack ``monitor`` (no evaluation)."""
+    """``EarlyStopping`` over the evaluated epochs that never stops a run before it has learnt something.
+
+    Epochs whose logs lack ``monitor`` (no evaluation) are skipped without a warning. A stop that
+    patience asks for is held while the best value is below ``min_value`` (val_AP at noise level:
+    nothing measurable learnt yet, so "no improvement" is noise too) or before ``min_fraction`` of
+    ``planned_epochs()`` (the plan, re-paced by a time budget) is done; each hold prints why.
+    """
+
+    def __init__(self, min_value=0.0, min_fraction=0.0, planned_epochs=None, **kwargs):
+        super().__init__(**kwargs)
+        self.min_value = float(min_value or 0.0)
+        self.min_fraction = float(min_fraction or 0.0)
+        self.planned_epochs = planned_epochs
+        self.holds = []  # (epoch, reason) of every stop held back
 
     def get_monitor_value(self, logs):
         return (logs or {}).get(self.monitor)
+
+    def on_epoch_end(self, epoch, logs=None):
+        stopping_already = self.model.stop_training  # another callback's stop (the time budget) is not ours
+        super().on_epoch_end(epoch, logs)
+        if stopping_already or self.stopped_epoch != epoch or not self.model.stop_training:
+            return
+        reason = self.hold_reason(epoch)
+        if reason:
+            self.model.stop_training, self.stopped_epoch = False, 0
+            self.holds.append((epoch, reason))
+            print(f"early stopping held at epoch {epoch + 1}: {reason}")
+
+    def hold_reason(self, epoch):
+        """Why a stop after ``epoch`` (0-based) would be premature, or None."""
+        if self.best is None or self.best < self.min_value:
+            best = "none" if self.best is None or not np.isfinite(self.best) else f"{self.best:.4f}"
+            return (f"the best {self.monitor} ({best}) is below {self.min_value:g}, its noise level "
+                    "(train.early_stopping_min_value): nothing measurable learnt yet")
+        planned = int(self.planned_epochs()) if self.planned_epochs else None
+        if planned and epoch + 1 < self.min_fraction * planned:
+            return (f"{epoch + 1} of {planned} planned epochs done, under "
+                    f"train.early_stopping_min_fraction={self.min_fraction:g} of the plan")
+        return None
 
 
 class CSVLog(keras.callbacks.Callback):
