@@ -45,6 +45,16 @@ def test_ssd300_voc_trains_on_a_local_vocdevkit_and_scores_as_pycocotools(devkit
     assert "VOC07_mAP50" in metrics and "VOC_mAP50" in metrics
 
 
+def test_ssd300_voc_under_jax_the_device_check_path(devkit, tmp_path):
+    """The same run under Keras' JAX backend (the path a lent GPU checks first): metrics and final.keras."""
+    pytest.importorskip("jax")
+    folder, truth = devkit
+    work = tmp_path / "work"
+    proc = run_train(RECIPES / "ssd300_voc.py", work, [f"data.root={folder}", *SMALL], backend="jax")
+    metrics, _ = check_run(proc, work, voc_ground_truth(truth[("2007", "test")]))
+    assert metrics["saved_model"] is None
+
+
 def test_ssd300_coco_trains_on_a_local_coco2017_folder_and_scores_as_pycocotools(coco_root, tmp_path):
     root, written = coco_root
     work = tmp_path / "work"
