@@ -297,3 +297,55 @@ def test_a_checkpoint_the_disk_cannot_take_keeps_the_previous_and_resume_works_o
     finally:
         if mounted:
             subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+# ------------------------------------------------------------------ tf.distribute multi-worker: SIGTERM to one worker
+def test_sigterm_to_one_worker_stops_both_at_the_same_step_and_both_resume(tmp_path):
+    """Two ``tools/train.py`` workers (MultiWorkerMirroredStrategy on loopback); worker 1 (not the chief) gets
+    SIGTERM after step 5 of epoch 2. Every step the workers all-reduce whether one was signalled, so both
+    stop after that step, the chief writes the checkpoint, and both print the line and exit 143."""
+    from test_multiworker import RECIPE as WORKER_RECIPE, free_ports
+
+    from kdet.data.sources import shapes
+
+    params = dict(num_train=48, num_test=4, image_size=48, max_objects=2)
+    for split in ("train", "test"):
+        shapes(str(tmp_path / "shapes"), split, **params).records()
+    text = (WORKER_RECIPE.replace("num_train=16", "num_train=48").replace("batch_size=8", "batch_size=4")
+            .replace('val=shapes({root!r}, "test", **PARAMS)', "val=None"))
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(text.format(recipes=str(REPO / "recipes"), root=str(tmp_path / "shapes"), strategy="multiworker"))
+    work = tmp_path / "work"
+    steps = 48 // 4
+
+    def workers(*extra, signal_worker1=None):
+        cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
+        procs = []
+        for index in range(2):
+            env = dict(tool_env(), CUDA_VISIBLE_DEVICES="",
+                       TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
+            for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "grpc_proxy", "ALL_PROXY",
+                        "all_proxy"):
+                env.pop(key, None)
+            if index == 1 and signal_worker1:
+                env["KDET_TEST_SIGNAL_AT"] = signal_worker1
+            procs.append(subprocess.Popen(train_command(recipe, work, *extra), stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True, cwd=str(REPO), env=env))
+        try:
+            return [(p.returncode, out, err) for p in procs for out, err in [p.communicate(timeout=420)]]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+
+    stopped = workers(signal_worker1="SIGTERM:1:5")
+    for code, _, err in stopped:
+        assert code == 128 + signal.SIGTERM, err[-3000:]
+        assert last_line(err) == f"stopped by SIGTERM at epoch 2, step 5 of {steps}; resume with --resume"
+    state = read_state(work)
+    assert (state["epochs_done"], state["steps_done"], state["iterations"]) == (1, 5, steps + 5)
+    resumed = workers("--resume")
+    for code, out, err in resumed:
+        assert code == 0, err[-3000:]
+        assert f"resuming from {work / 'last.keras'} at epoch 2, step 5 of {steps}" in out
+    assert read_state(work)["iterations"] == 2 * steps

@@ -243,7 +243,9 @@ def atomic_write(path, write, suffix="", expected_bytes=None):
         fd, temp = tempfile.mkstemp(prefix=TEMP_PREFIX + os.path.basename(path) + ".", suffix=suffix, dir=folder)
         os.close(fd)
         write(temp)
+        _fsync(temp)   # on disk before the rename: a power loss leaves the old file or the whole new one
         os.replace(temp, path)
+        _fsync(folder)
     except Exception as err:
         reason = disk_error_reason(err)
         if reason is None:
@@ -252,6 +254,18 @@ def atomic_write(path, write, suffix="", expected_bytes=None):
     finally:
         if temp is not None and os.path.exists(temp):
             os.remove(temp)
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:   # folders on some file systems cannot be synced; a file that cannot is a failed write
+        if os.path.isfile(path):
+            raise
+        del err
+    finally:
+        os.close(fd)
 
 
 def _write_error(path, folder, reason, expected_bytes, err):

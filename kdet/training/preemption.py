@@ -83,6 +83,7 @@ class MidEpochCheckpoint(keras.callbacks.Callback):
         self.saves = []   # (epoch, step, seconds, bytes) of each mid-epoch checkpoint
         self.epoch, self.offset = self.start[0], 0
         self._add_metrics = False
+        self._agree = None
 
     # ------------------------------------------------------------ Keras hooks
     def on_train_begin(self, logs=None):
@@ -148,10 +149,15 @@ class MidEpochCheckpoint(keras.callbacks.Callback):
             return local
         import tensorflow as tf
 
-        value = self.multi_worker.reduce(
-            "MAX", self.multi_worker.run(lambda: tf.constant(local or 0, tf.int32)), axis=None)
-        agreed = int(value.numpy())
-        return agreed or None
+        numbers = [int(signal.SIGTERM), int(signal.SIGINT)]
+        flags = [1 if local == number else 0 for number in numbers]   # ReduceOp has SUM and MEAN, not MAX
+        if self._agree is None:   # a compiled all-reduce (eager collectives warn of their overhead at every step)
+            strategy = self.multi_worker
+            self._agree = tf.function(lambda f: strategy.reduce("SUM", strategy.run(lambda: tf.identity(f)), axis=None))
+        counts = [int(v) for v in self._agree(tf.constant(flags, tf.int32)).numpy()]
+        if local is not None:
+            return local
+        return next((number for number, count in zip(numbers, counts) if count), None)
 
 
 # ------------------------------------------------------------ the running metrics of an epoch
