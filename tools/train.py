@@ -32,17 +32,27 @@ def main(argv=None):
         overrides.append(f"train.epochs={args.epochs}")
     if args.strategy is not None:
         overrides.append(f"train.strategy={args.strategy}")
-    from kdet.training.signals import Interrupted
+    train_from_recipe_file(args.recipe, overrides, work_dir=args.work_dir, resume=args.resume)
+    return 0
 
+
+def run_stoppable():
+    """``main()``, with SIGTERM / SIGINT ending in one line and status 128 + the signal, from the first moment.
+
+    Before training (TensorFlow's import, the data, the model) a signal stops at once; during ``fit`` it
+    stops after the current step, with a checkpoint (kdet.training.preemption; the engine's handlers).
+    """
+    from kdet.training.signals import Interrupted, SignalStop
+
+    SignalStop().install()
     try:
-        train_from_recipe_file(args.recipe, overrides, work_dir=args.work_dir, resume=args.resume)
-    except Interrupted as stop:   # SIGTERM / SIGINT: the checkpoint is written; one line, status 128 + signal
+        return main()
+    except Interrupted as stop:
         from kdet.cli import _exit_now
 
         print(stop.line, file=sys.stderr)
         _exit_now(stop.status)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stoppable())
