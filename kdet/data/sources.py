@@ -184,8 +184,9 @@ auto.reads_recipe_data = True  # kdet.config.resolve_source passes the recipe's 
 # ------------------------------------------------- the headline recipes' data: a local folder, else TFDS
 TFDS_DEFAULT_DIR = "~/tensorflow_datasets"
 _VOC_TFDS_SPLITS = {"trainval": "train+validation", "train": "train", "val": "validation", "test": "test"}
-VOC_LAYOUT = ("a VOCdevkit: the folder holding VOC2007/ and VOC2012/ as the official tars extract them, each with "
-              "Annotations/, JPEGImages/ and ImageSets/Main/<set>.txt (VOC2007/ImageSets/Main/test.txt for the test set)")
+VOC_LAYOUT = ("a VOCdevkit: the folder holding VOC2007/ and VOC2012/ as the official tars extract them, each "
+              "with Annotations/, JPEGImages/ and ImageSets/Main/<set>.txt (VOC2007/ImageSets/Main/test.txt for the "
+              "test set)")
 COCO_LAYOUT = ("a COCO 2017 folder: annotations/instances_train2017.json, annotations/instances_val2017.json, "
                "train2017/ and val2017/ as the official zips extract them")
 
@@ -279,7 +280,8 @@ def coco_or_tfds(root, split="val2017", class_names=None, skip_invalid=False) ->
                 raise DatasetError(f"{path}: {kind} not found (data.root {root} looks like a COCO folder; expected "
                                    f"{COCO_LAYOUT})")
         return COCOSource(annotation_file, image_dir, class_names=class_names, skip_invalid=skip_invalid)
-    data_dir = _tfds_data_dir(folder, root, "COCO", COCO_LAYOUT, "coco/2017 prepared by `tfds build coco/2017 --data_dir DIR`")
+    data_dir = _tfds_data_dir(folder, root, "COCO", COCO_LAYOUT,
+                              "coco/2017 prepared by `tfds build coco/2017 --data_dir DIR`")
     hint = (f"Or set data.root to {COCO_LAYOUT}; {root} is not one." if root is not None else
             f"Or set data.root to {COCO_LAYOUT}.")
     from kdet.data.tfds_source import TFDSSource

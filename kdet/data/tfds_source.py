@@ -101,12 +101,13 @@ class TFDSSource(Source):
             return (f"{self.name}: cannot download the TFDS dataset into data_dir={data_dir}: "
                     f"{type(failure).__name__}: {_first_line(failure)}. If this machine is offline, prepare it on "
                     f"one with internet access (`tfds build {self.tfds_name} --data_dir DIR`), copy DIR here and "
-                    f"pass data_dir=DIR.{hint}")
+                    f"pass data_dir=DIR (a recipe's data.root).{hint}")
         action = "download and prepare" if self.download else "load (download=False)"
         return (f"{self.name}: cannot {action} the TFDS dataset in data_dir={data_dir}: "
                 f"{type(err).__name__}: {_first_line(err)}\n"
                 f"If this machine is offline, prepare it on one with internet access "
-                f"(`tfds build {self.tfds_name} --data_dir DIR`), copy DIR here and pass data_dir=DIR (a recipe's data.root).{hint}")
+                f"(`tfds build {self.tfds_name} --data_dir DIR`), copy DIR here and pass data_dir=DIR "
+                f"(a recipe's data.root).{hint}")
 
     def _to_record(self, example, index):
         image_bytes, width, height = _encoded_image(example["image"], f"{self.name} example {index}")
