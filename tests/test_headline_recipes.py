@@ -111,6 +111,19 @@ def test_voc_neither_layout_is_one_error_naming_both(tmp_path, devkit):
         voc_or_tfds(str(devkit[0]), "2007-test")
 
 
+@pytest.mark.parametrize("recipe, needles", [
+    ("ssd300_voc.py", ["VOC2007/ImageSets/Main/test.txt", "tfds build voc/2007 voc/2012"]),
+    ("ssd300_coco.py", ["annotations/instances_val2017.json", "tfds build coco/2017"]),
+])
+def test_train_tool_on_neither_layout_ends_in_one_line_naming_both(tmp_path, recipe, needles):
+    proc = run_train(RECIPES / recipe, tmp_path / "work", [f"data.root={tmp_path / 'nowhere'}"])
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[-1].startswith(f"error: data.root {tmp_path / 'nowhere'}: no such folder"), lines[-1]
+    for needle in needles + ["TFDS data_dir"]:
+        assert needle in lines[-1], (needle, lines[-1])
+
+
 def test_coco_local_folder_crowds_categories_and_empty_images(coco_root):
     root, written = coco_root
     source = coco_or_tfds(str(root), "val2017")
