@@ -109,6 +109,8 @@ def test_voc_neither_layout_is_one_error_naming_both(tmp_path, devkit):
         voc_or_tfds(str(only_2007.parent), "2007:trainval+2012:trainval")
     with pytest.raises(DatasetError, match="year:set"):
         voc_or_tfds(str(devkit[0]), "2007-test")
+    with pytest.raises(DatasetError, match=r"is one year's folder \(VOC2007/\); set data.root to the folder holding it"):
+        voc_or_tfds(str(devkit[0] / "VOC2007"), "2007:test")  # not a TFDS data_dir to download into
 
 
 @pytest.mark.parametrize("recipe, needles", [
@@ -142,10 +144,11 @@ def test_coco_local_folder_crowds_categories_and_empty_images(coco_root):
         assert [source.category_ids[c] for c in record.classes] == [a["category_id"] for a in anns]
     assert sum(r.iscrowd.sum() for r in records) == 1 and records[0].ignore.any()
     assert len(coco_or_tfds(str(root), "train2017").records()) == 10
+    assert len(coco_or_tfds(str(root.parent), "train2017").records()) == 10  # the folder holding coco/
 
 
 def test_coco_partial_folder_names_what_is_missing_and_tfds_otherwise(coco_root, tmp_path):
-    partial = tmp_path / "coco"
+    partial = tmp_path / "partial"
     (partial / "annotations").mkdir(parents=True)
     (partial / "annotations" / "instances_val2017.json").write_text(json.dumps(coco_root[1]["val2017"]))
     with pytest.raises(DatasetError, match=r"val2017: folder not found .*train2017/ and val2017/"):

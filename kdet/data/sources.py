@@ -198,7 +198,8 @@ def voc_or_tfds(root, sets="2007:trainval+2012:trainval", class_names=None, skip
     folder is read as the official VOCdevkit; otherwise ``root`` is TFDS's data_dir (an existing
     folder, or TFDS's default ``~/tensorflow_datasets``, which TFDS creates), and TFDS downloads and
     prepares the data there when it is missing. A ``root`` that is neither (no such folder) is a
-    :class:`DatasetError` naming both layouts; so is a failed TFDS preparation.
+    :class:`DatasetError` naming both layouts; so is a failed TFDS preparation, and so is a year's
+    folder itself (``VOCdevkit/VOC2007``: its parent is meant, and TFDS must not download into it).
 
     Args:
         root: a VOCdevkit (or the folder above it) or a TFDS data_dir; None: TFDS's default.
@@ -236,6 +237,9 @@ def voc_or_tfds(root, sets="2007:trainval+2012:trainval", class_names=None, skip
                                    f"VOC{year}/; expected {VOC_LAYOUT})")
             sources.append(VOCSource(devkit / f"VOC{year}", image_set, class_names=names, skip_invalid=skip_invalid))
         return sources[0] if len(sources) == 1 else ConcatSource(*sources)
+    if folder is not None and (folder / "Annotations").is_dir() and (folder / "ImageSets").is_dir():
+        raise DatasetError(f"data.root {root} is one year's folder ({folder.name}/); set data.root to the folder "
+                           f"holding it: {VOC_LAYOUT}")
     data_dir = _tfds_data_dir(folder, root, "VOC", VOC_LAYOUT,
                               "voc/2007 and voc/2012 prepared by `tfds build voc/2007 voc/2012 --data_dir DIR`")
     hint = (f"Or set data.root to {VOC_LAYOUT}; {root} is not one." if root is not None else
@@ -250,7 +254,8 @@ def voc_or_tfds(root, sets="2007:trainval+2012:trainval", class_names=None, skip
 def coco_or_tfds(root, split="val2017", class_names=None, skip_invalid=False) -> Source:
     """COCO 2017 from a local folder under ``root`` when there is one, else TFDS ``coco/2017`` in ``root``.
 
-    Local: ``root/annotations/instances_<split>.json`` and the image folder ``root/<split>/``, read by
+    Local: ``root/annotations/instances_<split>.json`` and the image folder ``root/<split>/`` (or the
+    same under ``root/coco/``, where ``unzip -d coco`` puts them), read by
     :func:`coco` (``iscrowd`` objects are ignore regions, as pycocotools treats them). Otherwise ``root``
     is TFDS's data_dir, as in :func:`voc_or_tfds`. TFDS's source holds a split's encoded images in
     memory: about 19 GB for train2017, so the local folder is the way for training on a normal machine.
@@ -273,6 +278,8 @@ def coco_or_tfds(root, split="val2017", class_names=None, skip_invalid=False) ->
     if tfds_split is None:
         raise DatasetError(f"coco_or_tfds: split must be 'train2017' or 'val2017', got {split!r}")
     folder = Path(os.path.expanduser(str(root))) if root is not None else None
+    if folder is not None and not (folder / "annotations").is_dir() and (folder / "coco" / "annotations").is_dir():
+        folder = folder / "coco"  # the folder the zips were extracted into (unzip -d coco)
     if folder is not None and ((folder / "annotations").is_dir() or (folder / split).is_dir()):
         annotation_file, image_dir = folder / "annotations" / f"instances_{split}.json", folder / split
         for path, kind in ((annotation_file, "file"), (image_dir, "folder")):
