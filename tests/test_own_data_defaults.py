@@ -198,7 +198,7 @@ def test_fit_findings_never_contradict_or_repeat():
     underfit = run_report.finding_fit(0.3, 0.25, log)
     assert len(underfit) == 1 and underfit[0].startswith("Underfitting")
     overfit = run_report.finding_fit(0.9, 0.3, log)
-    assert len(overfit) == 1 and overfit[0].startswith("Overfitting")
+    assert len(overfit) == 1 and overfit[0].startswith("Overfitting") and "; and val_AP peaked at 0.300" in overfit[0]
 
 
 def test_one_step_run_reports_that_it_learnt_nothing(tmp_path):

@@ -245,9 +245,9 @@ def test_overfitting_from_train_split_and_from_the_log(tmp_path):
            "3,2.0,0.8,1.2,0.50,0.7\n4,1.5,0.6,0.9,,\n5,1.0,0.4,0.6,0.30,0.5\n")
     found = report(tmp_path, gts, dets, ["a", "b"], train=train, log=log)["findings"]
     fits = [t for t in found if t.startswith("Overfitting")]
-    assert len(fits) == 2
+    assert len(fits) == 1  # one finding with both pieces of evidence, not the same line twice
     assert "AP50 is 1.00 on training images" in fits[0]
-    assert "val_AP peaked at 0.500 after epoch 4 and fell to 0.300 by epoch 6" in fits[1]
+    assert "; and val_AP peaked at 0.500 after epoch 4 and fell to 0.300 by epoch 6" in fits[0]
 
 
 def test_underfitting_is_not_called_overfitting(tmp_path):

@@ -12,7 +12,7 @@ take ``skip_invalid=True`` drop bad boxes/images instead, count them in
 ``source.skipped`` and warn once.
 
 Zero-size boxes are the one exception by default: a few of them in an otherwise
-good export (a labelling tool's stray click; BCCD has 2 in 4,900) are dropped,
+good export (a labelling tool's stray click; BCCD has 2 of 4,888) are dropped,
 counted and named in one warning; when they are more than
 ``ISOLATED_DEGENERATE_SHARE`` of a split's boxes they are systematic (a wrong
 box format, say) and loading stops, naming the first one and the way out.

@@ -548,9 +548,11 @@ def finding_fit(train_ap50, val_ap50, log):
                        f"{val_ap50:.2f}): the model has not learnt the training set; train longer, raise the "
                        "learning rate or the model's width before adding data")
     trend = _val_trend(log)
-    if trend and not out:  # an underfitting run's val_AP wobble is not overfitting; one overfitting line is enough
+    if trend and not out:
         out.append(trend)
-    return out
+    elif trend and out[0].startswith("Overfitting"):  # one overfitting finding, with both pieces of evidence
+        out[0] += "; and " + trend[len("Overfitting: "):]
+    return out  # an underfitting run's val_AP wobble is not called overfitting
 
 
 def _val_trend(log):
