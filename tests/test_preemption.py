@@ -349,3 +349,28 @@ def test_sigterm_to_one_worker_stops_both_at_the_same_step_and_both_resume(tmp_p
         assert code == 0, err[-3000:]
         assert f"resuming from {work / 'last.keras'} at epoch 2, step 5 of {steps}" in out
     assert read_state(work)["iterations"] == 2 * steps
+
+
+# ------------------------------------------------------------------ the pipeline: a pass resumed mid-epoch
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_pass_with_skipped_batches_is_the_rest_of_the_same_pass(workers):
+    import tensorflow as tf
+    from test_time_budget import one_pass, solid_records
+
+    from kdet.data.augment import hflip, mosaic
+    from kdet.data.pipeline import close_worker_pools, make_dataset
+
+    epoch, skip = tf.Variable(3, dtype=tf.int64), tf.Variable(0, dtype=tf.int64)
+    dataset = make_dataset(solid_records(), image_size=32, batch_size=4, augment=[mosaic(p=0.5), hflip()],
+                           max_boxes=8, seed=5, workers=workers, epoch=epoch, skip_batches=skip)
+    try:
+        full_images, full_targets = one_pass(dataset)   # 16 images: 4 batches
+        skip.assign(3)
+        rest_images, rest_targets = one_pass(dataset)
+        assert len(rest_images) == 4
+        np.testing.assert_array_equal(rest_images, full_images[12:])   # same elements, same augmentation
+        np.testing.assert_array_equal(rest_targets, full_targets[12:])
+        skip.assign(0)
+        np.testing.assert_array_equal(one_pass(dataset)[0], full_images)
+    finally:
+        close_worker_pools()

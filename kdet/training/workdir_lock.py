@@ -93,7 +93,12 @@ class WorkDirLock:
                 os.close(fd)
                 raise WorkDirBusy(self._busy_line(previous))
             self.fd = fd
-            self._write_holder()
+            try:
+                self._write_holder()
+            except OSError as err:   # a full disk or quota: one line naming the lock file
+                self.fd = None
+                os.close(fd)
+                raise OSError(err.errno, err.strerror, self.path) from None
             if previous.get("pid"):
                 self.took_over = previous
                 self.warn(f"warning: {self.work_dir}: took over the lock of a run that no longer runs (process "
