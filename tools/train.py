@@ -46,7 +46,9 @@ def run_stoppable():
 
     SignalStop().install()
     try:
-        return main()
+        status = main()
+        SignalStop.ignore()   # done and written: a signal during the interpreter's shutdown changes nothing
+        return status
     except Interrupted as stop:
         from kdet.cli import _exit_now
 

@@ -250,6 +250,8 @@ def atomic_write(path, write, suffix="", expected_bytes=None):
         reason = disk_error_reason(err)
         if reason is None:
             raise
+        if temp is not None and os.path.exists(temp):
+            os.remove(temp)   # before counting the free bytes
         raise _write_error(path, folder, reason, expected_bytes, err) from err
     finally:
         if temp is not None and os.path.exists(temp):

@@ -48,6 +48,13 @@ class SignalStop:
             self._previous[number] = signal.signal(number, self._handle)
         return self
 
+    @staticmethod
+    def ignore():
+        """Ignore both signals from now on (the run's work is done and written)."""
+        if threading.current_thread() is threading.main_thread():
+            for name in SIGNALS:
+                signal.signal(getattr(signal, name), signal.SIG_IGN)
+
     def restore(self):
         for number, handler in self._previous.items():
             signal.signal(number, handler if handler is not None else signal.SIG_DFL)
