@@ -33,6 +33,8 @@ import sys
 import tempfile
 import warnings
 
+from kdet.errors import ToolError  # defined in the leaf module kdet.errors, importable from here too
+
 #: Lines TensorFlow/XLA print at start-up that say nothing about the user's run.
 STARTUP_NOISE = re.compile("|".join([
     r"cudart_stub\.cc", r"cuda_platform\.cc.*cuInit", r"cuda_driver\.cc.*cuInit", r"cpu_feature_guard\.cc",
@@ -45,10 +47,6 @@ STARTUP_NOISE = re.compile("|".join([
 # Set beside TF_CPP_MIN_LOG_LEVEL when kdet chose that level, so that child processes (which inherit
 # both) do not mistake kdet's default for the user's own setting.
 DEFAULTED_BY_KDET = "KDET_DEFAULTED_TF_LOG_LEVEL"
-
-
-class ToolError(Exception):
-    """A tool's own bad-input error (argument combinations, empty folders); the message is the line."""
 
 
 def user_errors():

@@ -30,9 +30,7 @@ import os
 import runpy
 import sys
 
-
-class RecipeError(ValueError):
-    """A recipe that cannot be read or a bad override; the message is one line."""
+from kdet.errors import RecipeError  # defined in the leaf module kdet.errors, importable from here too
 
 
 def bad_model_section(err):

@@ -14,10 +14,7 @@ import numpy as np
 
 from kdet.config import RecipeError, bad_model_section, load_recipe, resolve_source
 from kdet.defaults import default_of, nms_settings
-
-
-class UserError(Exception):
-    """An error whose message is the whole story (no traceback needed)."""
+from kdet.errors import UserError  # defined in the leaf module kdet.errors, importable from here too
 
 
 # ------------------------------------------------------------------ data

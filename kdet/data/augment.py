@@ -700,14 +700,14 @@ def _leaves(transforms):
 
 
 def _check_keeps_uint8_rgb(transforms):
-    """A :class:`~kdet.config.RecipeError` naming the first transform that does not return uint8 HxWx3.
+    """A :class:`~kdet.errors.RecipeError` naming the first transform that does not return uint8 HxWx3.
 
     Known offenders (``A.Normalize``, ``A.ToFloat``, tensor conversions) by name;
     every other transform is run once, alone and forced on, on a small uint8
     image with a box (a transform that cannot run on it is left to run time,
     where the output is checked too).
     """
-    from kdet.config import RecipeError
+    from kdet.errors import RecipeError
 
     rng = np.random.default_rng(0)
     probe = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
@@ -743,7 +743,7 @@ def _image_problem(image):
 def _check_output_image(image):
     problem = _image_problem(image)
     if problem:
-        from kdet.data.base import DatasetError
+        from kdet.errors import DatasetError
 
         raise DatasetError(f"data.augment: an augmentation returned {problem}; {_UINT8_RGB_RULE}",
                            reason="augmentation")

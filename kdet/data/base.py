@@ -1,4 +1,4 @@
-"""The base types every data source builds on: ``Source``, ``DatasetError``, ``concat``'s ``ConcatSource``.
+"""The base types every data source builds on: ``Source``, ``DatasetError`` (kdet.errors), ``concat``'s ``ConcatSource``.
 
 A source is an object with ``.class_names`` (list of str), ``.records()``
 (a cached list of :class:`kdet.data.records.Record`), ``len()`` and a
@@ -23,19 +23,9 @@ from collections import Counter
 
 import numpy as np
 
+from kdet.errors import DatasetError  # defined in the leaf module kdet.errors, importable from here too
+
 ISOLATED_DEGENERATE_SHARE = 0.01  # zero-size boxes up to 1% of a split's boxes are slips, dropped with a warning
-
-
-class DatasetError(ValueError):
-    """Bad or missing dataset input; the message names the file and the problem.
-
-    ``reason`` is a short tag (``"degenerate"``, ``"missing file"``, ...) used
-    to count what ``skip_invalid=True`` dropped.
-    """
-
-    def __init__(self, message, reason=None):
-        super().__init__(message)
-        self.reason = reason
 
 
 class Source:

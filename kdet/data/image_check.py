@@ -25,7 +25,7 @@ import os
 
 import numpy as np
 
-from kdet.data.base import DatasetError
+from kdet.errors import DatasetError
 
 CHECK_MODES = ("quick", "full", "off")
 ORIENTATION_TAG = 0x0112  # EXIF "Orientation"

@@ -417,7 +417,7 @@ def _file_orientation(path):
 
 
 def input_error(err):
-    """The :class:`~kdet.data.base.DatasetError` an input-pipeline TensorFlow error stands for, or None.
+    """The :class:`~kdet.errors.DatasetError` an input-pipeline TensorFlow error stands for, or None.
 
     ``err`` is what iterating a kdet dataset raised (say, from ``model.fit``): a
     bad image names its file in one line, without TensorFlow's traceback.

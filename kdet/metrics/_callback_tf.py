@@ -2,26 +2,32 @@
 
 import tensorflow as tf
 
-from kdet.metrics.callback import _original_hw  # loaded first: callback.py imports this module lazily
+from kdet.metrics._coco_common import original_hw
 from kdet.training.strategy import is_multi_worker
 
 
-def distributed_predictions(callback):
-    """``(detections, targets, sizes)`` per batch of the callback's ``tf.data`` validation set.
+class DistributedPredictions:
+    """``(detections, targets, sizes)`` per batch of a ``tf.data`` validation set, called as
+    ``predictions(model, val_dataset)`` (the callback keeps one: the compiled step is made once).
 
-    The detection step runs per replica with ``strategy.run`` over
+    The detection step ``detect_fn(model, images)`` runs per replica with ``strategy.run`` over
     ``strategy.experimental_distribute_dataset``; the replicas' results are concatenated.
     """
-    model = callback.model
-    strategy = model.distribute_strategy if model is not None else tf.distribute.get_strategy()
-    if is_multi_worker(strategy):  # each worker evaluates the whole set, so all log the same val_AP
-        strategy = _SINGLE_DEVICE
-    if callback._predict_fn is None:
-        callback._predict_fn = _make_predict_fn(strategy, model, callback.detect_fn)
-    for batch in strategy.experimental_distribute_dataset(callback.val_dataset):
-        images, targets = batch[0], batch[1]
-        hw = _original_hw(batch[2]) if len(batch) > 2 else None  # the original images' sizes
-        yield _gather(strategy, *callback._predict_fn(images, targets, hw))
+
+    def __init__(self, detect_fn):
+        self.detect_fn = detect_fn
+        self._predict = None
+
+    def __call__(self, model, val_dataset):
+        strategy = model.distribute_strategy if model is not None else tf.distribute.get_strategy()
+        if is_multi_worker(strategy):  # each worker evaluates the whole set, so all log the same val_AP
+            strategy = _SINGLE_DEVICE
+        if self._predict is None:
+            self._predict = _make_predict_fn(strategy, model, self.detect_fn)
+        for batch in strategy.experimental_distribute_dataset(val_dataset):
+            images, targets = batch[0], batch[1]
+            hw = original_hw(batch[2]) if len(batch) > 2 else None  # the original images' sizes
+            yield _gather(strategy, *self._predict(images, targets, hw))
 
 
 def _make_predict_fn(strategy, model, detect_fn):

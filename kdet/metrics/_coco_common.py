@@ -157,3 +157,10 @@ def format_per_class(table):
     for name, row in table.items():
         lines.append(f"{str(name):<{width}}  {row['AP']:6.3f}  {row['AP50']:6.3f}")
     return "\n".join(lines)
+
+
+def original_hw(meta):
+    """``(height, width)`` ``[B]`` of the original images from a batch's ``meta`` dict, else None."""
+    if isinstance(meta, dict) and "height" in meta and "width" in meta:
+        return meta["height"], meta["width"]
+    return None

@@ -38,7 +38,7 @@ import numpy as np
 import keras
 from keras import ops
 
-from kdet.metrics._coco_common import EvalParams, format_per_class, per_class, summarize
+from kdet.metrics._coco_common import EvalParams, format_per_class, original_hw, per_class, summarize
 from kdet.metrics.coco_device import COCOAccumulator, to_numpy
 from kdet.metrics.coco_stream import stable_argsort
 
@@ -133,15 +133,17 @@ class COCOEvalCallback(keras.callbacks.Callback):
     def _predictions(self):
         """``(detections, targets, sizes [B, 2])`` per validation batch, on the device."""
         if keras.backend.backend() == "tensorflow" and _is_tf_dataset(self.val_dataset):
-            from kdet.metrics import _callback_tf
+            from kdet.metrics._callback_tf import DistributedPredictions
 
-            yield from _callback_tf.distributed_predictions(self)
+            if self._predict_fn is None:
+                self._predict_fn = DistributedPredictions(self.detect_fn)
+            yield from self._predict_fn(self.model, self.val_dataset)
             return
         if self._predict_fn is None:
             self._predict_fn = _make_predict_fn(self.model, self.detect_fn, self.jit_compile)
         for batch in _host_batches(self.val_dataset):
             images, targets = batch[0], batch[1]
-            hw = _original_hw(batch[2]) if len(batch) > 2 else None  # the original images' sizes
+            hw = original_hw(batch[2]) if len(batch) > 2 else None  # the original images' sizes
             yield self._predict_fn(images, targets, hw)
 
     def _stream(self, detections, targets, sizes):
@@ -277,13 +279,6 @@ def _pad_batch(x, pad):
 def _pad_rows(x, pad, fill):
     x = ops.convert_to_tensor(x)
     return ops.pad(x, [[0, pad]] + [[0, 0]] * (len(x.shape) - 1), constant_values=fill)
-
-
-def _original_hw(meta):
-    """``(height, width)`` ``[B]`` of the original images from a batch's ``meta`` dict, else None."""
-    if isinstance(meta, dict) and "height" in meta and "width" in meta:
-        return meta["height"], meta["width"]
-    return None
 
 
 class ArrayBatches(keras.utils.PyDataset):
