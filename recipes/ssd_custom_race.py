@@ -1,22 +1,13 @@
-"""Your own data, in whichever layout it comes: YOLO txt, PASCAL VOC (with or without ImageSets), COCO json.
+"""Your own data with the race engine: for long training budgets, not the default.
 
-    python tools/train.py recipes/ssd_custom.py --set data.root=/path/to/my/data [--set train.time_budget=15]
+    python tools/train.py recipes/ssd_custom_race.py --set data.root=/path/to/my/data --set train.time_budget=60
 
-kdet.data.sources.auto detects the layout under data.root (and prints it) and reads the class
-names from the data; without a validation split it holds out a seeded, stratified 20%
-(data.val_fraction), when that is at least data.min_val_images images.
-
-The engine is the one that won kdet's benchmark suite (tools/benchmark_suite.py, four real
-datasets, val splits; figures in docs/experiments.md): keras-cv's CSPDarkNet-Tiny at half width
-with YOLOv8's PAN neck, from scratch, anchors fitted to the training boxes, YOLOv8's task-aligned
-assigner and class loss, mosaic off for the last epochs, batch 8, AdamW 5e-3 with a cosine schedule.
-A training split of at most `small_data.max_images` images gets the set-up measured on ten-image
-sets instead (tools/benchmark_tiny.py: VGG16-BN 0.125, ATSS matching, copy-paste); the start of
-the run prints which applies.
-
-Without train.time_budget, train.epochs="auto" plans train.auto_steps_per_image optimizer steps
-per training image (at most train.auto_steps). Early stopping never stops a run whose best val_AP
-is still at noise level, nor before half of its plan (train.early_stopping_min_*).
+`ssd_custom.py` with the levers that beat YOLOv8n on BCCD in 23 minutes (recipes/ssd_bccd_race.py):
+keras-cv's CSPDarkNet-Tiny at half width with YOLOv8's PAN neck, YOLOv8's task-aligned assigner
+and class loss, mosaic off for the last epochs. On kdet's benchmark suite at 4 minutes per dataset
+(val splits, docs/experiments.md) it lost to ssd_custom.py on all four datasets (mean AP 0.043 vs
+0.088): it starts slower. A training split of at most `small_data.max_images` images gets
+ssd_custom.py's ten-image set-up.
 """
 
 from functools import partial
