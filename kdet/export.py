@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from kdet.defaults import NMS_DEFAULTS
 from kdet.postprocess import decode_detections
+from kdet.runtime import label_map_path
 
 
 class DetectorModule(tf.Module):
@@ -97,14 +98,6 @@ _MIN_BOX_SIZE = 1e-6  # clipped boxes are re-encoded for TFLite's post-process o
 
 class ExportError(ValueError):
     """A model kdet cannot export to a format, or an op a converter cannot convert; the message is one line."""
-
-
-def label_map_path(artifact):
-    """The label map written beside ``artifact``: ``labelmap.txt`` in a SavedModel folder,
-    ``NAME.labels.txt`` beside ``NAME.tflite`` / ``NAME.onnx``. Line k names class id k (0-based)."""
-    if os.path.isdir(artifact) or not os.path.splitext(artifact)[1]:
-        return os.path.join(artifact, "labelmap.txt")
-    return os.path.splitext(artifact)[0] + ".labels.txt"
 
 
 def write_label_map(artifact, class_names):

@@ -1,7 +1,8 @@
 """Draw a model's detections on images: python tools/infer.py MODEL IMAGE_OR_FOLDER --out DIR.
 
-MODEL is a SavedModel folder written by kdet's export (no kdet needed to run it)
-or a .keras file (then pass --classes or --recipe for the names).
+MODEL is what tools/export.py wrote - a SavedModel folder, a .tflite or an .onnx file (each run with
+only its own runtime: TensorFlow, the LiteRT interpreter, onnxruntime; names from the label map
+beside it) - or a .keras file (then pass --classes for the names).
 """
 
 import argparse
@@ -12,18 +13,19 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kdet.cli import ToolError, load_keras_model, tool_main  # noqa: E402
+from kdet.cli import ToolError, import_tensorflow, tool_main  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("model", help="SavedModel folder or .keras file")
+    p.add_argument("model", help="SavedModel folder, .tflite, .onnx or .keras file")
     p.add_argument("images", help="an image file or a folder of images")
     p.add_argument("--out", required=True, help="folder for the drawn images and detections.json")
     p.add_argument("--score-threshold", type=float, default=0.3)
     p.add_argument("--classes", help="comma-separated class names (for a .keras model)")
+    p.add_argument("--num-threads", type=int, help="threads of the TFLite / ONNX runtime (default: its own)")
     return p.parse_args(argv)
 
 
@@ -38,37 +40,17 @@ def image_paths(path):
     raise ToolError(f"{path}: no such image or folder")
 
 
-def load_detector(path, classes=None):
+def load_detector(path, classes=None, num_threads=None):
     """A function uint8 image [H, W, 3] -> (boxes yxyx normalised, scores, 1-based classes), and names."""
-    import tensorflow as tf
+    from kdet.runtime import ArtifactError, artifact_kind
+    from kdet.runtime import load_detector as load
 
-    if os.path.isdir(path):
-        try:
-            loaded = tf.saved_model.load(path)
-            serve = loaded.signatures["serving_default"]
-            names = [n.decode() for n in loaded.class_names.numpy()]
-        except Exception as err:  # not a SavedModel, or not one kdet exported
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            raise ToolError(f"{path}: not a SavedModel exported by kdet ({type(err).__name__}: {reason})") from err
-    else:
-        from kdet.defaults import NMS_DEFAULTS
-        from kdet.export import DetectorModule
-
-        model = load_keras_model(path)
-        names = [c.strip() for c in classes.split(",")] if classes else [str(i) for i in range(model.num_classes)]
-        if len(names) != model.num_classes:
-            raise ToolError(f"--classes gives {len(names)} names for {path}, a model with {model.num_classes} classes")
-        module = DetectorModule(model, names, NMS_DEFAULTS)
-        serve = module.serve
-
-    def detect(image):
-        out = serve(images=tf.constant(image[None]))
-        n = int(out["num_detections"][0])
-        return (out["detection_boxes"][0, :n].numpy(), out["detection_scores"][0, :n].numpy(),
-                out["detection_classes"][0, :n].numpy().astype(int))
-
-    detect.owner = loaded if os.path.isdir(path) else module   # serve holds its module only weakly: keep it alive
-    return detect, names
+    try:
+        if artifact_kind(path) in ("saved_model", "keras"):
+            import_tensorflow()  # only these need TensorFlow: quiet its start-up
+        return load(path, classes, num_threads)
+    except ArtifactError as err:
+        raise ToolError(str(err)) from None
 
 
 def draw(image, boxes, scores, classes, names, threshold):
@@ -98,13 +80,13 @@ def read_image(path):
         return None
 
 
-@tool_main
+@tool_main(needs_tensorflow=False)
 def main(argv=None):
     import json
 
     args = parse_args(argv)
     paths = image_paths(args.images)
-    detect, names = load_detector(args.model, args.classes)
+    detect, names = load_detector(args.model, args.classes, args.num_threads)
     os.makedirs(args.out, exist_ok=True)
     results, skipped = {}, []
     for path in paths:
