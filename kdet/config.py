@@ -172,11 +172,14 @@ def resolve_source(source, root, data=None):
     """A data source from a recipe entry: a source object, or a callable of the data root.
 
     Factories marked ``reads_recipe_data`` (``kdet.data.sources.auto``) also get
-    the recipe's data section ``data`` (its ``val_fraction``, ``split_seed``, ...).
+    the recipe's data section ``data`` (its ``val_fraction``, ``split_seed``, ...); those marked
+    ``root_may_be_none`` (``voc_or_tfds``, ``coco_or_tfds``) are called with a None root too.
     """
     if source is None or hasattr(source, "records"):
         return source
     if callable(source):
+        if root is None and getattr(getattr(source, "func", source), "root_may_be_none", False):
+            return source(None)  # e.g. voc_or_tfds: None is TFDS's default data_dir
         if root is None:
             raise RecipeError("the recipe's data sources need data.root (set it with --set data.root=PATH)")
         if getattr(getattr(source, "func", source), "reads_recipe_data", False):

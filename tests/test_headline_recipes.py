@@ -97,6 +97,21 @@ def test_voc_data_root_that_is_not_a_devkit_is_a_tfds_data_dir(tmp_path):
     assert "VOC2007/ImageSets/Main/test.txt" in test.hint
 
 
+def test_data_root_none_keeps_the_tfds_path_and_other_factories_still_need_a_root():
+    """``--set data.root=None``: the headline recipes' sources are TFDS's in its default data_dir."""
+    from functools import partial
+
+    from kdet.config import RecipeError, resolve_source
+    from kdet.data.sources import auto
+
+    voc = resolve_source(partial(voc_or_tfds, sets="2007:test"), None)
+    assert (voc.tfds_name, voc.split, voc.data_dir) == ("voc/2007", "test", None)
+    coco = resolve_source(partial(coco_or_tfds, split="val2017"), None)
+    assert (coco.tfds_name, coco.split, coco.data_dir) == ("coco/2017", "validation", None)
+    with pytest.raises(RecipeError, match="need data.root"):
+        resolve_source(partial(auto, split="train"), None)
+
+
 def test_voc_neither_layout_is_one_error_naming_both(tmp_path, devkit):
     with pytest.raises(DatasetError) as err:
         voc_or_tfds(str(tmp_path / "VOCdevkt"), "2007:test")  # a typo: not downloaded into

@@ -251,6 +251,9 @@ def voc_or_tfds(root, sets="2007:trainval+2012:trainval", class_names=None, skip
     return sources[0] if len(sources) == 1 else ConcatSource(*sources)
 
 
+voc_or_tfds.root_may_be_none = True  # kdet.config.resolve_source: data.root=None is TFDS's default data_dir
+
+
 def coco_or_tfds(root, split="val2017", class_names=None, skip_invalid=False) -> Source:
     """COCO 2017 from a local folder under ``root`` when there is one, else TFDS ``coco/2017`` in ``root``.
 
@@ -294,6 +297,9 @@ def coco_or_tfds(root, split="val2017", class_names=None, skip_invalid=False) ->
     from kdet.data.tfds_source import TFDSSource
 
     return TFDSSource("coco/2017", tfds_split, data_dir=data_dir, class_names=class_names, hint=hint)
+
+
+coco_or_tfds.root_may_be_none = True
 
 
 def _voc_sets(sets):
