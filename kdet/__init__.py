@@ -17,10 +17,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load_recipe": "kdet.config",
     "merge": "kdet.config",
-    "build_model": "kdet.engine",
-    "build_loss": "kdet.engine",
+    "build_model": "kdet.build",
+    "build_loss": "kdet.build",
     "train": "kdet.engine",
-    "evaluate_records": "kdet.engine",
+    "evaluate_records": "kdet.inference",
     "SSD": "kdet.models.ssd",
     "load_model": "kdet.models.ssd",
     "AnchorBoxes": "kdet.models.anchors",

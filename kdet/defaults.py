@@ -78,7 +78,7 @@ def default_recipe():
             max_boxes=100,
             repeat_factor_threshold=None,  # e.g. 0.3: images with classes in < 30% of images repeat (LVIS)
             cache_images=False,          # True: keep decoded images in memory after the first epoch; "auto": when
-                                         # a split's decoded images fit in 2 GiB (kdet.engine.AUTO_CACHE_BYTES)
+                                         # a split's decoded images fit in 2 GiB (kdet.build.AUTO_CACHE_BYTES)
             workers=None,                # input worker processes; None: 0 below 4 CPUs, else min(CPUs, 4)
             min_images_per_epoch=None,   # e.g. 256: a smaller training set is repeated (whole copies) per epoch
             # read by sources.auto only (data in any layout, kdet/data/detect.py):

@@ -1,8 +1,13 @@
-"""Training and evaluation driven by a recipe; ``tools/train.py`` is a thin wrapper.
+"""The training run driven by a recipe; ``tools/train.py`` is a thin wrapper.
 
 The flow is the one data takes: sources -> records -> tf.data (augmentation,
 batching) -> model -> loss / decode + NMS -> metrics -> reports and export.
-Each step is a small function here so a user can call them from plain Keras.
+The components are built by :mod:`kdet.build` (recipe -> sources, records, datasets,
+model, loss, optimizer) and used for detection by :mod:`kdet.inference`; this module
+runs the training (callbacks, resume, time budget, final evaluation, export) and then the
+post-training steps (:func:`post_training_steps`: the run report and the label review).
+Its builder and inference names are re-exported, so ``kdet.engine.build_model`` and the
+like keep working.
 """
 
 import json
@@ -12,327 +17,14 @@ import time
 import keras
 import numpy as np
 
-from kdet.config import RecipeError, bad_model_section, load_recipe, resolve_source
-from kdet.defaults import default_of, nms_settings
-from kdet.errors import UserError  # defined in the leaf module kdet.errors, importable from here too
-
-
-# ------------------------------------------------------------------ data
-def load_sources(recipe):
-    """The recipe's train/val/test sources (None where absent)."""
-    from kdet.data.base import DatasetError
-
-    data = recipe["data"]
-    try:  # factories that look at the data on the way in (sources.auto detects the layout)
-        return {split: resolve_source(data.get(split), data.get("root"), data) for split in ("train", "val", "test")}
-    except DatasetError as err:
-        raise UserError(str(err)) from err
-
-
-def class_names_of(recipe, sources):
-    names = recipe["data"].get("class_names")
-    if names:
-        return list(names)
-    for source in sources.values():
-        if source is not None:
-            return list(source.class_names)
-    raise RecipeError("the recipe names no classes and has no data source")
-
-
-def load_records(sources):
-    """Records of each split, read (and validated) once, before training starts."""
-    from kdet.data.sources import DatasetError
-
-    try:
-        return {split: (src.records() if src is not None else None) for split, src in sources.items()}
-    except (DatasetError, OSError) as err:
-        raise UserError(str(err)) from err
-
-
-def build_train_dataset(recipe, records, seed=None, epoch=None, mosaic_off_from=None, skip_batches=None):
-    """Training batches; with ``epoch`` (a ``tf.Variable`` set by ``PassEpoch``) each epoch's pass comes from it.
-
-    ``mosaic_off_from`` (a ``tf.Variable``): the first epoch without mosaic (``data.close_mosaic``);
-    ``skip_batches`` (a ``tf.Variable``): batches a pass resumed mid-epoch leaves out (kdet.training.preemption).
-    """
-    from kdet.data.pipeline import make_dataset
-
-    from kdet.data.kerascv_augment import recipe_augment
-
-    data = recipe["data"]
-    augment = recipe_augment(data, _image_size(recipe))  # data.augment, or the keras-cv preset
-    return make_dataset(records, image_size=_image_size(recipe), batch_size=data["batch_size"],
-                        augment=augment, training=True, max_boxes=data["max_boxes"],
-                        seed=seed, cache_images=_cache_images(data, records), workers=data.get("workers"),
-                        epoch=epoch, mosaic_off_from=mosaic_off_from, skip_batches=skip_batches)
-
-
-def build_eval_dataset(recipe, records, with_meta=False):
-    """Evaluation batches in record order: ``(images, targets)``, plus ``meta`` when asked."""
-    from kdet.data.pipeline import make_dataset
-
-    data = recipe["data"]
-    return make_dataset(records, image_size=_image_size(recipe),
-                        batch_size=data.get("eval_batch_size", data["batch_size"]),
-                        training=False, shuffle=False, max_boxes=data["max_boxes"], with_meta=with_meta,
-                        cache_images=_cache_images(data, records))
-
-
-AUTO_CACHE_BYTES = 2 * 1024 ** 3  # data.cache_images="auto": decoded images kept when they fit in this
-
-
-def _cache_images(data, records):
-    """``data.cache_images``; ``"auto"``: True when the split's decoded images fit in ``AUTO_CACHE_BYTES``."""
-    cache = data.get("cache_images", False)
-    if cache != "auto":
-        return bool(cache)
-    decoded = {r.image_path: r.width * r.height * 3 for r in records}
-    return sum(decoded.values()) <= AUTO_CACHE_BYTES
-
-
-def _image_size(recipe):
-    size = recipe["model"]["image_size"]
-    return (size, size) if isinstance(size, int) else tuple(size)
-
-
-# ------------------------------------------------------------------ model, loss, optimizer
-def build_model(recipe, class_names):
-    """The recipe's detector, a ``kdet.models.ssd.SSD`` (a ``keras.Model``).
-
-    With ``model.init_from`` it starts from that kdet model's matching layers (kdet.models.transfer).
-    """
-    from kdet.analysis.anchors import wants_auto_anchors
-    from kdet.models.backbones import WeightsFileError
-    from kdet.models.ssd import SSD
-    from kdet.models.transfer import InitFromError, init_from_checkpoint
-
-    recipe = resolve_backbone_weights(recipe, class_names)
-    if wants_auto_anchors(recipe["model"]):
-        raise RecipeError("model.anchor_scales / aspect_ratios = 'auto' must be fitted to the training boxes "
-                          "first: kdet.analysis.anchors.resolve_auto_anchors (engine.train does it)")
-    try:
-        model = SSD(num_classes=len(class_names), score_activation=_score_activation(recipe),
-                    **_ssd_arguments(recipe["model"]))
-        if recipe["model"].get("init_from"):
-            init_from_checkpoint(model, recipe["model"]["init_from"])
-        return model
-    except (WeightsFileError, InitFromError) as err:
-        raise RecipeError(str(err)) from err
-    except (TypeError, ValueError) as err:  # SSD refuses the section (fine_map on FPN, scales of the wrong length)
-        raise bad_model_section(err) from err
-
-
-def _ssd_arguments(model_section):
-    """The recipe's model section less the keys the engine handles (``init_from``)."""
-    return {key: value for key, value in model_section.items() if key != "init_from"}
-
-
-def _score_activation(recipe):
-    """``"sigmoid"`` for the sigmoid class losses of ``loss.cls_loss``, else ``"softmax"``."""
-    from kdet.losses import score_activation
-
-    try:
-        return score_activation(recipe.get("loss", {}).get("cls_loss", "softmax"))
-    except ValueError as err:
-        raise RecipeError(str(err)) from err
-
-
-def resolve_small_data(recipe, num_train_images):
-    """The recipe's ``small_data`` settings merged in when the training split is that small (printed)."""
-    from kdet.config import merge
-
-    small = dict(recipe.get("small_data") or {})
-    limit = small.pop("max_images", None)
-    if not small or limit is None or num_train_images > int(limit):
-        return recipe
-    changed = ", ".join(f"{section}.{key}" for section, keys in small.items() for key in keys)
-    print(f"small_data: {num_train_images} training images <= {limit}: the recipe's small-data settings apply "
-          f"({changed})")
-    return merge(recipe, small)
-
-
-def resolve_backbone_weights(recipe, class_names):
-    """``model.backbone_weights="auto"``: ImageNet weights when they can be fetched, else from scratch.
-
-    With the weights, the recipe's ``pretrained`` section (model and training
-    settings for a pretrained backbone) is merged in; without them (offline),
-    the recipe trains as written with ``backbone_weights=None``, and a note says
-    so. Returns the recipe with concrete weights (unchanged when not "auto").
-    """
-    from kdet.config import merge
-    from kdet.models.backbones import WeightsDownloadError
-    from kdet.models.ssd import SSD
-
-    weights = recipe["model"].get("backbone_weights")
-    if recipe["model"].get("init_from") and weights is not None:
-        print(f"model.init_from is set: model.backbone_weights={weights!r} is not used (the checkpoint's weights "
-              "replace it)")
-        return merge(recipe, dict(model=dict(backbone_weights=None)))
-    if weights != "auto":
-        return recipe
-    pretrained = merge(recipe, recipe.get("pretrained") or {})
-    pretrained["model"]["backbone_weights"] = "imagenet"
-    try:
-        SSD(num_classes=len(class_names), **_ssd_arguments(pretrained["model"]))  # fetches (and caches) the weights
-    except WeightsDownloadError as err:
-        scratch = merge(recipe, dict(model=dict(backbone_weights=None)))
-        print(f"note: model.backbone_weights='auto': {err}. Training {scratch['model']['backbone']} (width "
-              f"{scratch['model'].get('width_multiplier', 1.0)}) from scratch instead; "
-              "set model.backbone_weights=None to skip the attempt")
-        return scratch
-    print(f"model.backbone_weights='auto': ImageNet weights found; using the recipe's pretrained settings "
-          f"({pretrained['model']['backbone']}, width {pretrained['model'].get('width_multiplier', 1.0)})")
-    return pretrained
-
-
-def build_loss(recipe, class_names, train_records=None, verbose=True, anchors_per_level=None):
-    """The MultiBox loss with the recipe's class weights (``"auto"`` computed from ``train_records``).
-
-    ``anchors_per_level`` (``SSD.anchors_per_level``) is what ``loss.assigner="atss"`` needs.
-    """
-    from kdet.data.class_weights import class_counts, format_class_weights, resolve_class_weights
-    from kdet.losses import MultiBoxLoss
-
-    cfg = dict(recipe.get("loss", {}))
-    weights = resolve_class_weights(cfg.pop("class_weights", None), class_names, records=train_records)
-    if verbose and weights is not None:
-        counts = class_counts(train_records, len(class_names)) if train_records else None
-        print(format_class_weights(weights, class_names, counts=counts))
-    return MultiBoxLoss(class_weights=weights, num_classes=len(class_names), anchors_per_level=anchors_per_level, **cfg)
-
-
-def build_learning_rate(train_cfg, steps_per_epoch):
-    """Warm-up plus the recipe's step / cosine / constant schedule, in optimizer steps.
-
-    With ``train.time_budget`` the schedule is planned over ``train.epochs`` and re-paced to the
-    epochs that fit (a ``FittedSchedule``, see kdet/training/time_budget.py).
-    """
-    schedule = _planned_learning_rate(train_cfg, steps_per_epoch)
-    if not train_cfg.get("time_budget"):
-        return schedule
-    from kdet.training.optim import FittedSchedule
-
-    return FittedSchedule(schedule, planned_steps=int(train_cfg["epochs"]) * steps_per_epoch)
-
-
-def _planned_learning_rate(train_cfg, steps_per_epoch):
-    from kdet.training.optim import ConstantSchedule, cosine_schedule, epochs_to_steps, step_schedule
-
-    base_lr = float(train_cfg["learning_rate"])
-    warmup = int(round(train_cfg.get("warmup_epochs", 0) * steps_per_epoch))
-    kind = train_cfg.get("lr_schedule", "step")
-    if kind == "step":
-        boundaries = epochs_to_steps(train_cfg.get("lr_steps") or (), steps_per_epoch)
-        return step_schedule(base_lr, boundaries, warmup_steps=warmup)
-    if kind == "cosine":
-        return cosine_schedule(base_lr, train_cfg["epochs"] * steps_per_epoch, warmup_steps=warmup)
-    if kind == "constant":
-        return step_schedule(base_lr, [], warmup_steps=warmup) if warmup else ConstantSchedule(base_lr)
-    raise RecipeError(f"train.lr_schedule must be 'step', 'cosine' or 'constant', got {kind!r}")
-
-
-def build_optimizer(recipe, model, steps_per_epoch):
-    from kdet.training.optim import build_optimizer as _build
-
-    cfg = {**{k: default_of("train", k) for k in ("optimizer", "momentum", "weight_decay")}, **recipe["train"]}
-    ema_warmup_steps = float(cfg.get("ema_warmup_epochs") or 0) * steps_per_epoch
-    warning = None if ema_warmup_steps else ema_start_weight_warning(cfg.get("ema_momentum"), cfg.get("epochs"),
-                                                                     steps_per_epoch)
-    if warning:
-        print(warning)
-    return _build(cfg["optimizer"], learning_rate=build_learning_rate(cfg, steps_per_epoch),
-                  momentum=cfg["momentum"], weight_decay=cfg["weight_decay"], model=model,
-                  global_clipnorm=cfg.get("clip_grad_norm"), ema_momentum=cfg.get("ema_momentum"),
-                  ema_warmup_steps=ema_warmup_steps)
-
-
-def ema_start_weight_warning(ema_momentum, epochs, steps_per_epoch, limit=0.05):
-    """A warning when the weight average would still hold > ``limit`` of the initial weights at the end.
-
-    Keras' ``use_ema`` has no warm-up: after N steps the initial (random) weights keep
-    ``momentum ** N`` of the average (0.998 over 480 steps: 38%, a broken model). With
-    ``train.ema_warmup_epochs`` they keep none (the first step's momentum is 0): no warning then.
-    """
-    if ema_momentum is None or not isinstance(epochs, (int, float)) or not steps_per_epoch:
-        return None
-    steps = int(epochs * steps_per_epoch)
-    share = float(ema_momentum) ** steps
-    if share <= limit:
-        return None
-    fitting = limit ** (1.0 / max(steps, 1))
-    return (f"warning: train.ema_momentum={ema_momentum} over {steps} steps keeps {share:.0%} of the initial "
-            f"weights in the final average (no warm-up); use at most {fitting:.4f} for this run, or "
-            f"train.ema_warmup_epochs")
-
-
-# ------------------------------------------------------------------ detection and evaluation
-def eval_settings(recipe):
-    """The recipe's NMS settings (its ``eval`` section, kdet.defaults.NMS_DEFAULTS elsewhere).
-
-    Training's val_AP, the final evaluation and the SavedModel export all use these.
-    """
-    settings = nms_settings(recipe.get("eval"))
-    if settings["class_agnostic"] and settings["per_class_top_k"]:
-        raise RecipeError("eval.class_agnostic=True needs eval.per_class_top_k=False (class-agnostic NMS "
-                          "takes the best candidates over all classes)")
-    return settings
-
-
-def predict_records(model, records, recipe):
-    """Detections for ``records`` in pixels of each original image (one dict per record)."""
-    settings = eval_settings(recipe)
-    results = [None] * len(records)
-    for det, meta in _over_eval_batches(model, records, recipe, lambda images: model.detect(images, **settings)):
-        scale = np.stack([meta["width"], meta["height"], meta["width"], meta["height"]], -1).astype(np.float32)
-        for row, index in enumerate(meta["index"].numpy()):
-            n = int(det["num_detections"][row])
-            results[index] = dict(boxes=det["boxes"][row, :n] * scale[row], scores=det["scores"][row, :n],
-                                  classes=det["classes"][row, :n])
-    return results
-
-
-def candidate_counts(model, records, recipe):
-    """Per record, the (anchor, class) pairs scoring above ``eval.score_threshold`` (per class with
-    ``eval.per_class_top_k``): what competes for ``eval.pre_nms_top_k`` (the run report's cap finding)."""
-    from kdet.postprocess import count_candidates
-
-    settings = eval_settings(recipe)
-    count = lambda images: count_candidates(model(images, training=False), settings["score_threshold"],  # noqa: E731
-                                            model.score_activation, per_class=settings["per_class_top_k"])
-    counts = [0] * len(records)
-    for numbers, meta in _over_eval_batches(model, records, recipe, count):
-        for index, n in zip(meta["index"].numpy(), numbers):
-            counts[index] = int(n)
-    return counts
-
-
-def _over_eval_batches(model, records, recipe, fn):
-    """``fn(images)``, compiled over ``model``'s weights, on the evaluation batches of ``records``:
-    yields its outputs as numpy and the batch's ``meta`` (``index`` is each row's record)."""
-    from kdet.metrics.callback import compiled_over_weights
-
-    compiled = compiled_over_weights(model, fn)
-    on_tf = keras.backend.backend() == "tensorflow"
-    for images, _, meta in build_eval_dataset(recipe, records, with_meta=True):
-        yield keras.tree.map_structure(keras.ops.convert_to_numpy, compiled(images if on_tf else images.numpy())), meta
-
-
-def evaluate_records(model, records, class_names, recipe):
-    """COCO metrics (exact pycocotools semantics) and VOC mAP50 of ``model`` on ``records``."""
-    from kdet.data.coco import coco_image_ids, records_to_coco_json, to_coco_results
-    from kdet.metrics.coco import coco_evaluate
-    from kdet.metrics.voc import voc_evaluate
-
-    detections = predict_records(model, records, recipe)
-    ground_truth = records_to_coco_json(records, class_names)
-    results = to_coco_results(coco_image_ids(records), detections)
-    metrics = coco_evaluate(ground_truth, results)
-    voc = voc_evaluate(records, detections, class_names)
-    voc07 = voc_evaluate(records, detections, class_names, use_07_metric=True)
-    metrics["VOC_mAP50"] = voc["mAP"]
-    metrics["VOC07_mAP50"] = voc07["mAP"]
-    metrics["VOC_per_class_AP50"] = voc["AP"]
-    return metrics, ground_truth, results
+from kdet.build import (AUTO_CACHE_BYTES, build_eval_dataset, build_learning_rate, build_loss,  # noqa: F401
+                        build_model, build_optimizer, build_train_dataset, class_names_of, compile_model,
+                        ema_start_weight_warning, freezing_callbacks, load_records, load_sources, oversampled,
+                        resolve_backbone_weights, resolve_small_data)
+from kdet.config import load_recipe
+from kdet.defaults import default_of
+from kdet.errors import RecipeError, UserError  # noqa: F401  (importable from here too)
+from kdet.inference import candidate_counts, eval_settings, evaluate_records, predict_records  # noqa: F401
 
 
 # ------------------------------------------------------------------ training
@@ -349,7 +41,7 @@ def build_callbacks(recipe, work_dir, class_names, val_dataset, resume_point=Non
 
     train_cfg, eval_cfg = recipe["train"], recipe.get("eval", {})
     callbacks = [StopOnNonFiniteLoss(raise_error=True)]
-    callbacks += _freezing_callbacks(train_cfg)
+    callbacks += freezing_callbacks(train_cfg)
     monitor = None
     if val_dataset is not None:
         from kdet.metrics.callback import COCOEvalCallback
@@ -386,19 +78,6 @@ def _image_logger(work_dir, val_dataset, every_n_epochs):
                          every_n_epochs=every_n_epochs)
     logger.detect_fn = lambda batch: logger.model.detect(batch)
     return logger
-
-
-def _freezing_callbacks(train_cfg):
-    from kdet.training.freezing import FreezeBackbone, GradualUnfreezing
-
-    if train_cfg.get("unfreeze_schedule"):
-        factor = float(train_cfg.get("unfreeze_lr_factor", 1.0))
-        schedule = {int(k): v for k, v in train_cfg["unfreeze_schedule"].items()}
-        lr_factors = {k: factor for k in schedule.values() if k} if factor != 1.0 else None
-        return [GradualUnfreezing(schedule, lr_factors=lr_factors)]
-    if train_cfg.get("freeze_backbone_epochs"):
-        return [FreezeBackbone(epochs=int(train_cfg["freeze_backbone_epochs"]))]
-    return []
 
 
 def load_resume_point(work_dir, steps_per_epoch):
@@ -508,7 +187,7 @@ def _train(recipe, work_dir, out_dir, resume, strategy, stop=None):
     _print_data_summary(records, class_names)
     recipe = _preflight(recipe, records, class_names, out_dir)
     train_cfg = recipe["train"]  # both steps above may return a new recipe
-    records["train"] = _oversampled(recipe, records["train"], class_names)
+    records["train"] = oversampled(recipe, records["train"], class_names)
     val_records = records["val"] or None
     test_records = records["test"] or val_records
 
@@ -553,13 +232,8 @@ def _train(recipe, work_dir, out_dir, resume, strategy, stop=None):
         else:
             if resume:
                 print(f"--resume: no checkpoint in {work_dir}, starting from scratch")
-            from kdet.losses import MultiBoxParts
-
             model = build_model(recipe, class_names)
-            loss = build_loss(recipe, class_names, records["train"], anchors_per_level=model.anchors_per_level)
-            model.compile(optimizer=build_optimizer(recipe, model, steps_per_epoch), loss=loss,
-                          metrics=[MultiBoxParts(loss)],  # loc, conf, positives_per_image each epoch
-                          jit_compile=bool(train_cfg.get("jit_compile", False)))
+            compile_model(recipe, model, class_names, records["train"], steps_per_epoch)
     budget = _time_budget(recipe, steps_per_epoch, mosaic_off_from, resume_point)
     callbacks = build_callbacks(recipe, out_dir, class_names, val_ds, resume_point,
                                 extra_state=(lambda: dict(time_budget=budget.state())) if budget is not None else None,
@@ -693,19 +367,6 @@ def _evaluate_averaged_weights(model, val_records, class_names, recipe):
     print(f"moving-average weights on {len(val_records)} validation images: AP50 {coco['AP50']:.4f}  AP {coco['AP']:.4f}")
 
 
-def _oversampled(recipe, train_records, class_names):
-    """The training records with repeat-factor sampling when the recipe asks for it."""
-    threshold = recipe["data"].get("repeat_factor_threshold")
-    if not threshold:
-        return train_records
-    from kdet.data.sampling import oversample_rare_classes
-
-    repeated, summary = oversample_rare_classes(train_records, len(class_names), float(threshold),
-                                                seed=int(recipe["train"].get("seed") or 0))
-    print(summary)
-    return repeated
-
-
 def _repeated_to_epoch_size(recipe, train_records):
     """Whole copies of a small training set so one epoch has about ``data.min_images_per_epoch`` images.
 
@@ -782,16 +443,37 @@ def _save_for_export(model, work_dir, class_names):
           f"{os.path.join(work_dir, 'saved_model')} --classes {shlex.quote(','.join(class_names))}")
 
 
+class FinishedRun:
+    """What a training run hands each post-training step: ``step(run)`` reads these attributes.
+
+    ``model`` (trained), ``recipe``, ``work_dir``, ``class_names``, ``test_records`` (the evaluated
+    split), ``ground_truth`` and ``results`` (its COCO json and detections), ``train_records``,
+    ``summary`` (what the training did against its plan, ``_run_summary``).
+    """
+
+    def __init__(self, model, recipe, work_dir, class_names, test_records, ground_truth, results,
+                 train_records=None, summary=None):
+        self.model, self.recipe, self.work_dir, self.class_names = model, recipe, work_dir, class_names
+        self.test_records, self.ground_truth, self.results = test_records, ground_truth, results
+        self.train_records, self.summary = train_records, summary
+
+
+def post_training_steps():
+    """The steps ``finish`` runs after the final evaluation, in order, each ``step(run: FinishedRun)``:
+    the run report (``kdet.metrics.run_report``), then the label review when the recipe asks for it
+    (``kdet.analysis.label_issues``). They build and predict through kdet.build / kdet.inference only."""
+    from kdet.analysis.label_issues import after_training as review_labels
+    from kdet.metrics.run_report import after_training as write_report
+
+    return [write_report, review_labels]
+
+
 def _run_report(model, recipe, work_dir, class_names, test_records, ground_truth, results, train_records, run=None):
-    """The run report (tables, curves, confusion, gallery, findings): ``kdet.metrics.run_report``."""
-    from kdet.metrics.run_report import report_after_training
-
-    report_after_training(model, recipe, work_dir, class_names, test_records, ground_truth, results,
-                          train_records=train_records, run=run)
-    from kdet.analysis.label_issues import recipe_wants_label_issues, report_label_issues
-
-    if recipe_wants_label_issues(recipe):  # K extra trainings: only when the recipe asks
-        report_label_issues(recipe, work_dir)
+    """The post-training steps (run report, label review) on the finished run."""
+    finished = FinishedRun(model, recipe, work_dir, class_names, test_records, ground_truth, results,
+                           train_records=train_records, summary=run)
+    for step in post_training_steps():
+        step(finished)
 
 
 def _print_data_summary(records, class_names):

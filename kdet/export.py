@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from kdet.defaults import NMS_DEFAULTS
 from kdet.postprocess import decode_detections
-from kdet.runtime import label_map_path
+from kdet.label_map import label_map_path
 
 
 class DetectorModule(tf.Module):

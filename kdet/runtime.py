@@ -14,19 +14,13 @@ import os
 
 import numpy as np
 
+from kdet.label_map import label_map_path  # the exporter's naming rule (a leaf module), importable from here too
+
 ARTIFACT_KINDS = ("saved_model", "tflite", "onnx", "keras")
 
 
 class ArtifactError(ValueError):
     """An artifact that is missing, not of a known kind, or not one kdet exported; one line."""
-
-
-def label_map_path(artifact):
-    """The label map written beside ``artifact``: ``labelmap.txt`` in a SavedModel folder,
-    ``NAME.labels.txt`` beside ``NAME.tflite`` / ``NAME.onnx``. Line k names class id k (0-based)."""
-    if os.path.isdir(artifact) or not os.path.splitext(artifact)[1]:
-        return os.path.join(artifact, "labelmap.txt")
-    return os.path.splitext(artifact)[0] + ".labels.txt"
 
 
 def read_label_map(artifact):

@@ -171,7 +171,7 @@ def test_candidate_cap_is_named_only_when_a_wider_cap_scores_higher(tmp_path):
 
 
 def test_wider_cap_check_rescoring_with_four_times_the_cap_only_when_it_binds(monkeypatch):
-    import kdet.engine as engine
+    import kdet.inference as inference
 
     gts, dets = good_model()
     truth, _ = coco_files(gts, dets, ["a", "b"])
@@ -187,7 +187,7 @@ def test_wider_cap_check_rescoring_with_four_times_the_cap_only_when_it_binds(mo
             out[0] = {k: v[:1] for k, v in out[0].items()}
         return out
 
-    monkeypatch.setattr(engine, "predict_records", predict_records)
+    monkeypatch.setattr(inference, "predict_records", predict_records)
     recipe = dict(eval=dict(pre_nms_top_k=400))
     assert run_report.wider_cap_check(None, recipe, records, truth, [100, 200, 300, 400]) is None and caps == []
     wider = run_report.wider_cap_check(None, recipe, records, truth, [100, 900, 1000, 2000])

@@ -59,9 +59,9 @@ def pin_to_cores(count):
 def plain_loop(records, size, passes):
     """images/s of a single-threaded loop: cv2 decode + SSD augmentation + padded targets."""
     from kdet.data.augment import Augmenter, ssd_augmentation
-    from kdet.data.pipeline import _Sampler
+    from kdet.data.pipeline import Sampler
 
-    sampler = _Sampler(records, Augmenter(ssd_augmentation(), image_size=size), (size, size), 100, 0, False)
+    sampler = Sampler(records, Augmenter(ssd_augmentation(), image_size=size), (size, size), 100, 0, False)
     empty = np.zeros((0, 0, 3), np.uint8)
     sampler(empty, 0, 0)  # warm-up
     start, cpu = time.perf_counter(), time.process_time()

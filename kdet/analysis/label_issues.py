@@ -3,9 +3,9 @@
 A model scores its own training labels as right, so every training image is
 predicted by a model that did not see it: K-fold cross-prediction (seeded folds
 over the training images; each fold's model is trained with the recipe through
-``kdet.engine``'s building blocks, or given as a trained ``.keras`` file). The
+``kdet.build``'s building blocks, or given as a trained ``.keras`` file). The
 labels are then compared with those out-of-fold predictions (pixel boxes,
-scores, classes per image, as ``kdet.engine.predict_records`` returns them).
+scores, classes per image, as ``kdet.inference.predict_records`` returns them).
 
 Notation for one image: labelled boxes ``b_i`` with class ``c_i``; detections
 ``d_j`` with score ``s_j`` and class ``k_j``; ``IoU_ij`` their overlap.
@@ -96,26 +96,24 @@ def train_fold_model(recipe, class_names, records, seed=0, on_epoch_end=None, ve
     import keras
     import tensorflow as tf
 
-    from kdet import engine
+    from kdet import build
+    from kdet.errors import UserError
     from kdet.training.callbacks import StopOnNonFiniteLoss
 
     if recipe["train"].get("time_budget"):  # a fold trains train.epochs; the budget is the main run's
         recipe = dict(recipe, train=dict(recipe["train"], time_budget=None))
     batch_size = recipe["data"]["batch_size"]
-    records = engine._oversampled(recipe, records, class_names)
+    records = build.oversampled(recipe, records, class_names)
     steps = len(records) // batch_size
     if steps < 1:
-        raise engine.UserError(f"a fold has {len(records)} training images, fewer than one batch ({batch_size}); "
-                               f"use fewer folds or a smaller data.batch_size")
+        raise UserError(f"a fold has {len(records)} training images, fewer than one batch ({batch_size}); "
+                        f"use fewer folds or a smaller data.batch_size")
     keras.utils.set_random_seed(int(seed))
-    dataset = engine.build_train_dataset(recipe, records, seed=seed).apply(
+    dataset = build.build_train_dataset(recipe, records, seed=seed).apply(
         tf.data.experimental.assert_cardinality(steps))
-    model = engine.build_model(recipe, class_names)
-    model.compile(optimizer=engine.build_optimizer(recipe, model, steps),
-                  loss=engine.build_loss(recipe, class_names, records, verbose=False,
-                                         anchors_per_level=model.anchors_per_level),
-                  jit_compile=bool(recipe["train"].get("jit_compile", False)))
-    callbacks = [StopOnNonFiniteLoss(raise_error=True)] + engine._freezing_callbacks(recipe["train"])
+    model = build.build_model(recipe, class_names)
+    build.compile_model(recipe, model, class_names, records, steps, verbose=False, loss_parts=False)
+    callbacks = [StopOnNonFiniteLoss(raise_error=True)] + build.freezing_callbacks(recipe["train"])
     if on_epoch_end is not None:
         import keras as _k
 
@@ -137,7 +135,7 @@ def cross_predict(recipe, class_names, records, folds=3, seed=0, models=None, sa
     """
     import keras
 
-    from kdet.engine import predict_records
+    from kdet.inference import predict_records
 
     if models and len(models) == 1:
         log(f"predicting {len(records)} images with {models[0]} (it must not have been trained on them)")
@@ -535,10 +533,10 @@ def contact_sheet(entries, records, predictions, path, top=24, columns=6, min_de
     entry (the suggested box, the other class, the missing object); thin
     dashed cyan: the other out-of-fold detections with score >= ``min_det_score``.
     """
-    from kdet.data.audit import _pyplot
+    from kdet.data.audit import agg_pyplot
     from kdet.data.records import load_image
 
-    plt = _pyplot()
+    plt = agg_pyplot()
     from matplotlib.patches import Rectangle
 
     by_id = {str(r.image_id): (r, p) for r, p in zip(records, predictions or [None] * len(records))}
@@ -636,14 +634,14 @@ def _json_default(value):
 # ------------------------------------------------------------------ the whole review
 def training_data(recipe):
     """``(train source, class names, train records)`` of a recipe."""
-    from kdet import engine
-    from kdet.config import RecipeError
+    from kdet import build
+    from kdet.errors import RecipeError
 
-    sources = engine.load_sources(recipe)
+    sources = build.load_sources(recipe)
     if sources["train"] is None:
         raise RecipeError("the recipe has no data.train source to review")
-    class_names = engine.class_names_of(recipe, sources)
-    records = engine.load_records({"train": sources["train"]})["train"]
+    class_names = build.class_names_of(recipe, sources)
+    records = build.load_records({"train": sources["train"]})["train"]
     return sources["train"], class_names, records
 
 
@@ -679,6 +677,13 @@ def find_label_issues(recipe, out_dir, folds=3, models=None, predictions_file=No
 def recipe_wants_label_issues(recipe):
     """True when the recipe sets ``data.find_label_issues`` (the run report then calls :func:`report_label_issues`)."""
     return bool(recipe.get("data", {}).get("find_label_issues"))
+
+
+def after_training(run):
+    """The training run's post-training step (``kdet.engine.post_training_steps``): the label review of
+    ``run`` (a ``kdet.engine.FinishedRun``) when its recipe asks for it (K extra trainings)."""
+    if recipe_wants_label_issues(run.recipe):
+        report_label_issues(run.recipe, run.work_dir)
 
 
 def report_label_issues(recipe, report_dir, folds=3, log=print):

@@ -8,7 +8,7 @@ albumentations and the TensorFlow-free parts of :mod:`kdet.data`.
 Workers come from shared pools, one per ``(worker count, CPU set)``, started
 with the ``forkserver`` method (``spawn`` where it is missing) and kept until
 :func:`close_pools` or interpreter exit, so that several ``make_dataset`` calls
-(and epochs) reuse them. A dataset's Python step (its :class:`_Sampler`:
+(and epochs) reuse them. A dataset's Python step (its :class:`Sampler`:
 records, augmenter, sizes, seed) is pickled once to a private temporary file;
 each task names that file, and a worker loads it on first use and keeps the
 last few it loaded. Workers write images into a shared-memory :class:`Ring`
@@ -40,7 +40,7 @@ from kdet.data.records import load_image
 MOSAIC_OFF_BIT = 1 << 62
 
 
-class _Sampler:
+class Sampler:
     """The Python step of one element: (decoded image, pass key, index) -> (image, targets, original hw)."""
 
     def __init__(self, records, augmenter, size, max_boxes, seed_base, cache_images):
@@ -151,6 +151,9 @@ class _Sampler:
         return targets
 
 
+_Sampler = Sampler  # its former name, for code that imports it
+
+
 def decode_file(record):
     """The record's image file as uint8 HxWx3 RGB, EXIF-oriented, decoded by OpenCV (which releases the GIL).
 
@@ -216,7 +219,7 @@ def _normalize(boxes, shape):
 
 # ------------------------------------------------------------- worker side
 _KEEP_SAMPLERS = 4  # a worker keeps the samplers of this many datasets (LRU)
-_samplers = collections.OrderedDict()  # payload path -> _Sampler, in each worker
+_samplers = collections.OrderedDict()  # payload path -> Sampler, in each worker
 
 
 def _init_worker(cpus, cv2_threads, parent_pid=None):

@@ -540,7 +540,7 @@ def _describe(kind, item):
 
 
 # ------------------------------------------------------------------ plots
-def _pyplot():
+def agg_pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -551,7 +551,7 @@ def _pyplot():
 
 def plot_box_histograms(images, class_names, path, min_size=1.0):
     """Histograms of box width, height, sqrt(area) and aspect ratio per class (PNG)."""
-    plt = _pyplot()
+    plt = agg_pyplot()
     per_class = _class_boxes(images, class_names, min_size)
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     panels = [("width (px)", lambda b: b[:, 2] - b[:, 0], False),
@@ -585,7 +585,7 @@ def contact_sheet(images, class_names, path, per_class=8, seed=0, thumb=96, min_
     Crops (with a 10% margin) are drawn at random (seeded) among each class's
     non-degenerate boxes; images that cannot be read are skipped.
     """
-    plt = _pyplot()
+    plt = agg_pyplot()
     rng = np.random.default_rng(seed)
     boxes_by_class = _class_boxes(images, class_names, min_size)
     rows = max(len(class_names), 1)

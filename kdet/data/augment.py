@@ -529,7 +529,7 @@ class _ResizeToModel:
         self.interpolation = interpolation
 
     def build(self, image_size):
-        height, width = _size_hw(image_size)
+        height, width = size_hw(image_size)
         return A.Resize(height=height, width=width, interpolation=self.interpolation)
 
     def __repr__(self):
@@ -575,7 +575,7 @@ def dataset_mean(records, max_images=200):
     return tuple(float(v) for v in sums / count)
 
 
-def _size_hw(size):
+def size_hw(size):
     if np.ndim(size) == 0:
         return int(size), int(size)
     height, width = size
@@ -616,7 +616,7 @@ class Augmenter:
             else:
                 raise TypeError(f"augmentation entry {i} is not an albumentations transform: {t!r}")
         _check_keeps_uint8_rgb(self.transforms)
-        self.image_size = None if image_size is None else _size_hw(image_size)
+        self.image_size = None if image_size is None else size_hw(image_size)
         self.min_visibility = min_visibility
         self.fuse = fuse
         self._seeds = np.random.default_rng(seed)

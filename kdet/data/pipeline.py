@@ -11,7 +11,7 @@ pad, in one of three ways:
 
 * in-thread, per batch (``workers=0``, ``decode="python"``, the default): one
   ``tf.numpy_function`` per batch on tf.data's threads runs the Python step
-  (:class:`kdet.data._workers._Sampler`: OpenCV decode, augmentation, padding)
+  (:class:`kdet.data._workers.Sampler`: OpenCV decode, augmentation, padding)
   for each of its elements into one array, so tf.data adds no per-element cost.
   Its Python parts hold the GIL, which limits scaling past two cores.
 * in-thread, per element (``decode="graph"``): decode in the graph with
@@ -40,8 +40,8 @@ import numpy as np
 import tensorflow as tf
 
 from kdet.data import _workers
-from kdet.data._workers import _Sampler  # the Python step of one element; the workers run it too
-from kdet.data.augment import DEFAULT_MIN_VISIBILITY, Augmenter, _size_hw
+from kdet.data._workers import Sampler  # the Python step of one element; the workers run it too
+from kdet.data.augment import DEFAULT_MIN_VISIBILITY, Augmenter, size_hw
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -122,7 +122,7 @@ def make_dataset(records, image_size, batch_size: int, augment=None, training: b
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if cv2_threads is not None:
         cv2.setNumThreads(cv2_threads)
-    size = _size_hw(image_size)
+    size = size_hw(image_size)
     graph_augmenter = _kerascv_augmenter(augment) if training and augment else None
     if graph_augmenter is not None:
         augmenter = None
@@ -133,7 +133,7 @@ def make_dataset(records, image_size, batch_size: int, augment=None, training: b
         augmenter = None
     _warn_too_many_boxes(records, max_boxes)
     seed_base = int(np.random.SeedSequence(seed).generate_state(1, np.uint32)[0])
-    sampler = _Sampler(records, augmenter, size, max_boxes, seed_base, cache_images)
+    sampler = Sampler(records, augmenter, size, max_boxes, seed_base, cache_images)
     all_files = all(r.image is None and r.image_path for r in records)
     if decode not in ("auto", "graph", "python"):
         raise ValueError(f"decode must be 'auto', 'graph' or 'python', got {decode!r}")

@@ -111,16 +111,16 @@ def render_scene(rng, image_size=128, min_size=8, max_size=None, max_objects=6, 
         mask = shape_mask(SHAPES_CLASSES[class_id], size, center, image_size, rng)
         if not mask.any():
             continue
-        color = _contrasting_color(rng, image[mask].mean(axis=0))
+        color = contrasting_color(rng, image[mask].mean(axis=0))
         image[mask] = color
-        objects.append(dict(class_id=class_id, box=_mask_box(mask), color=color, mask=mask, difficult=False))
+        objects.append(dict(class_id=class_id, box=mask_box(mask), color=color, mask=mask, difficult=False))
     objects = _apply_occlusion(objects)
     if noise_std:
         image = image + rng.normal(0, noise_std, size=image.shape)
     return np.clip(np.round(image), 0, 255).astype(np.uint8), objects
 
 
-def _contrasting_color(rng, background, min_distance=80.0):
+def contrasting_color(rng, background, min_distance=80.0):
     for _ in range(20):
         color = rng.integers(0, 256, size=3).astype(np.float64)
         if np.abs(color - background).sum() >= min_distance:
@@ -128,7 +128,7 @@ def _contrasting_color(rng, background, min_distance=80.0):
     return color
 
 
-def _mask_box(mask):
+def mask_box(mask):
     ys, xs = np.nonzero(mask)
     return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
 

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kdet.data.shapes import SHAPES_CLASSES, generated_already, shape_mask, textured_background, _contrasting_color, _mask_box
+from kdet.data.shapes import (SHAPES_CLASSES, contrasting_color, generated_already, mask_box, shape_mask,
+                              textured_background)
 
 MARKER = "kdet-tiny.json"
 _SPLIT_CODES = {"train": 0, "test": 1, "val": 2}
@@ -55,7 +56,7 @@ def render_tiny_scene(rng, image_size, class_names, min_size, max_size, max_obje
             continue
         image[mask] = _object_color(rng, image[mask].mean(axis=0), class_id, colors)
         taken |= mask
-        objects.append((class_id, _mask_box(mask)))
+        objects.append((class_id, mask_box(mask)))
     if noise_std:
         image = image + rng.normal(0, noise_std, size=image.shape)
     return np.clip(np.round(image), 0, 255).astype(np.uint8), objects
@@ -63,7 +64,7 @@ def render_tiny_scene(rng, image_size, class_names, min_size, max_size, max_obje
 
 def _object_color(rng, background, class_id, colors):
     if colors == "random":
-        return _contrasting_color(rng, background)
+        return contrasting_color(rng, background)
     if colors != "class":
         raise ValueError(f"colors must be 'class' or 'random', got {colors!r}")
     base = np.array(CLASS_COLORS[class_id], np.float64) + rng.uniform(-20, 20, size=3)

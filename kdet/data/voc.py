@@ -42,7 +42,7 @@ class _VOCObject:
 
 
 @dataclass
-class _VOCImage:
+class VOCImage:
     image_id: str
     xml_path: Path
     image_path: Path
@@ -191,7 +191,7 @@ class VOCSource(Source):
 
 
 def parse_voc_xml(xml_path, image_id, find_image):
-    """One VOC annotation file -> ``_VOCImage`` (raw 1-based boxes; checked later by the source).
+    """One VOC annotation file -> ``VOCImage`` (raw 1-based boxes; checked later by the source).
 
     ``find_image(image_id, filename_in_xml, xml_path)`` returns the image's path
     (or raises :class:`DatasetError`). The size comes from ``<size>``, else from
@@ -209,7 +209,7 @@ def parse_voc_xml(xml_path, image_id, find_image):
     if not (width > 0 and height > 0):
         width, height = _image_header_size(image_path, xml_path)
     objects = [_parse_object(obj) for obj in root.findall("object")]
-    return _VOCImage(image_id, xml_path, image_path, width, height, objects)
+    return VOCImage(image_id, xml_path, image_path, width, height, objects)
 
 
 def _xml_size(root):

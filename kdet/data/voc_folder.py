@@ -13,7 +13,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from kdet.data.base import DatasetError
-from kdet.data.voc import VOCSource, _VOCImage, parse_voc_xml
+from kdet.data.voc import VOCSource, VOCImage, parse_voc_xml
 from kdet.data.yolo import image_files, image_size
 
 
@@ -70,7 +70,7 @@ class VOCFolderSource(VOCSource):
         if not xml_path.is_file():
             self.background_images += 1
             width, height = image_size(image_path)
-            return _VOCImage(image_id, xml_path, image_path, width, height, [])
+            return VOCImage(image_id, xml_path, image_path, width, height, [])
         return parse_voc_xml(xml_path, image_id, lambda *_: image_path)
 
     def _print_notes(self, num_images):

@@ -26,7 +26,7 @@ from kdet.metrics import voc
 
 
 # ------------------------------------------------------- precision / recall / F1
-def _f1(precision, recall):
+def f1_of(precision, recall):
     total = precision + recall
     return np.where(total > 0, 2 * precision * recall / np.where(total > 0, total, 1), 0.0)
 
@@ -39,7 +39,7 @@ def _at_threshold(scores, tp, num_positives, score_threshold):
     precision = n_tp / (n_tp + n_fp) if n_tp + n_fp else 0.0
     recall = n_tp / num_positives if num_positives else float("nan")
     return dict(tp=n_tp, fp=n_fp, fn=num_positives - n_tp, precision=precision,
-                recall=recall, f1=float(_f1(precision, np.nan_to_num(recall))))
+                recall=recall, f1=float(f1_of(precision, np.nan_to_num(recall))))
 
 
 def _best_f1(scores, tp, num_positives):
@@ -56,7 +56,7 @@ def _best_f1(scores, tp, num_positives):
     precision = cum_tp / np.arange(1, len(tp) + 1)
     recall = cum_tp / num_positives
     cuts = np.flatnonzero(np.append(scores[1:] != scores[:-1], True))
-    f1 = _f1(precision[cuts], recall[cuts])
+    f1 = f1_of(precision[cuts], recall[cuts])
     best = cuts[int(np.argmax(f1))]
     return dict(threshold=float(scores[best]), precision=float(precision[best]),
                 recall=float(recall[best]), f1=float(f1.max()))
@@ -129,7 +129,7 @@ def pr_curves(gts, dets, class_names, iou_threshold=0.5, use_07_metric=False):
     return curves
 
 
-def _pyplot():
+def agg_pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,7 +143,7 @@ def plot_pr_curves(curves, path, score_threshold=None, title=None):
 
     With ``score_threshold`` each curve gets a dot at that operating point.
     """
-    plt = _pyplot()
+    plt = agg_pyplot()
     fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
     for name, curve in curves.items():
         recall, precision = curve["recall"], curve["precision"]
@@ -190,11 +190,11 @@ def confusion_matrix(gts, dets, class_names, iou_threshold=0.5, score_threshold=
     bg = len(class_names)
     matrix = np.zeros((bg + 1, bg + 1), np.int64)
     for gt, det in zip(gts, dets):
-        _confuse_image(gt, det, matrix, iou_threshold, score_threshold)
+        confuse_image(gt, det, matrix, iou_threshold, score_threshold)
     return matrix
 
 
-def _confuse_image(gt, det, matrix, iou_threshold, score_threshold):
+def confuse_image(gt, det, matrix, iou_threshold, score_threshold):
     bg = len(matrix) - 1
     keep = det["scores"] >= score_threshold
     order = np.flatnonzero(keep)[np.argsort(-det["scores"][keep], kind="stable")]
@@ -244,7 +244,7 @@ def format_confusion_matrix(matrix, class_names):
 
 def plot_confusion_matrix(matrix, class_names, path, title=None, fmt="d"):
     """Save the confusion matrix as a PNG heat map with the values written in (``fmt``: their format)."""
-    plt = _pyplot()
+    plt = agg_pyplot()
     names = list(class_names) + ["background"]
     size = 3.5 + 0.6 * len(names)
     fig, ax = plt.subplots(figsize=(size + 1, size), dpi=100)
@@ -300,19 +300,19 @@ def write_report(gts, dets, class_names, out_dir, score_threshold=0.25, iou_thre
     metrics = dict(voc=evaluation, mAP50_95=map50_95, precision_recall_f1=prf,
                    confusion_matrix=matrix.tolist(), class_names=list(class_names))
     with open(paths["metrics"], "w") as f:
-        json.dump(_jsonable(metrics), f, indent=1)
+        json.dump(jsonable(metrics), f, indent=1)
     plot_pr_curves(curves, paths["pr_curves"], score_threshold)
     plot_confusion_matrix(matrix, class_names, paths["confusion_matrix"],
                           f"Confusion at IoU {iou_threshold:.2f}, score >= {score_threshold:g}")
     return dict(paths=paths, text=text, metrics=metrics)
 
 
-def _jsonable(value):
+def jsonable(value):
     """NaN -> None and numpy scalars -> Python, so the json is strict."""
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, (float, np.floating)):
         return None if np.isnan(value) else float(value)
     if isinstance(value, np.integer):

@@ -1,7 +1,7 @@
 """The run report: what a training run's score is made of, and why, from its work dir.
 
 Written by every ``kdet.engine`` training run after the final evaluation
-(:func:`report_after_training`) and rebuilt from the files alone by
+(:func:`after_training`, one of the run's post-training steps; :func:`report_after_training`) and rebuilt from the files alone by
 ``tools/report.py WORK_DIR`` (:func:`write_run_report`). Host-side numpy and
 matplotlib (Agg). One function per artefact:
 
@@ -65,7 +65,7 @@ def save_ground_truth(path, records, class_names, ground_truth=None):
 
 def _write_json(path, value):
     with open(path, "w") as f:
-        json.dump(reports._jsonable(value), f)
+        json.dump(reports.jsonable(value), f)
 
 
 def _read_json(path):
@@ -205,13 +205,13 @@ def _curve_at(scores, tp, num_positives, grid):
     with np.errstate(invalid="ignore", divide="ignore"):
         precision = np.where(kept > 0, found / np.maximum(kept, 1), np.nan)
         recall = found / num_positives if num_positives else np.full(len(grid), np.nan)
-    f1 = np.nan_to_num(reports._f1(np.nan_to_num(precision), np.nan_to_num(recall)))
+    f1 = np.nan_to_num(reports.f1_of(np.nan_to_num(precision), np.nan_to_num(recall)))
     return dict(precision=precision, recall=recall, f1=f1)
 
 
 def plot_confidence_curve(curves, kind, path, grid=CONFIDENCE_GRID):
     """``kind`` in precision / recall / f1 against the confidence threshold, per class and all (bold)."""
-    plt = reports._pyplot()
+    plt = reports.agg_pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
     label = dict(precision="Precision", recall="Recall", f1="F1")[kind]
     for name, curve in curves.items():
@@ -276,7 +276,7 @@ RESULT_PANELS = (("loss", "training loss"), ("loc", "localisation loss"), ("conf
 
 def plot_results(log, path):
     """Training loss, its parts and val_AP / val_AP50 against epochs; panels without data say so."""
-    plt = reports._pyplot()
+    plt = reports.agg_pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(11, 6), dpi=90)
     epochs = log.get("epoch") or []
     for ax, (key, title) in zip(axes.ravel(), RESULT_PANELS):
@@ -305,14 +305,14 @@ def image_errors(gts, dets, class_names, score_threshold):
     errors = []
     for gt, det in zip(gts, dets):
         matrix = np.zeros((len(class_names) + 1,) * 2, np.int64)
-        reports._confuse_image(gt, det, matrix, 0.5, score_threshold)
+        reports.confuse_image(gt, det, matrix, 0.5, score_threshold)
         errors.append(int(matrix.sum() - np.trace(matrix)))
     return errors
 
 
 def plot_error_gallery(gts, dets, class_names, image_paths, path, score_threshold, count=6):
     """The ``count`` images with most errors: ground truth green, predictions (score >= threshold) red."""
-    plt = reports._pyplot()
+    plt = reports.agg_pyplot()
     errors = image_errors(gts, dets, class_names, score_threshold)
     order = [i for i in np.argsort(-np.asarray(errors), kind="stable") if errors[i] > 0][:count]
     cols = min(3, max(len(order), 1))
@@ -383,11 +383,11 @@ def object_sizes_and_found(gts, dets, class_names, thresholds, image_size, image
     gts, dets = voc.prepare_inputs(gts, dets, class_names)
     sizes, found, classes = [], [], []
     for c, name in enumerate(class_names):
-        scores, best_iou, gt_index, gt_ignored, _ = voc._best_overlaps(gts, dets, c)
+        scores, best_iou, gt_index, gt_ignored, _ = voc.best_overlaps(gts, dets, c)
         labels = voc.voc_labels(best_iou, gt_index, gt_ignored, 0.5)
         hit = set(gt_index[(labels == 1) & (scores >= thresholds[name])].tolist())
         k = 0
-        for gt, scale in zip(gts, scales):   # the same numbering as _best_overlaps: image by image
+        for gt, scale in zip(gts, scales):   # the same numbering as best_overlaps: image by image
             for box, ignored in zip(gt["boxes"][gt["classes"] == c], gt["difficult"][gt["classes"] == c]):
                 if not ignored:
                     sizes.append(math.sqrt(max(box[2] - box[0], 0) * max(box[3] - box[1], 0)) * scale)
@@ -576,7 +576,7 @@ def finding_candidate_cap(nms, table, min_gain=0.005):
     """``eval.pre_nms_top_k`` cut candidates on many images, and the same weights with a wider cap score higher.
 
     ``nms``: the evaluation's NMS settings with ``candidates`` (per evaluated image, what competes for
-    the cap: ``kdet.engine.candidate_counts``) and ``wider`` (:func:`wider_cap_check`: AP and AP50
+    the cap: ``kdet.inference.candidate_counts``) and ``wider`` (:func:`wider_cap_check`: AP and AP50
     of the same detector with a wider cap, or None when the cap did not bind).
     """
     wider = (nms or {}).get("wider")
@@ -600,7 +600,7 @@ def wider_cap_check(model, recipe, records, ground_truth, candidates, min_share=
     """AP and AP50 of ``model`` on ``records`` with ``factor`` x ``eval.pre_nms_top_k``, when more than
     ``min_share`` of the images have more ``candidates`` than the cap (else None)."""
     from kdet.data.coco import coco_image_ids, to_coco_results
-    from kdet.engine import eval_settings, predict_records
+    from kdet.inference import eval_settings, predict_records
     from kdet.metrics.coco import coco_evaluate
 
     counts, cap = np.asarray(candidates), int(eval_settings(recipe)["pre_nms_top_k"])
@@ -800,13 +800,20 @@ def _train_ap50(work_dir):
     return float(coco_evaluate(gt_path, dets_path)["AP50"])
 
 
+def after_training(run):
+    """The training run's post-training step (``kdet.engine.post_training_steps``): the run report of
+    ``run`` (a ``kdet.engine.FinishedRun``), written into its work dir."""
+    return report_after_training(run.model, run.recipe, run.work_dir, run.class_names, run.test_records,
+                                 run.ground_truth, run.results, train_records=run.train_records, run=run.summary)
+
+
 def report_after_training(model, recipe, work_dir, class_names, test_records, ground_truth, results,
                           train_records=None, run=None):
     """What ``engine.finish`` calls after the final evaluation: store the inputs, then the report.
 
     ``run``: what the training did against its plan (``kdet.engine``'s run summary), for the findings."""
     from kdet.data.coco import coco_image_ids, records_to_coco_json, to_coco_results
-    from kdet.engine import candidate_counts, eval_settings, predict_records
+    from kdet.inference import candidate_counts, eval_settings, predict_records
 
     eval_cfg = recipe.get("eval", {})
     ground_truth = ground_truth or records_to_coco_json(test_records, class_names)

@@ -139,7 +139,7 @@ def detections_from_padded(detections, image_sizes=None):
 
 
 # ---------------------------------------------------------------- matching
-def _best_overlaps(gts, dets, class_id):
+def best_overlaps(gts, dets, class_id):
     """Per class: detections sorted by score, with their best same-class GT.
 
     Returns ``scores, best_iou, gt_index, gt_ignored, num_positives``;
@@ -199,7 +199,7 @@ def match_class(gts, dets, class_id, iou_threshold=0.5):
 
 def _match_class_at(gts, dets, class_id, iou_thresholds):
     """``match_class`` at several IoU thresholds, computing overlaps once."""
-    scores, best_iou, gt_index, gt_ignored, npos = _best_overlaps(gts, dets, class_id)
+    scores, best_iou, gt_index, gt_ignored, npos = best_overlaps(gts, dets, class_id)
     matches = []
     for t in iou_thresholds:
         labels = voc_labels(best_iou, gt_index, gt_ignored, t)
