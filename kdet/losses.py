@@ -16,15 +16,12 @@ from kdet.data.class_weights import class_weight_vector
 from kdet.matching import (DEFAULT_VARIANCES, atss_match, decode_boxes, encode_boxes, match_anchors,
                            task_aligned_match)
 
-ASSIGNERS = ("max_iou", "atss", "tal")
 IOU_BOX_LOSSES = ("giou", "diou", "ciou")
 # "smooth_l1+ciou" etc.: smooth L1 on the offsets plus iou_weight x the IoU-family term on the decoded boxes
 # (DETR's L1 + GIoU, YOLOX's late L1 beside its IoU loss): the offsets keep smooth L1's steady gradient,
 # the IoU term aims the boxes at what AP counts.
 BOX_LOSSES = ("smooth_l1",) + IOU_BOX_LOSSES + tuple(f"smooth_l1+{kind}" for kind in IOU_BOX_LOSSES)
 BOX_WEIGHTINGS = ("equal", "alignment")
-CLASS_LOSSES = ("softmax", "quality_softmax", "focal", "quality_focal", "varifocal", "quality_bce")
-SOFTMAX_LOSSES = ("softmax", "quality_softmax")
 # loss.box_weight=None: 1 for smooth L1 (as before); 2 for the IoU family, mmdetection's GIoU weight
 # beside sigmoid class losses (ATSS, GFL, VFNet): 1 - GIoU is a few times smaller than SSD's smooth L1
 # on variance-scaled offsets, so the box term keeps a similar share of the gradient.
@@ -38,9 +35,7 @@ VFL_ALPHA, VFL_GAMMA = 0.75, 2.0         # VarifocalNet
 
 def score_activation(cls_loss):
     """How the model turns class logits into scores for ``loss.cls_loss``: ``"softmax"`` or ``"sigmoid"``."""
-    if cls_loss not in CLASS_LOSSES:
-        raise ValueError(f"loss.cls_loss must be one of {CLASS_LOSSES}, got {cls_loss!r}")
-    return "softmax" if cls_loss in SOFTMAX_LOSSES else "sigmoid"
+    return class_loss_fn(cls_loss, "loss.cls_loss").activation
 
 
 def numeric_class_weights(class_weights, num_classes=None, class_names=None):
@@ -106,6 +101,172 @@ def smooth_l1(x, beta=1.0):
     """Elementwise smooth L1 (Huber with slope 1): ``0.5 x^2 / beta`` below ``beta``."""
     abs_x = ops.abs(x)
     return ops.where(abs_x < beta, 0.5 * ops.square(x) / beta, abs_x - 0.5 * beta)
+
+
+# ------------------------------------------------------------------ assigners and class losses
+# Both are plain functions with one signature each, named by the recipe (``loss.assigner``,
+# ``loss.cls_loss``) and looked up here; ``MultiBoxLoss`` calls them without knowing which one
+# it holds. A new one is a function registered with `register_assigner` / `register_class_loss`
+# (then ``loss.assigner`` / ``loss.cls_loss`` may name it); the loss's body does not change.
+#
+# assigner(loss, gt_boxes, gt_classes, gt_ignore, anchors, pred_boxes, class_scores)
+#     -> (matched_boxes [B, A, 4], labels [B, A] (-1 ignored, 0 background, c + 1 class c),
+#         soft_targets [B, A] or None)
+#   ``pred_boxes`` decoded and ``class_scores()`` (the model's class probabilities [B, A, C]) are
+#   gradient-free; ``loss`` holds the settings (``loss.iou_threshold``, ``loss.atss_top_k``, ...).
+#   Attributes: ``soft_targets`` (True: its soft targets, a normalised alignment, divide the
+#   sigmoid class losses and the aligned box loss instead of the positive count, YOLOv8's
+#   ``target_scores_sum``), ``check(loss)`` (raises ValueError for settings it cannot work with).
+#
+# class_loss(loss, logits, labels, quality, num_pos_per_image) -> the summed class loss (a scalar,
+#     divided by the positive count afterwards)
+#   ``logits [B, A, 1 + C]`` (background first), ``quality [B, A]``: the assigner's soft targets or
+#   the IoU of each predicted box with its object (None for a loss that does not ask for it).
+#   Attributes: ``activation`` ("softmax" | "sigmoid": how the model scores, ``SSD.score_activation``),
+#   ``needs_quality``, ``over_soft_targets`` (divided by an assigner's soft targets' sum).
+ASSIGNER_FNS = {}
+CLASS_LOSS_FNS = {}
+
+
+def register_assigner(name, fn, soft_targets=False, check=None):
+    """``fn`` (the assigner signature above) as ``loss.assigner=name``; returns ``fn``."""
+    fn.assigner_name, fn.soft_targets, fn.check = name, bool(soft_targets), check or (lambda loss: None)
+    ASSIGNER_FNS[name] = fn
+    return fn
+
+
+def register_class_loss(name, fn, activation, needs_quality=True, over_soft_targets=False):
+    """``fn`` (the class-loss signature above) as ``loss.cls_loss=name``; returns ``fn``."""
+    if activation not in ("softmax", "sigmoid"):
+        raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
+    fn.class_loss_name, fn.activation = name, activation
+    fn.needs_quality, fn.over_soft_targets = bool(needs_quality), bool(over_soft_targets)
+    CLASS_LOSS_FNS[name] = fn
+    return fn
+
+
+def assigner_fn(assigner, what="MultiBoxLoss: assigner"):
+    """The registered assigner named ``assigner`` (or ``assigner`` itself, a registered function)."""
+    if callable(assigner) and getattr(assigner, "assigner_name", None) in ASSIGNER_FNS:
+        return assigner
+    if isinstance(assigner, str) and assigner in ASSIGNER_FNS:
+        return ASSIGNER_FNS[assigner]
+    raise ValueError(f"{what} must be one of {tuple(ASSIGNER_FNS)}, got {assigner!r}")
+
+
+def class_loss_fn(cls_loss, what="MultiBoxLoss: cls_loss"):
+    """The registered class loss named ``cls_loss`` (or ``cls_loss`` itself, a registered function)."""
+    if callable(cls_loss) and getattr(cls_loss, "class_loss_name", None) in CLASS_LOSS_FNS:
+        return cls_loss
+    if isinstance(cls_loss, str) and cls_loss in CLASS_LOSS_FNS:
+        return CLASS_LOSS_FNS[cls_loss]
+    raise ValueError(f"{what} must be one of {tuple(CLASS_LOSS_FNS)}, got {cls_loss!r}")
+
+
+def max_iou_assigner(loss, gt_boxes, gt_classes, gt_ignore, anchors, pred_boxes, class_scores):
+    """SSD's: :func:`kdet.matching.match_anchors` (``loss.iou_threshold``, ``loss.negative_iou_threshold``)."""
+    matched_boxes, labels = match_anchors(gt_boxes, gt_classes, gt_ignore, anchors, loss.iou_threshold,
+                                          loss.negative_iou_threshold)
+    return matched_boxes, labels, None
+
+
+def atss_assigner(loss, gt_boxes, gt_classes, gt_ignore, anchors, pred_boxes, class_scores):
+    """ATSS: :func:`kdet.matching.atss_match` (``loss.anchors_per_level``, ``atss_top_k``, ``atss_forced_match``)."""
+    matched_boxes, labels = atss_match(gt_boxes, gt_classes, gt_ignore, anchors, loss.anchors_per_level,
+                                       loss.atss_top_k, forced_match=loss.atss_forced_match)
+    return matched_boxes, labels, None
+
+
+def _check_atss(loss):
+    if loss.anchors_per_level is None:
+        raise ValueError("MultiBoxLoss: assigner='atss' needs anchors_per_level (the model's "
+                         "SSD.anchors_per_level: how many anchors each feature map holds)")
+
+
+def task_aligned_assigner(loss, gt_boxes, gt_classes, gt_ignore, anchors, pred_boxes, class_scores):
+    """YOLOv8's task-aligned assigner: :func:`kdet.matching.task_aligned_match` (``loss.tal_top_k``,
+    ``tal_alpha``, ``tal_beta``); its normalised alignment is the soft target."""
+    return task_aligned_match(gt_boxes, gt_classes, gt_ignore, anchors, pred_boxes, class_scores(),
+                              loss.tal_top_k, loss.tal_alpha, loss.tal_beta)
+
+
+register_assigner("max_iou", max_iou_assigner)
+register_assigner("atss", atss_assigner, check=_check_atss)
+register_assigner("tal", task_aligned_assigner, soft_targets=True)
+
+
+def softmax_class_loss(loss, logits, labels, quality, num_pos_per_image):
+    """Cross-entropy on positives and hard-mined negatives (SSD)."""
+    return loss.softmax_cross_entropy(logits, labels, num_pos_per_image)
+
+
+def quality_softmax_class_loss(loss, logits, labels, quality, num_pos_per_image):
+    """The same, a positive's target split: ``quality`` on its class, the rest on background (GFL, for softmax)."""
+    return loss.softmax_cross_entropy(logits, labels, num_pos_per_image, quality)
+
+
+def _sigmoid_class_loss(per_class_loss):
+    """A sigmoid class loss over every non-ignored anchor and class, summed, from
+    ``per_class_loss(class_logits, prob, one_hot, quality) -> [B, A, C]``.
+
+    The background logit is unused: background is an all-zero target. ``quality [B, A]``
+    (0 off the positives) is the soft target of positives (IoU or normalised alignment).
+    """
+    def class_loss(loss, logits, labels, quality, num_pos_per_image):
+        quality = ops.where(labels > 0, quality, 0.0)
+        class_logits = logits[..., 1:]
+        num_classes = class_logits.shape[-1]
+        one_hot = ops.one_hot(ops.maximum(labels - 1, 0), num_classes) * ops.expand_dims(
+            ops.cast(labels > 0, "float32"), -1)
+        prob = ops.sigmoid(class_logits)
+        per_class = per_class_loss(class_logits, prob, one_hot, quality)
+        per_anchor = ops.sum(per_class, axis=-1) * loss.class_weights_of(ops.maximum(labels, 0), logits.shape[-1])
+        return ops.sum(ops.where(labels >= 0, per_anchor, 0.0))
+
+    class_loss.__doc__ = per_class_loss.__doc__
+    return class_loss
+
+
+def _focal(class_logits, prob, one_hot, quality):
+    """Focal loss (RetinaNet)."""
+    target = one_hot
+    bce = ops.softplus(class_logits) - class_logits * target
+    p_t = prob * target + (1.0 - prob) * (1.0 - target)
+    alpha_t = FOCAL_ALPHA * target + (1.0 - FOCAL_ALPHA) * (1.0 - target)
+    return alpha_t * ops.power(1.0 - p_t, FOCAL_GAMMA) * bce
+
+
+def _soft_bce(class_logits, one_hot, quality):
+    target = one_hot * ops.expand_dims(quality, -1)
+    return target, ops.softplus(class_logits) - class_logits * target
+
+
+def _quality_focal(class_logits, prob, one_hot, quality):
+    """Quality focal loss (GFL): the positive's target is its quality."""
+    target, bce = _soft_bce(class_logits, one_hot, quality)
+    return ops.power(ops.abs(target - prob), QFL_BETA) * bce
+
+
+def _varifocal(class_logits, prob, one_hot, quality):
+    """Varifocal loss (VarifocalNet): positives weighted by their quality, negatives focally down-weighted."""
+    target, bce = _soft_bce(class_logits, one_hot, quality)
+    return ops.where(target > 0, target, VFL_ALPHA * ops.power(prob, VFL_GAMMA)) * bce
+
+
+def _quality_bce(class_logits, prob, one_hot, quality):
+    """Binary cross-entropy on the soft target, no focal factor (YOLOv8)."""
+    return _soft_bce(class_logits, one_hot, quality)[1]
+
+
+register_class_loss("softmax", softmax_class_loss, "softmax", needs_quality=False)
+register_class_loss("quality_softmax", quality_softmax_class_loss, "softmax")
+register_class_loss("focal", _sigmoid_class_loss(_focal), "sigmoid", over_soft_targets=True)
+register_class_loss("quality_focal", _sigmoid_class_loss(_quality_focal), "sigmoid", over_soft_targets=True)
+register_class_loss("varifocal", _sigmoid_class_loss(_varifocal), "sigmoid", over_soft_targets=True)
+register_class_loss("quality_bce", _sigmoid_class_loss(_quality_bce), "sigmoid", over_soft_targets=True)
+ASSIGNERS = tuple(ASSIGNER_FNS)          # the built-in names (a registered one is in ASSIGNER_FNS)
+CLASS_LOSSES = tuple(CLASS_LOSS_FNS)
+SOFTMAX_LOSSES = tuple(name for name, fn in CLASS_LOSS_FNS.items() if fn.activation == "softmax")
 
 
 @keras.saving.register_keras_serializable(package="kdet")
@@ -198,19 +359,17 @@ class MultiBoxLoss(keras.losses.Loss):
         self.iou_threshold = float(iou_threshold)
         self.negative_iou_threshold = None if negative_iou_threshold is None else float(negative_iou_threshold)
         self.variances = tuple(float(v) for v in variances)
-        if assigner not in ASSIGNERS:
-            raise ValueError(f"MultiBoxLoss: assigner must be one of {ASSIGNERS}, got {assigner!r}")
-        if assigner == "atss" and anchors_per_level is None:
-            raise ValueError("MultiBoxLoss: assigner='atss' needs anchors_per_level (the model's "
-                             "SSD.anchors_per_level: how many anchors each feature map holds)")
-        self.assigner = assigner
+        self._assign = assigner_fn(assigner)
+        self.assigner = self._assign.assigner_name
         self.atss_top_k = int(atss_top_k)
         self.atss_forced_match = bool(atss_forced_match)
         self.anchors_per_level = None if anchors_per_level is None else [int(n) for n in anchors_per_level]
+        self._assign.check(self)
         if box_loss not in BOX_LOSSES:
             raise ValueError(f"MultiBoxLoss: box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
-        self.score_activation = score_activation(cls_loss)  # checks cls_loss
-        self.box_loss, self.cls_loss = box_loss, cls_loss
+        self._class_loss = class_loss_fn(cls_loss, "loss.cls_loss")
+        self.score_activation = self._class_loss.activation
+        self.box_loss, self.cls_loss = box_loss, self._class_loss.class_loss_name
         self.box_weight = DEFAULT_BOX_WEIGHTS[box_loss] if box_weight is None else float(box_weight)
         self.iou_weight = float(iou_weight)
         # the parts of box_loss: smooth L1 on the offsets and / or one IoU-family term (weighted in a sum)
@@ -220,9 +379,9 @@ class MultiBoxLoss(keras.losses.Loss):
         self.tal_top_k, self.tal_alpha, self.tal_beta = int(tal_top_k), float(tal_alpha), float(tal_beta)
         if box_weighting not in BOX_WEIGHTINGS:
             raise ValueError(f"MultiBoxLoss: box_weighting must be one of {BOX_WEIGHTINGS}, got {box_weighting!r}")
-        if box_weighting == "alignment" and assigner != "tal":
+        if box_weighting == "alignment" and not self._assign.soft_targets:
             raise ValueError("MultiBoxLoss: box_weighting='alignment' weights positives by the task-aligned "
-                             f"assigner's soft targets: it needs assigner='tal' (got {assigner!r})")
+                             f"assigner's soft targets: it needs assigner='tal' (got {self.assigner!r})")
         self.box_weighting = box_weighting
 
     def call(self, y_true, y_pred):
@@ -253,18 +412,13 @@ class MultiBoxLoss(keras.losses.Loss):
 
         gt_classes = ops.cast(ops.round(y_true[..., 4]), "int32")
         gt = (y_true[..., :4], gt_classes, y_true[..., 5] > 0.5, anchors)
-        if self.assigner == "tal":
-            scores = self._class_scores(ops.stop_gradient(logits))
-            matched_boxes, labels, quality = task_aligned_match(
-                *gt, ops.stop_gradient(pred_boxes), scores, self.tal_top_k, self.tal_alpha, self.tal_beta)
-        else:
-            matched_boxes, labels = self._match(*gt)
-            quality = None
+        matched_boxes, labels, quality = self._assign(
+            self, *gt, ops.stop_gradient(pred_boxes), lambda: self._class_scores(ops.stop_gradient(logits)))
         positive = labels > 0
         num_pos_per_image = ops.sum(ops.cast(positive, "float32"), axis=1)
         num_pos = ops.maximum(_sum_over_replicas(ops.stop_gradient(ops.sum(num_pos_per_image))), 1.0)
 
-        if self.assigner == "tal":  # YOLOv8's target_scores_sum: divides its class and box losses
+        if self._assign.soft_targets:  # YOLOv8's target_scores_sum: divides its class and box losses
             soft_target_sum = ops.maximum(
                 _sum_over_replicas(ops.stop_gradient(ops.sum(ops.where(positive, quality, 0.0)))), 1.0)
 
@@ -273,28 +427,15 @@ class MultiBoxLoss(keras.losses.Loss):
             loc = ops.sum(ops.where(positive, quality, 0.0) * loc) * num_pos / soft_target_sum
         else:
             loc = ops.sum(ops.where(positive, loc, 0.0))
-        if self.cls_loss != "softmax" and quality is None:  # IoU of the predicted box with its object (GFL)
+        if self._class_loss.needs_quality and quality is None:  # IoU of the predicted box with its object (GFL)
             quality = ops.stop_gradient(paired_iou(pred_boxes, matched_boxes))
-        if self.cls_loss == "softmax":
-            conf = self._softmax_loss(logits, labels, num_pos_per_image)
-        elif self.cls_loss == "quality_softmax":
-            conf = self._softmax_loss(logits, labels, num_pos_per_image, quality)
-        else:
-            quality = ops.where(positive, quality, 0.0)
-            conf = self._sigmoid_loss(logits, labels, quality)
-            if self.assigner == "tal":  # YOLOv8: over the soft targets' sum, small for the normalised alignment
-                conf = conf * num_pos / soft_target_sum
+        conf = self._class_loss(self, logits, labels, quality, num_pos_per_image)
+        if self._assign.soft_targets and self._class_loss.over_soft_targets:
+            conf = conf * num_pos / soft_target_sum  # YOLOv8: over the soft targets' sum (small, normalised)
 
         loc, conf = loc / num_pos, conf / num_pos
         weight = self.alpha * self.box_weight
         return {"loss": conf + weight * loc, "loc": loc, "conf": conf, "num_positives": ops.sum(num_pos_per_image)}
-
-    def _match(self, gt_boxes, gt_classes, gt_ignore, anchors):
-        if self.assigner == "atss":
-            return atss_match(gt_boxes, gt_classes, gt_ignore, anchors, self.anchors_per_level, self.atss_top_k,
-                              forced_match=self.atss_forced_match)
-        return match_anchors(gt_boxes, gt_classes, gt_ignore, anchors, self.iou_threshold,
-                             self.negative_iou_threshold)
 
     def _class_scores(self, logits):
         """Class probabilities ``[B, A, C]`` as the model scores them (without the background)."""
@@ -313,7 +454,7 @@ class MultiBoxLoss(keras.losses.Loss):
             loss = loss + self._iou_term_weight * iou_loss
         return loss
 
-    def _softmax_loss(self, logits, labels, num_pos_per_image, quality=None):
+    def softmax_cross_entropy(self, logits, labels, num_pos_per_image, quality=None):
         """Weighted CE on positives and hard-mined negatives (SSD), summed.
 
         With ``quality [B, A]`` (the IoU of each positive's predicted box) a positive's target is
@@ -326,40 +467,11 @@ class MultiBoxLoss(keras.losses.Loss):
         if quality is not None:
             on_class = ops.where(positive, quality, 1.0)
             ce = on_class * ce - (1.0 - on_class) * log_probs[..., 0]
-        negatives = self._hard_negatives(ops.stop_gradient(-log_probs[..., 0]), labels == 0, num_pos_per_image)
-        ce = ce * self._weights(target, logits.shape[-1])
+        negatives = self.hard_negatives(ops.stop_gradient(-log_probs[..., 0]), labels == 0, num_pos_per_image)
+        ce = ce * self.class_weights_of(target, logits.shape[-1])
         return ops.sum(ops.where(ops.logical_or(positive, negatives), ce, 0.0))
 
-    def _sigmoid_loss(self, logits, labels, quality):
-        """Focal / quality focal / varifocal loss over every non-ignored anchor and class, summed.
-
-        The background logit is unused: background is an all-zero target.
-        ``quality [B, A]`` is the soft target of positives (IoU or normalised alignment).
-        """
-        class_logits = logits[..., 1:]
-        num_classes = class_logits.shape[-1]
-        one_hot = ops.one_hot(ops.maximum(labels - 1, 0), num_classes) * ops.expand_dims(
-            ops.cast(labels > 0, "float32"), -1)
-        prob = ops.sigmoid(class_logits)
-        if self.cls_loss == "focal":
-            target = one_hot
-            bce = ops.softplus(class_logits) - class_logits * target
-            p_t = prob * target + (1.0 - prob) * (1.0 - target)
-            alpha_t = FOCAL_ALPHA * target + (1.0 - FOCAL_ALPHA) * (1.0 - target)
-            per_class = alpha_t * ops.power(1.0 - p_t, FOCAL_GAMMA) * bce
-        else:
-            target = one_hot * ops.expand_dims(quality, -1)
-            bce = ops.softplus(class_logits) - class_logits * target
-            if self.cls_loss == "quality_focal":
-                per_class = ops.power(ops.abs(target - prob), QFL_BETA) * bce
-            elif self.cls_loss == "quality_bce":  # YOLOv8: the soft target, no focal factor
-                per_class = bce
-            else:  # varifocal: positives weighted by their quality, negatives focally down-weighted
-                per_class = ops.where(target > 0, target, VFL_ALPHA * ops.power(prob, VFL_GAMMA)) * bce
-        per_anchor = ops.sum(per_class, axis=-1) * self._weights(ops.maximum(labels, 0), logits.shape[-1])
-        return ops.sum(ops.where(labels >= 0, per_anchor, 0.0))
-
-    def _hard_negatives(self, background_loss, candidates, num_pos_per_image):
+    def hard_negatives(self, background_loss, candidates, num_pos_per_image):
         """Per image, the ``ratio * num_pos`` candidates with the highest background loss."""
         num_candidates = ops.sum(ops.cast(candidates, "float32"), axis=1)
         num_neg = ops.maximum(self.neg_pos_ratio * num_pos_per_image, float(self.min_negatives))
@@ -370,7 +482,8 @@ class MultiBoxLoss(keras.losses.Loss):
         rank = ops.argsort(order, axis=1)  # rank of each anchor in descending loss order
         return ops.logical_and(candidates, ops.cast(rank, "float32") < ops.expand_dims(num_neg, 1))
 
-    def _weights(self, target, num_logits):
+    def class_weights_of(self, target, num_logits):
+        """Each anchor's class weight ``[B, A]`` for its target class ``target`` (1.0 without class weights)."""
         if self.class_weights is None:
             return 1.0
         weights = self.class_weights
