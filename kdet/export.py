@@ -383,7 +383,8 @@ def export(model, out, class_names, format="saved_model", quantize=None, calibra
         raise ExportError(f"{format} export: --quantize {quantize} applies to tflite only")
     backend = keras.backend.backend()
     if backend != "tensorflow":
-        raise ExportError(f"{format} export needs the TensorFlow backend (Keras runs {backend})")
+        raise ExportError(f"{format} export needs the TensorFlow backend (Keras runs {backend}): run "
+                          "KERAS_BACKEND=tensorflow python tools/export.py MODEL.keras OUT ...")
     if format == "saved_model":
         export_saved_model(model, out, class_names, **nms)
         write_label_map(out, class_names)

@@ -248,3 +248,16 @@ def test_infer_runs_each_artifact(exported, tmp_path):
         found = json.loads((tmp_path / key / "detections.json").read_text())["a.png"]
         assert found and {d["label"] for d in found} <= set(exported["names"])
         assert (tmp_path / key / "a.png").exists()
+
+
+def test_benchmark_export_latency_and_table(exported):
+    """tools/benchmark_export.py's pieces: latency in a fresh process that imports only the runtime
+    (it refuses a result from a process that imported TensorFlow, Torch or kdet), and the table."""
+    bench = load_tool("benchmark_export")
+    ms = {str(t): bench.latency(str(exported["paths"][key]), t, runs=3, warmup=1)
+          for key in ("tflite", "onnx") for t in (1,)}
+    assert all(v > 0 for v in ms.values())
+    canvas, scale, left, top = bench.letterbox(np.zeros((60, 120, 3), np.uint8), 64)
+    assert canvas.shape == (64, 64, 3) and scale == pytest.approx(64 / 120) and left == 0 and top == 16
+    text = bench.table([dict(name="kdet tflite", input="64 px uint8", size_mb=0.5, AP=0.1, AP50=0.2, ms=ms)], [1])
+    assert "| kdet tflite | 64 px uint8 | 0.50 | 0.1000 | 0.2000 |" in text
