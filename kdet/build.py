@@ -8,6 +8,9 @@ build from here. Detection and evaluation with a built model: :mod:`kdet.inferen
 from kdet.config import bad_model_section, resolve_source
 from kdet.defaults import default_of
 from kdet.errors import DatasetError, RecipeError, UserError
+from kdet.log import get_logger
+
+logger = get_logger(__name__)
 
 
 # ------------------------------------------------------------------ data
@@ -93,7 +96,7 @@ def oversampled(recipe, train_records, class_names):
 
     repeated, summary = oversample_rare_classes(train_records, len(class_names), float(threshold),
                                                 seed=int(recipe["train"].get("seed") or 0))
-    print(summary)
+    logger.info(summary)
     return repeated
 
 
@@ -148,8 +151,8 @@ def resolve_small_data(recipe, num_train_images):
     if not small or limit is None or num_train_images > int(limit):
         return recipe
     changed = ", ".join(f"{section}.{key}" for section, keys in small.items() for key in keys)
-    print(f"small_data: {num_train_images} training images <= {limit}: the recipe's small-data settings apply "
-          f"({changed})")
+    logger.info(f"small_data: {num_train_images} training images <= {limit}: the recipe's small-data settings apply "
+                f"({changed})")
     return merge(recipe, small)
 
 
@@ -167,8 +170,8 @@ def resolve_backbone_weights(recipe, class_names):
 
     weights = recipe["model"].get("backbone_weights")
     if recipe["model"].get("init_from") and weights is not None:
-        print(f"model.init_from is set: model.backbone_weights={weights!r} is not used (the checkpoint's weights "
-              "replace it)")
+        logger.info(f"model.init_from is set: model.backbone_weights={weights!r} is not used (the checkpoint's weights "
+                    "replace it)")
         return merge(recipe, dict(model=dict(backbone_weights=None)))
     if weights != "auto":
         return recipe
@@ -178,12 +181,12 @@ def resolve_backbone_weights(recipe, class_names):
         SSD(num_classes=len(class_names), **_ssd_arguments(pretrained["model"]))  # fetches (and caches) the weights
     except WeightsDownloadError as err:
         scratch = merge(recipe, dict(model=dict(backbone_weights=None)))
-        print(f"note: model.backbone_weights='auto': {err}. Training {scratch['model']['backbone']} (width "
-              f"{scratch['model'].get('width_multiplier', 1.0)}) from scratch instead; "
-              "set model.backbone_weights=None to skip the attempt")
+        logger.info(f"note: model.backbone_weights='auto': {err}. Training {scratch['model']['backbone']} (width "
+                    f"{scratch['model'].get('width_multiplier', 1.0)}) from scratch instead; "
+                    "set model.backbone_weights=None to skip the attempt")
         return scratch
-    print(f"model.backbone_weights='auto': ImageNet weights found; using the recipe's pretrained settings "
-          f"({pretrained['model']['backbone']}, width {pretrained['model'].get('width_multiplier', 1.0)})")
+    logger.info(f"model.backbone_weights='auto': ImageNet weights found; using the recipe's pretrained settings "
+                f"({pretrained['model']['backbone']}, width {pretrained['model'].get('width_multiplier', 1.0)})")
     return pretrained
 
 
@@ -199,7 +202,7 @@ def build_loss(recipe, class_names, train_records=None, verbose=True, anchors_pe
     weights = resolve_class_weights(cfg.pop("class_weights", None), class_names, records=train_records)
     if verbose and weights is not None:
         counts = class_counts(train_records, len(class_names)) if train_records else None
-        print(format_class_weights(weights, class_names, counts=counts))
+        logger.info(format_class_weights(weights, class_names, counts=counts))
     return MultiBoxLoss(class_weights=weights, num_classes=len(class_names), anchors_per_level=anchors_per_level, **cfg)
 
 
@@ -241,7 +244,7 @@ def build_optimizer(recipe, model, steps_per_epoch):
     warning = None if ema_warmup_steps else ema_start_weight_warning(cfg.get("ema_momentum"), cfg.get("epochs"),
                                                                      steps_per_epoch)
     if warning:
-        print(warning)
+        logger.warning(warning)
     return _build(cfg["optimizer"], learning_rate=build_learning_rate(cfg, steps_per_epoch),
                   momentum=cfg["momentum"], weight_decay=cfg["weight_decay"], model=model,
                   global_clipnorm=cfg.get("clip_grad_norm"), ema_momentum=cfg.get("ema_momentum"),

@@ -34,6 +34,7 @@ import tempfile
 import warnings
 
 from kdet.errors import ToolError  # defined in the leaf module kdet.errors, importable from here too
+from kdet.log import console
 
 #: Lines TensorFlow/XLA print at start-up that say nothing about the user's run.
 STARTUP_NOISE = re.compile("|".join([
@@ -176,6 +177,7 @@ def tool_main(func=None, *, needs_tensorflow=True):
     @functools.wraps(func)
     def wrapper(argv=None, *args, **kwargs):
         words = sys.argv[1:] if argv is None else list(argv)
+        console()  # kdet's log lines on stdout, as they always were printed (kdet.log)
         quiet_tensorflow_logs()
         _show_kdet_warnings_as_lines()
         if needs_tensorflow and not {"-h", "--help"} & set(words):

@@ -25,6 +25,9 @@ from kdet.config import load_recipe
 from kdet.defaults import default_of
 from kdet.errors import RecipeError, UserError  # noqa: F401  (importable from here too)
 from kdet.inference import candidate_counts, eval_settings, evaluate_records, predict_records  # noqa: F401
+from kdet.log import fit_verbose, get_logger
+
+logger = get_logger(__name__)
 
 
 # ------------------------------------------------------------------ training
@@ -74,10 +77,10 @@ def _image_logger(work_dir, val_dataset, every_n_epochs):
     if val_dataset is None:
         return keras.callbacks.Callback()
     images = next(iter(val_dataset))[0][:4].numpy()
-    logger = ImageLogger(os.path.join(work_dir, "tensorboard"), images, detect_fn=None,
-                         every_n_epochs=every_n_epochs)
-    logger.detect_fn = lambda batch: logger.model.detect(batch)
-    return logger
+    image_logger = ImageLogger(os.path.join(work_dir, "tensorboard"), images, detect_fn=None,
+                               every_n_epochs=every_n_epochs)
+    image_logger.detect_fn = lambda batch: image_logger.model.detect(batch)
+    return image_logger
 
 
 def load_resume_point(work_dir, steps_per_epoch):
@@ -107,8 +110,8 @@ def load_resume_point(work_dir, steps_per_epoch):
                             "state.json and last.keras to start over")
         ahead = steps - saved_steps   # killed between writing last.keras and state.json
         position, metrics = position + ahead, None
-        print(f"{last} is {'one epoch' if ahead == steps_per_epoch else f'{ahead} steps'} ahead of {state_path} "
-              "(the run was stopped between the two writes)")
+        logger.info(f"{last} is {'one epoch' if ahead == steps_per_epoch else f'{ahead} steps'} ahead of {state_path} "
+                    "(the run was stopped between the two writes)")
     epochs_done, steps_done = divmod(position, steps_per_epoch)
     return dict(model=model, epochs_done=epochs_done, steps_done=steps_done, best=state.get("best"),
                 time_budget=state.get("time_budget"), metrics=metrics if steps_done else None)
@@ -223,15 +226,15 @@ def _train(recipe, work_dir, out_dir, resume, strategy, stop=None):
             model, initial_epoch = resume_point["model"], resume_point["epochs_done"]
             resume_step = resume_point["steps_done"]
             if resume_step:
-                print(f"resuming from {os.path.join(work_dir, 'last.keras')} at epoch {initial_epoch + 1}, "
-                      f"step {resume_step} of {steps_per_epoch}")
+                logger.info(f"resuming from {os.path.join(work_dir, 'last.keras')} at epoch {initial_epoch + 1}, "
+                            f"step {resume_step} of {steps_per_epoch}")
             else:
-                print(f"resuming from {os.path.join(work_dir, 'last.keras')} after epoch {initial_epoch}")
+                logger.info(f"resuming from {os.path.join(work_dir, 'last.keras')} after epoch {initial_epoch}")
             if recipe["model"].get("init_from"):
-                print("--resume wins: model.init_from is not applied (the checkpoint holds the run's weights)")
+                logger.info("--resume wins: model.init_from is not applied (the checkpoint holds the run's weights)")
         else:
             if resume:
-                print(f"--resume: no checkpoint in {work_dir}, starting from scratch")
+                logger.info(f"--resume: no checkpoint in {work_dir}, starting from scratch")
             model = build_model(recipe, class_names)
             compile_model(recipe, model, class_names, records["train"], steps_per_epoch)
     budget = _time_budget(recipe, steps_per_epoch, mosaic_off_from, resume_point)
@@ -257,14 +260,15 @@ def _train(recipe, work_dir, out_dir, resume, strategy, stop=None):
     epochs = budget.fit_epochs(initial_epoch) if budget is not None else int(train_cfg["epochs"])
     # train_ds shuffles itself (fit's shuffle=False); resumed mid-epoch: the rest of that pass first
     history = fit_resumable(model, train_ds, epochs=max(epochs, initial_epoch + 1) if resume_step else epochs,
-                            initial_epoch=initial_epoch, callbacks=callbacks, verbose=recipe.get("verbose", 1),
+                            initial_epoch=initial_epoch, callbacks=callbacks,
+                            verbose=fit_verbose(recipe.get("verbose", 1)),  # a log file: one line per epoch
                             steps_per_epoch=steps_per_epoch, resume_step=resume_step, skip_batches=skip_batches,
                             tail_dataset=epochs_of(steps_per_epoch - resume_step) if resume_step else None)
     train_seconds = time.time() - started
     if budget is not None:
         train_seconds = budget.elapsed()  # the whole budget's time, with the runs this one resumes
-        print(f"time_budget {budget.minutes:g} min: {initial_epoch + len(history.epoch)} epochs in "
-              f"{train_seconds / 60:.2f} min")
+        logger.info(f"time_budget {budget.minutes:g} min: {initial_epoch + len(history.epoch)} epochs in "
+                    f"{train_seconds / 60:.2f} min")
     if val_records and train_cfg.get("ema_momentum") is not None:
         _evaluate_averaged_weights(model, val_records, class_names, recipe)
     run = _run_summary(recipe, callbacks, budget, model, steps_per_epoch)
@@ -329,7 +333,7 @@ def _mosaic_switch(recipe, pass_epoch):
     if close < 0:
         raise RecipeError(f"data.close_mosaic must be a number of epochs >= 0, got {close}")
     if not any(isinstance(t, Mosaic) for t in recipe["data"].get("augment") or []):
-        print(f"note: data.close_mosaic={close} does nothing: data.augment has no mosaic() entry")
+        logger.info(f"note: data.close_mosaic={close} does nothing: data.augment has no mosaic() entry")
         return None
     if pass_epoch is None:
         raise RecipeError("data.close_mosaic needs train.seed (the epoch reaches the input pipeline "
@@ -364,7 +368,8 @@ def _preflight(recipe, records, class_names, work_dir):
 def _evaluate_averaged_weights(model, val_records, class_names, recipe):
     """The in-training evaluations saw the raw weights; ``fit`` has since written in their moving average."""
     coco, _, _ = evaluate_records(model, val_records, class_names, recipe)
-    print(f"moving-average weights on {len(val_records)} validation images: AP50 {coco['AP50']:.4f}  AP {coco['AP']:.4f}")
+    logger.info(f"moving-average weights on {len(val_records)} validation images: AP50 {coco['AP50']:.4f}  "
+                f"AP {coco['AP']:.4f}")
 
 
 def _repeated_to_epoch_size(recipe, train_records):
@@ -378,7 +383,8 @@ def _repeated_to_epoch_size(recipe, train_records):
     copies = max(1, int(round(minimum / len(train_records))))
     if copies == 1:
         return train_records
-    print(f"train: {len(train_records)} images repeated {copies}x per epoch (data.min_images_per_epoch={minimum})")
+    logger.info(f"train: {len(train_records)} images repeated {copies}x per epoch "
+                f"(data.min_images_per_epoch={minimum})")
     return list(train_records) * copies
 
 
@@ -397,7 +403,7 @@ def _resolve_auto_epochs(train_cfg, steps_per_epoch, num_images=None):
         steps = int(round(per_image * num_images))
         why = f"train.auto_steps_per_image={per_image:g} x {num_images} training images, below train.auto_steps"
     train_cfg["epochs"] = max(1, int(round(steps / steps_per_epoch)))
-    print(f"train.epochs='auto': {train_cfg['epochs']} epochs of {steps_per_epoch} steps ({why})")
+    logger.info(f"train.epochs='auto': {train_cfg['epochs']} epochs of {steps_per_epoch} steps ({why})")
 
 
 def finish(model, recipe, work_dir, class_names, test_records, train_seconds, train_records=None, run=None):
@@ -411,13 +417,13 @@ def finish(model, recipe, work_dir, class_names, test_records, train_seconds, tr
         metrics.update(coco)
         with open(os.path.join(work_dir, "test_detections.json"), "w") as f:
             json.dump(results, f)
-        print(format_summary(coco))
-        print(f"mAP@0.5 (COCO AP50) on {len(test_records)} held-out images: {coco['AP50']:.4f}"
-              f"   VOC all-point mAP50: {coco['VOC_mAP50']:.4f}")
+        logger.info(format_summary(coco))
+        logger.info(f"mAP@0.5 (COCO AP50) on {len(test_records)} held-out images: {coco['AP50']:.4f}"
+                    f"   VOC all-point mAP50: {coco['VOC_mAP50']:.4f}")
         _run_report(model, recipe, work_dir, class_names, test_records, ground_truth, results, train_records, run)
     else:
-        print("no validation or test images: no final evaluation (add a test split to the data, or lower "
-              "data.min_val_images to hold some training images out)")
+        logger.info("no validation or test images: no final evaluation (add a test split to the data, or lower "
+                    "data.min_val_images to hold some training images out)")
     export_dir = os.path.join(work_dir, "saved_model")
     if keras.backend.backend() == "tensorflow":
         export_saved_model(model, export_dir, class_names, **eval_settings(recipe))
@@ -427,8 +433,8 @@ def finish(model, recipe, work_dir, class_names, test_records, train_seconds, tr
         _save_for_export(model, work_dir, class_names)
     with open(os.path.join(work_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2, default=float)
-    print(f"training took {train_seconds / 60:.1f} min; metrics: {work_dir}/metrics.json"
-          + (f"; SavedModel: {export_dir}" if export_dir else ""))
+    logger.info(f"training took {train_seconds / 60:.1f} min; metrics: {work_dir}/metrics.json"
+                + (f"; SavedModel: {export_dir}" if export_dir else ""))
     return metrics
 
 
@@ -438,9 +444,9 @@ def _save_for_export(model, work_dir, class_names):
 
     final = os.path.join(work_dir, "final.keras")
     model.save(final)
-    print(f"SavedModel export needs the TensorFlow backend: skipped under {keras.backend.backend()}; "
-          f"export the final model with: KERAS_BACKEND=tensorflow python tools/export.py {final} "
-          f"{os.path.join(work_dir, 'saved_model')} --classes {shlex.quote(','.join(class_names))}")
+    logger.info(f"SavedModel export needs the TensorFlow backend: skipped under {keras.backend.backend()}; "
+                f"export the final model with: KERAS_BACKEND=tensorflow python tools/export.py {final} "
+                f"{os.path.join(work_dir, 'saved_model')} --classes {shlex.quote(','.join(class_names))}")
 
 
 class FinishedRun:
@@ -482,7 +488,7 @@ def _print_data_summary(records, class_names):
             counts = np.bincount(np.concatenate([r.classes for r in recs] or [np.zeros(0, int)]),
                                  minlength=len(class_names))
             per_class = ", ".join(f"{n} {c}" for n, c in zip(class_names, counts))
-            print(f"{split}: {len(recs)} images ({per_class})")
+            logger.info(f"{split}: {len(recs)} images ({per_class})")
 
 
 def train_from_recipe_file(path, overrides=(), work_dir=None, resume=False):

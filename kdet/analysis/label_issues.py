@@ -70,6 +70,9 @@ from pathlib import Path
 import numpy as np
 
 from kdet.boxes import iou_matrix_np
+from kdet.log import fit_verbose, get_logger
+
+logger = get_logger(__name__)
 
 MODEL_KINDS = ("missing", "spurious", "wrong_class", "bad_box")
 GEOMETRIC_KINDS = ("degenerate", "out_of_image", "duplicate")
@@ -118,13 +121,13 @@ def train_fold_model(recipe, class_names, records, seed=0, on_epoch_end=None, ve
         import keras as _k
 
         callbacks.append(_k.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: on_epoch_end(epoch)))
-    model.fit(dataset, epochs=int(recipe["train"]["epochs"]), callbacks=callbacks, verbose=verbose,
+    model.fit(dataset, epochs=int(recipe["train"]["epochs"]), callbacks=callbacks, verbose=fit_verbose(verbose),
               shuffle=False)  # the dataset shuffles itself
     return model
 
 
 def cross_predict(recipe, class_names, records, folds=3, seed=0, models=None, save_dir=None, reuse=False,
-                  log=print):
+                  log=None):
     """Out-of-fold detections for every record: ``(predictions, fold_of_image)``.
 
     ``models``: None trains one model per fold; one path predicts every image
@@ -133,6 +136,7 @@ def cross_predict(recipe, class_names, records, folds=3, seed=0, models=None, sa
     ``save_dir`` keeps the trained fold models as ``fold{k}.keras``; with
     ``reuse`` a fold whose model is already there is not trained again.
     """
+    log = log or logger.info  # kdet's logger (kdet.log) unless the caller gives its own
     import keras
 
     from kdet.inference import predict_records
@@ -646,13 +650,14 @@ def training_data(recipe):
 
 
 def find_label_issues(recipe, out_dir, folds=3, models=None, predictions_file=None, seed=None, resume=False,
-                      log=print):
+                      log=None):
     """Cross-predict the recipe's training images, score, merge the audit, write the three files.
 
     Returns ``(entries, paths)``. ``predictions_file`` rescores saved
     out-of-fold predictions (``cross_predictions.json``) without training;
     ``resume`` reuses fold models already in ``out_dir`` (same folds and seed).
     """
+    log = log or logger.info  # kdet's logger (kdet.log) unless the caller gives its own
     seed = int(recipe["train"].get("seed") or 0) if seed is None else int(seed)
     source, class_names, records = training_data(recipe)
     out = Path(out_dir)
@@ -686,13 +691,14 @@ def after_training(run):
         report_label_issues(run.recipe, run.work_dir)
 
 
-def report_label_issues(recipe, report_dir, folds=3, log=print):
+def report_label_issues(recipe, report_dir, folds=3, log=None):
     """For the run report: the label review in ``report_dir/label_issues/``; returns a short dict.
 
     It trains ``folds`` extra models (the folds' time is printed up front,
     after the first epoch) and returns ``dict(paths=..., counts=..., top=...)``
     with the entry counts per issue and the ten highest entries.
     """
+    log = log or logger.info  # kdet's logger (kdet.log) unless the caller gives its own
     log(f"label review: {folds}-fold cross-prediction on the training split "
         f"({folds} extra trainings of {recipe['train']['epochs']} epochs each)")
     entries, paths = find_label_issues(recipe, Path(report_dir) / "label_issues", folds=folds, log=log)

@@ -27,6 +27,9 @@ import os
 import numpy as np
 
 from kdet.analysis.anchors import coverage_of_boxes, fit_ssd_parameters, training_boxes
+from kdet.log import get_logger
+
+logger = get_logger(__name__)
 
 SMALL_PX = 8.0          # objects below this many input pixels (sqrt of area) are "tiny"
 SMALL_SHARE = 0.10      # warn when at least this share of a class is tiny
@@ -275,10 +278,10 @@ def preflight_for_training(recipe, records_by_split, class_names, work_dir, verb
     recipe, auto_text = resolve_auto_anchors(recipe, class_names, records_by_split["train"],
                                              seed=int(recipe.get("train", {}).get("seed") or 0))
     if auto_text and verbose:
-        print(auto_text)
+        logger.info(auto_text)
     setup = model_anchor_setup(recipe["model"], len(class_names))
     result = run_preflight(recipe, records_by_split, class_names, anchor_setup=setup, auto_text=auto_text)
     save_preflight(result, work_dir)
     if verbose:
-        print(result["brief"])
+        logger.info(result["brief"])
     return recipe

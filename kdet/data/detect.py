@@ -28,6 +28,9 @@ from pathlib import Path
 
 from kdet.data.base import DatasetError
 from kdet.data.coco import COCOSource
+from kdet.log import get_logger
+
+logger = get_logger(__name__)
 
 SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 LOOKED_FOR = ("data.yaml with 'names' (YOLO)", "Annotations/ + ImageSets/Main/ (VOC)",
@@ -400,7 +403,7 @@ class CustomDataset:
         if self.seeded_val:
             split = SeededSplit(self.sources["train"], val_fraction, seed, min_val_images)
             self.sources.update(train=split.part("train"), val=split.part("val"))
-        print(self.describe())
+        logger.info(self.describe())
 
     def describe(self):
         splits = [s + (" (seeded from train)" if s == "val" and self.seeded_val else "") for s in self.sources]

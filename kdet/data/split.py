@@ -13,6 +13,9 @@ on the training side. Same records and seed, same split.
 import numpy as np
 
 from kdet.data.base import DatasetError, Source
+from kdet.log import get_logger
+
+logger = get_logger(__name__)
 
 
 def stratified_split(records, num_classes, val_fraction=0.2, seed=0):
@@ -111,15 +114,15 @@ class SeededSplit:
             wanted = int(round(self.val_fraction * len(records)))
             if wanted < self.min_val_images:
                 self._sides = {"train": list(records), "val": []}
-                print(f"{self.source.name}: no validation split in the data, and val_fraction {self.val_fraction:g} "
-                      f"of {len(records)} images would be {wanted} < data.min_val_images={self.min_val_images}: "
-                      "training on all of them (no val_AP, no early stopping, the last weights are kept)")
+                logger.info(f"{self.source.name}: no validation split in the data, and val_fraction "
+                            f"{self.val_fraction:g} of {len(records)} images would be {wanted} < data.min_val_images={self.min_val_images}: "
+                            "training on all of them (no val_AP, no early stopping, the last weights are kept)")
                 return self._sides[name]
             train, val = stratified_split(records, len(class_names), self.val_fraction, self.seed)
             self._sides = {"train": [records[i] for i in train], "val": [records[i] for i in val]}
-            print(format_split(self._sides["train"], self._sides["val"], class_names,
-                               f"{self.source.name}: no validation split in the data; seeded split "
-                               f"(val_fraction {self.val_fraction:g}, seed {self.seed}), stratified by class:"))
+            logger.info(format_split(self._sides["train"], self._sides["val"], class_names,
+                                     f"{self.source.name}: no validation split in the data; seeded split "
+                                     f"(val_fraction {self.val_fraction:g}, seed {self.seed}), stratified by class:"))
         return self._sides[name]
 
     def part(self, name):

@@ -15,6 +15,9 @@ from pathlib import Path
 from kdet.data.base import DatasetError
 from kdet.data.voc import VOCSource, VOCImage, parse_voc_xml
 from kdet.data.yolo import image_files, image_size
+from kdet.log import get_logger
+
+logger = get_logger(__name__)
 
 
 def xml_class_names(xml_paths):
@@ -75,8 +78,8 @@ class VOCFolderSource(VOCSource):
 
     def _print_notes(self, num_images):
         if self.background_images:
-            print(f"{self.name}: {self.background_images} of {num_images} images have no XML: kept as background "
-                  "images (LabelImg writes no XML for an image without objects)")
+            logger.info(f"{self.name}: {self.background_images} of {num_images} images have no XML: kept as background "
+                        "images (LabelImg writes no XML for an image without objects)")
         orphans = [p for p in sorted(self.xml_dir.glob("*.xml")) if p.stem not in self._image_of]
         if orphans:
-            print(f"{self.name}: {len(orphans)} XML files have no image and are ignored (e.g. {orphans[0].name})")
+            logger.info(f"{self.name}: {len(orphans)} XML files have no image and are ignored (e.g. {orphans[0].name})")

@@ -29,6 +29,9 @@ import numpy as np
 from kdet.boxes import yolo_to_xyxy
 from kdet.data.base import DatasetError, Source
 from kdet.data.records import Record
+from kdet.log import get_logger
+
+logger = get_logger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 COORD_TOLERANCE = 1e-3  # exporters round to 6 digits; more than this outside [0, 1] is an error
@@ -172,11 +175,11 @@ class YOLOSource(Source):
 
     def _print_notes(self, num_images):
         if self.polygon_lines:
-            print(f"{self.name}: {self.polygon_lines} label lines are polygons (segments): their boxes are the "
-                  "bounding boxes of the points, as Ultralytics does")
+            logger.info(f"{self.name}: {self.polygon_lines} label lines are polygons (segments): their boxes are the "
+                        "bounding boxes of the points, as Ultralytics does")
         if self.background_images:
-            print(f"{self.name}: {self.background_images} of {num_images} images have no labels: "
-                  "kept as background images")
+            logger.info(f"{self.name}: {self.background_images} of {num_images} images have no labels: "
+                        "kept as background images")
 
 
 # ------------------------------------------------------------------ data.yaml
@@ -251,8 +254,8 @@ def _unswapped(entry, split, key, bases, yaml_path):
         for folder, folder_split in SPLIT_FOLDERS.items():
             own = base / folder / "images"
             if folder_split == split and own.is_dir():
-                print(f"{yaml_path}: {key}: {entry} names a '{named[-1]}' folder (another machine's path, split "
-                      f"names swapped?): using {own}, the folder named for {key}")
+                logger.info(f"{yaml_path}: {key}: {entry} names a '{named[-1]}' folder (another machine's path, split "
+                            f"names swapped?): using {own}, the folder named for {key}")
                 return str(own)
     return entry
 

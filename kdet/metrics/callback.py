@@ -38,9 +38,12 @@ import numpy as np
 import keras
 from keras import ops
 
+from kdet.log import get_logger
 from kdet.metrics._coco_common import EvalParams, format_per_class, original_hw, per_class, summarize
 from kdet.metrics.coco_device import COCOAccumulator, to_numpy
 from kdet.metrics.coco_stream import stable_argsort
+
+logger = get_logger(__name__)
 
 __all__ = ["ArrayBatches", "COCOEvalCallback", "default_detect"]
 
@@ -108,10 +111,10 @@ class COCOEvalCallback(keras.callbacks.Callback):
         if logs is not None:
             logs.update({self.prefix + name: result[name] for name in self.eval_params.stat_names})
         if self.verbose:
-            print(f"\nCOCO evaluation after epoch {epoch + 1}:")
-            print("  " + "  ".join(f"{n}={result[n]:.4f}" for n in self.eval_params.stat_names))
+            logger.info(f"\nCOCO evaluation after epoch {epoch + 1}:")
+            logger.info("  " + "  ".join(f"{n}={result[n]:.4f}" for n in self.eval_params.stat_names))
             if result["per_class"]:
-                print(format_per_class(result["per_class"]))
+                logger.info(format_per_class(result["per_class"]))
 
     # ------------------------------------------------------------ evaluation
     def evaluate(self):

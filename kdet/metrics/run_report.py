@@ -39,7 +39,10 @@ import os
 
 import numpy as np
 
+from kdet.log import get_logger
 from kdet.metrics import reports, voc
+
+logger = get_logger(__name__)
 
 GT_FILE, DETS_FILE = "ground_truth.json", "test_detections.json"
 TRAIN_GT_FILE, TRAIN_DETS_FILE = "train_ground_truth.json", "train_detections.json"
@@ -774,7 +777,7 @@ def write_run_report(work_dir, score_threshold=None, out_dir=None, verbose=True,
                                          confusion_matrix=confusion.tolist(), class_names=class_names,
                                          train_AP50=train_ap50))
     if verbose:
-        print(text, end="")
+        logger.info(text.removesuffix("\n"))  # text ends with its newline; the log line adds one
     return dict(table=table, findings=found_text, confusion=confusion, text=text,
                 paths={name: out(name) for name in ARTEFACTS})
 

@@ -20,6 +20,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kdet.log import get_logger
+
+logger = get_logger(__name__)
+
 PARTS = ("backbone", "extras", "box heads", "class heads")
 
 
@@ -152,5 +156,5 @@ def init_from_checkpoint(model, path, verbose=True):
                             f"model: {getattr(model, 'backbone', '?')} width "
                             f"{getattr(model, 'width_multiplier', '?')}); model.init_from loads nothing")
     if verbose:
-        print("\n".join(report.lines()))
+        logger.info("\n".join(report.lines()))
     return report

@@ -19,6 +19,10 @@ import tempfile
 import keras
 import numpy as np
 
+from kdet.log import get_logger
+
+logger = get_logger(__name__)
+
 NON_FINITE_CAUSES = (
     "learning rate too high (lower it or add warm-up)",
     "unnormalised inputs (images must be float32 0..255 RGB; the model normalises itself)",
@@ -76,7 +80,7 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
         if self.raise_error:
             raise NonFiniteLossError(self.message)
         if self.verbose:
-            print("\n" + self.message)
+            logger.info("\n" + self.message)
 
 
 # ---------------------------------------------------------------- image logger
@@ -397,7 +401,7 @@ class EarlyStoppingOnEvaluations(keras.callbacks.EarlyStopping):
         if reason:
             self.model.stop_training, self.stopped_epoch = False, 0
             self.holds.append((epoch, reason))
-            print(f"early stopping held at epoch {epoch + 1}: {reason}")
+            logger.info(f"early stopping held at epoch {epoch + 1}: {reason}")
 
     def hold_reason(self, epoch):
         """Why a stop after ``epoch`` (0-based) would be premature, or None."""

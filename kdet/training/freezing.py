@@ -28,7 +28,10 @@ by a fresh copy; otherwise a clear error is raised.
 
 import keras
 
+from kdet.log import get_logger
 from kdet.training.optim import ScaledSchedule
+
+logger = get_logger(__name__)
 
 Schedule = keras.optimizers.schedules.LearningRateSchedule
 
@@ -276,7 +279,7 @@ class GradualUnfreezing(keras.callbacks.Callback):
             self._set_lr_factor(self._factor)
             message += f", learning-rate factor {self._factor:g}"
         if self.verbose:
-            print(message + f" ({len(self.model.trainable_variables)} trainable variables).")
+            logger.info(message + f" ({len(self.model.trainable_variables)} trainable variables).")
 
     def _set_lr_factor(self, factor):
         optimizer = self.model.optimizer

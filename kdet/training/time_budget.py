@@ -28,6 +28,10 @@ import time
 
 import keras
 
+from kdet.log import get_logger
+
+logger = get_logger(__name__)
+
 NEVER = 2 ** 62  # a mosaic_off_from epoch that never comes
 
 
@@ -140,11 +144,11 @@ class TimeBudget(keras.callbacks.Callback):
         self._show_epochs()
         if self.verbose:
             if first:
-                print(f"\ntime_budget {self.minutes:g} min: epoch {done} took {self.epoch_seconds:.1f} s "
-                      f"(first step's compilation excluded) -> {epochs} epochs{self._mosaic_note()}")
+                logger.info(f"\ntime_budget {self.minutes:g} min: epoch {done} took {self.epoch_seconds:.1f} s "
+                            f"(first step's compilation excluded) -> {epochs} epochs{self._mosaic_note()}")
             else:
-                print(f"\ntime_budget: {self.epoch_seconds:.1f} s per epoch over the last {self._epochs_in_fit} "
-                      f"-> {epochs} epochs{self._mosaic_note()}")
+                logger.info(f"\ntime_budget: {self.epoch_seconds:.1f} s per epoch over the last {self._epochs_in_fit} "
+                            f"-> {epochs} epochs{self._mosaic_note()}")
 
     def _fit_plan(self, done):
         from kdet.training.optim import find_fitted_schedule
@@ -191,7 +195,7 @@ class TimeBudget(keras.callbacks.Callback):
         self.model.stop_training = True
         if message and self.verbose:
             plan = f"decided {self.epochs} epochs" if self.decided else "no epoch after the first step to time yet"
-            print(f"\n{message}; stopping ({plan})")
+            logger.info(f"\n{message}; stopping ({plan})")
 
     def _show_epochs(self):
         if self.progbar is not None:
