@@ -261,3 +261,22 @@ def test_benchmark_export_latency_and_table(exported):
     assert canvas.shape == (64, 64, 3) and scale == pytest.approx(64 / 120) and left == 0 and top == 16
     text = bench.table([dict(name="kdet tflite", input="64 px uint8", size_mb=0.5, AP=0.1, AP50=0.2, ms=ms)], [1])
     assert "| kdet tflite | 64 px uint8 | 0.50 | 0.1000 | 0.2000 |" in text
+
+
+def test_tflite_class_agnostic_nms_is_the_ops_fast_nms(exported, tmp_path):
+    """class_agnostic=True maps to the op's fast NMS (best class per anchor, one NMS over all): the same
+    detections as kdet's class-agnostic decode."""
+    from kdet.runtime import tflite_detector
+
+    nms = dict(exported["nms"], class_agnostic=True)
+    path = str(tmp_path / "agnostic.tflite")
+    export(exported["model"], path, exported["names"], format="tflite", **nms)
+    ref = {k: np.asarray(v) for k, v in exported["model"].detect(exported["images"], **nms).items()}
+    detect = tflite_detector(path)
+    for i, image in enumerate(exported["images"]):
+        boxes, scores, classes = detect(image)
+        n = int(ref["num_detections"][i])
+        assert len(scores) == n
+        np.testing.assert_allclose(boxes, ref["boxes"][i, :n][:, [1, 0, 3, 2]], atol=FLOAT_TOL)
+        np.testing.assert_allclose(scores, ref["scores"][i, :n], atol=FLOAT_TOL)
+        np.testing.assert_array_equal(classes - 1, ref["classes"][i, :n])
