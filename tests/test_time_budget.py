@@ -117,6 +117,24 @@ def test_a_slower_machine_than_measured_stops_within_one_epoch_of_the_budget():
     assert model.stop_training and budget.stopped_by_budget and budget.elapsed() == pytest.approx(88.0)
 
 
+def test_a_long_epoch_is_cut_at_the_step_that_uses_the_budget_up(capsys):
+    """Epoch-sized overshoot is unfair in a race at equal time: the step that reaches the budget stops the fit."""
+    budget, model, _, _ = budget_and_model()
+    budget.on_train_begin()
+    run_epoch(budget, 0, 4, seconds_per_step=1.0, compile_seconds=4.0)  # 8 s: decides 14 epochs of 4 s
+    budget.on_epoch_begin(1)
+    stopped_at = None
+    for batch in range(4):  # 20 s a step now: 28, 48, 68 s -> the third step of epoch 2 uses the minute up
+        budget.clock.now += 20.0
+        budget.on_train_batch_end(batch)
+        if model.stop_training:
+            stopped_at = batch + 1
+            break  # as Keras' fit loop does
+    budget.on_epoch_end(1)
+    assert stopped_at == 3 and budget.stopped_by_budget and budget.elapsed() == pytest.approx(68.0)
+    assert "time_budget 1 min used up (1.13 min) at step 3 of epoch 2" in capsys.readouterr().out
+
+
 def test_resumed_budget_keeps_the_decision_and_the_time_used():
     budget, model, schedule, mosaic_off = budget_and_model()
     budget.on_train_begin()

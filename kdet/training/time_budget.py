@@ -103,6 +103,7 @@ class TimeBudget(keras.callbacks.Callback):
         self._fit_start = self.clock()
         self._first_step_end = None
         self._epochs_in_fit = 0
+        self._cut_at_step = None
         self._show_epochs()
         if self.mosaic_off_from is not None:  # resumed: the last decision stands
             planned = self.planned_epochs - self.close_mosaic if self.close_mosaic else NEVER
@@ -113,15 +114,21 @@ class TimeBudget(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if self._first_step_end is None:
             self._first_step_end = self.clock()
+        elif not self.model.stop_training and self.elapsed() >= self.budget_s:
+            # the budget is wall-clock: a long epoch is cut at the step that uses it up, not finished
+            self.model.stop_training = True
+            self._cut_at_step = batch + 1
 
     def on_epoch_end(self, epoch, logs=None):
         self._epochs_in_fit += 1
         done = epoch + 1
         used = self.elapsed()
         if used >= self.budget_s:
-            self.stopped_by_budget = done < self.epochs
+            cut = getattr(self, "_cut_at_step", None)
+            self.stopped_by_budget = done < self.epochs or cut is not None
             self._pace_evaluations(done)  # this epoch is the last: it is evaluated (the callbacks come after)
-            self._stop(done, f"time_budget {self.minutes:g} min used up ({used / 60:.2f} min) after epoch {done}")
+            where = f"at step {cut} of epoch {done}" if cut is not None else f"after epoch {done}"
+            self._stop(done, f"time_budget {self.minutes:g} min used up ({used / 60:.2f} min) {where}")
             return
         self._decide(done, used)
         if done >= self.epochs:
