@@ -234,27 +234,29 @@ def export_tflite(model, path, class_names, quantize=None, calibration_images=No
     from keras.export import ExportArchive
 
     with tempfile.TemporaryDirectory() as tmp:
-        archive = ExportArchive()
-        archive.track(model)
-        archive.add_endpoint("serving_default", serve,
-                             input_signature=[tf.TensorSpec([1, height, width, 3], tf.uint8, name="images")])
-        archive.write_out(tmp, verbose=False)
-        converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-        if quantize == "fp16":
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-            converter.target_spec.supported_types = [tf.float16]
-        elif quantize == "int8":
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-            converter.representative_dataset = _calibration(calibration_images, height, width)
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
-                                                   tf.lite.OpsSet.TFLITE_BUILTINS]
-        try:
-            if quantize == "int8":
+        try:  # tracing the model (a layer that fails) and converting (an op TFLite lacks): one line each
+            archive = ExportArchive()
+            archive.track(model)
+            archive.add_endpoint("serving_default", serve,
+                                 input_signature=[tf.TensorSpec([1, height, width, 3], tf.uint8, name="images")])
+            archive.write_out(tmp, verbose=False)
+            converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+            if quantize == "fp16":
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]
+                converter.target_spec.supported_types = [tf.float16]
+                flatbuffer = converter.convert()
+            elif quantize == "int8":
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]
+                converter.representative_dataset = _calibration(calibration_images, height, width)
+                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
+                                                       tf.lite.OpsSet.TFLITE_BUILTINS]
                 flatbuffer = _selectively_quantized(converter, _calibration(calibration_images, height, width))
             else:
                 flatbuffer = converter.convert()
-        except Exception as err:  # ConverterError and friends: name the op, not the MLIR dump
+        except ExportError:
+            raise
+        except Exception as err:  # noqa: BLE001 - ConverterError and friends: name the op, not the MLIR dump
             raise ExportError(f"tflite export: {_converter_failure(err)}") from None
     with open(path, "wb") as f:
         f.write(flatbuffer)
@@ -281,10 +283,17 @@ def _converter_failure(err):
     """One line naming the op(s) a converter could not convert, else its first line."""
     import re
 
-    text = str(err)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # Keras bolds its messages for terminals
     ops = sorted(set(re.findall(r"'(tf\.\w+)' op", text)) | set(re.findall(r"\b(?:op|Op) type[: ]+'?(\w+)", text)))
     if ops:
         return f"cannot convert op {', '.join(ops)} ({type(err).__name__})"
+    layers = sorted(set(re.findall(r"calling (?:layer|Layer) ['\"]?([\w.-]+)", text))  # Keras 2, Keras 3:
+                    | set(re.findall(r"calling (\w+)\.call\(\)", text)))
+    if layers:
+        reason = [line.strip() for line in text.splitlines() if line.strip()
+                  and not line.strip().startswith(("Exception encountered", "Arguments received", "•"))]
+        return (f"layer {', '.join(layers)} fails while tracing ({type(err).__name__}: "
+                f"{(reason or [type(err).__name__])[0][:200]})")
     return f"{type(err).__name__}: {_one_line(err)}"
 
 

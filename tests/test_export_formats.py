@@ -280,3 +280,24 @@ def test_tflite_class_agnostic_nms_is_the_ops_fast_nms(exported, tmp_path):
         np.testing.assert_allclose(boxes, ref["boxes"][i, :n][:, [1, 0, 3, 2]], atol=FLOAT_TOL)
         np.testing.assert_allclose(scores, ref["scores"][i, :n], atol=FLOAT_TOL)
         np.testing.assert_array_equal(classes - 1, ref["classes"][i, :n])
+
+
+def test_layer_failing_while_tracing_is_named_in_one_line(tmp_path):
+    import keras
+
+    class BatchOneRefuser(keras.layers.Layer):
+        def call(self, t):
+            if not tf.executing_eagerly() and t.shape[0] == 1:  # TFLite's batch-1 graph
+                raise ValueError("this layer cannot run with batch 1")
+            return t
+
+    refuser = BatchOneRefuser()
+    model = _model_with_op(lambda t: t)
+    model = keras.Model(model.input, model.layers[-1](refuser(model.layers[-2].output)))
+    model.anchors, model.num_classes = np.array([[0, 0, .5, .5], [.5, 0, 1, .5], [0, .5, .5, 1], [.5, .5, 1, 1]],
+                                                np.float32), 1
+    with pytest.raises(ExportError) as info:
+        export(model, str(tmp_path / "m.tflite"), ["a"], format="tflite")
+    message = str(info.value)
+    assert "\n" not in message and "\x1b" not in message
+    assert message.startswith("tflite export: layer BatchOneRefuser fails while tracing") and "batch 1" in message
