@@ -147,20 +147,20 @@ def register_class_loss(name, fn, activation, needs_quality=True, over_soft_targ
 
 def assigner_fn(assigner, what="MultiBoxLoss: assigner"):
     """The registered assigner named ``assigner`` (or ``assigner`` itself, a registered function)."""
-    if callable(assigner) and getattr(assigner, "assigner_name", None) in ASSIGNER_FNS:
-        return assigner
-    if isinstance(assigner, str) and assigner in ASSIGNER_FNS:
-        return ASSIGNER_FNS[assigner]
-    raise ValueError(f"{what} must be one of {tuple(ASSIGNER_FNS)}, got {assigner!r}")
+    return _registered(assigner, ASSIGNER_FNS, "assigner_name", what)
 
 
 def class_loss_fn(cls_loss, what="MultiBoxLoss: cls_loss"):
     """The registered class loss named ``cls_loss`` (or ``cls_loss`` itself, a registered function)."""
-    if callable(cls_loss) and getattr(cls_loss, "class_loss_name", None) in CLASS_LOSS_FNS:
-        return cls_loss
-    if isinstance(cls_loss, str) and cls_loss in CLASS_LOSS_FNS:
-        return CLASS_LOSS_FNS[cls_loss]
-    raise ValueError(f"{what} must be one of {tuple(CLASS_LOSS_FNS)}, got {cls_loss!r}")
+    return _registered(cls_loss, CLASS_LOSS_FNS, "class_loss_name", what)
+
+
+def _registered(value, registry, name_attribute, what):
+    if callable(value) and getattr(value, name_attribute, None) in registry:
+        return value
+    if isinstance(value, str) and value in registry:
+        return registry[value]
+    raise ValueError(f"{what} must be one of {tuple(registry)}, got {value!r}")
 
 
 def max_iou_assigner(loss, gt_boxes, gt_classes, gt_ignore, anchors, pred_boxes, class_scores):
