@@ -73,11 +73,12 @@ def test_keras_cv_peer_trains_every_epoch_in_full(tmp_path):
 
     model = CountingDetector()
     model.compile(optimizer="sgd", jit_compile=False)
-    args = types.SimpleNamespace(imgsz=32, budget=0.04)
+    args = types.SimpleNamespace(imgsz=32, budget=0.1)
     recipe = dict(data=dict(class_names=["x"], batch_size=4, max_boxes=4))
     test = train[:2]
     row, results = race.run_keras_cv(args, lambda num_classes, max_det: model, recipe, train, test, 10,
                                      records_to_coco_json(test, ["x"]))
     assert results == []
     assert row["epochs"] >= 2  # the case that fails without .repeat()
-    assert int(model.steps_run.numpy()) == row["epochs"] * 5
+    # every epoch but the last runs in full (the budget cuts the last one at the step that uses it up)
+    assert (row["epochs"] - 1) * 5 < int(model.steps_run.numpy()) <= row["epochs"] * 5
