@@ -396,19 +396,16 @@ def test_sigmoid_model_scores_in_detect_and_the_exported_savedmodel(tmp_path):
     raw = ops.convert_to_numpy(model(images.astype("float32")))
     bias = ops.convert_to_numpy(model.get_layer("class_head_0").bias)
     np.testing.assert_allclose(bias, math.log(0.01 / 0.99), rtol=1e-6)  # RetinaNet's prior probability 0.01
-    dets = model.detect(images, score_threshold=0.0, max_detections=10)
+    # iou_threshold 1: no suppression, so the top 10 are the 10 best sigmoid values whatever the random weights
+    # (an earlier test's draws change them; two top boxes can overlap above 0.45)
+    dets = model.detect(images, score_threshold=0.0, max_detections=10, iou_threshold=1.0)
     top = 1 / (1 + np.exp(-raw[0, :, 5:7]))
     np.testing.assert_allclose(np.sort(ops.convert_to_numpy(dets["scores"][0]))[::-1], np.sort(top.ravel())[::-1][:10],
                                rtol=1e-5)  # sigmoid of the class logits, not a softmax with background
-    export_dir = export_saved_model(model, str(tmp_path / "sm"), ["a", "b"], score_threshold=0.0, max_detections=10)
+    export_dir = export_saved_model(model, str(tmp_path / "sm"), ["a", "b"], score_threshold=0.0, max_detections=10,
+                                    iou_threshold=1.0)
     served = tf.saved_model.load(export_dir).signatures["serving_default"](images=tf.constant(images))
-    served_scores = served["detection_scores"].numpy()[0]
-    # every served score is the sigmoid of one class logit (a softmax with background gives other values), the
-    # best first; which lower ones survive NMS can differ from detect(): this untrained model's boxes overlap at
-    # IoUs near the threshold, and the exported graph's kernels may round them across it (seen in the full suite)
-    nearest = np.min(np.abs(served_scores[:, None] - top.ravel()[None, :]), axis=1)
-    np.testing.assert_allclose(nearest, 0.0, atol=1e-6)
-    np.testing.assert_allclose(served_scores[0], ops.convert_to_numpy(dets["scores"])[0, 0], rtol=1e-5)
+    np.testing.assert_allclose(served["detection_scores"].numpy(), ops.convert_to_numpy(dets["scores"]), rtol=1e-5)
     with pytest.raises(ValueError, match="score_activation"):
         SSD(num_classes=2, image_size=64, backbone="vgg16_bn", width_multiplier=0.125, score_activation="relu")
 
