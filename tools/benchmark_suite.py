@@ -151,16 +151,13 @@ def run_kdet(args, folder, work_dir):
     return dict(epochs=epochs, train_seconds=seconds), results
 
 
-def run_yolov8n(args, records, class_names, work_dir, max_det):
+def run_yolov8n(args, records, class_names, work_dir, max_det, ground_truth):
+    """YOLOv8n through ``tools/benchmark_race.py``'s runner; returns (row fields, COCO results on ``ground_truth``)."""
     race = _race()
     peer = race.train_ultralytics(args.ultralytics_python, work_dir, records["train"], records["val"] or records["eval"],
                                   records["eval"], class_names, args.imgsz, args.budget, max_det)
-    results = []
-    for name, found in peer["detections"].items():
-        for (x0, y0, x1, y1), score, cls in zip(found["boxes"], found["scores"], found["classes"]):
-            results.append(dict(file_name=name, category_id=int(cls) + 1, bbox=[x0, y0, x1 - x0, y1 - y0],
-                                score=float(score)))
-    return dict(epochs=peer["epochs"], train_seconds=peer["train_seconds"], version=peer["version"]), results
+    fields = dict(epochs=peer["epochs"], train_seconds=peer["train_seconds"], version=peer["version"])
+    return fields, race.ultralytics_results(peer, ground_truth)
 
 
 def _race():
@@ -255,9 +252,10 @@ def main(argv=None):
             print(f"== {labels[system]} on {name}", flush=True)
             if system == "kdet":
                 fields, found = run_kdet(args, folder, work_dir)
+                found = on_ground_truth(found, ground_truth)
             else:
-                fields, found = run_yolov8n(args, records, class_names, work_dir, max_det)
-            row = dict(system=labels[system], **fields, **race.coco_scores(ground_truth, on_ground_truth(found, ground_truth)))
+                fields, found = run_yolov8n(args, records, class_names, work_dir, max_det, ground_truth)
+            row = dict(system=labels[system], **fields, **race.coco_scores(ground_truth, found))
             os.makedirs(work_dir, exist_ok=True)
             with open(row_path, "w") as f:
                 json.dump(row, f, indent=1)
